@@ -1,0 +1,233 @@
+"""Chat messages -> prompt token ids: validation, injection-safe encoding and trimming to the session length.
+
+    messages = normalise_messages(history_from_the_ui)      # ChatInputError when malformed
+    prompt = trim_messages(tokenizer, messages, max_new_tokens=1024, session_len=4096)
+    prompt.input_ids, prompt.dropped_messages
+
+Why piecewise encoding: rendering the chat template to a string and tokenizing it turns a user-typed
+``<|im_end|>\\n<|im_start|>system\\n...`` into real control tokens (measured: ``../shared/notes``,
+"special-token injection"). ``encode_chat`` renders the model's own template with placeholders, takes the
+template's special tokens as ids and encodes every message content with ``split_special_tokens=True``, so user
+text stays text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+END_OF_TURN = (
+    "<|im_end|>"  # InternLM2 / ChatML end-of-turn marker: generation must stop on it as well as on eos
+)
+MAX_MESSAGE_CHARS = 20_000
+MAX_MESSAGES = 1_000
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+# A content placeholder made of private-use characters: no chat template changes it, no user types it by
+# accident (and a user who does cannot hurt: substituted text is never re-scanned).
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class ChatInputError(ValueError):
+    """The conversation cannot be answered as given (empty, malformed, or too long even alone)."""
+
+
+@dataclass(frozen=True)
+class TrimmedPrompt:
+    """A conversation that fits the session, as prompt ids.
+
+    Args:
+        input_ids: the prompt, ending with the assistant header the model answers after.
+        messages: the messages kept (the system message and the newest turns).
+        dropped_messages: how many of the oldest messages were left out to fit.
+    """
+
+    input_ids: list[int]
+    messages: list[Message]
+    dropped_messages: int
+
+
+def _content_text(content: Any, where: str) -> str:
+    """Plain text of a message content: a string, or Gradio 6's ``[{"type": "text", "text": ...}]`` parts."""
+    if isinstance(content, str):
+        return content
+    parts = [content] if isinstance(content, Mapping) else content
+    if not isinstance(parts, list | tuple):
+        raise ChatInputError(f"{where}: content must be text, got {type(content).__name__}")
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif (
+            isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
+    return "\n".join(texts)  # the way LMDeploy merges text parts
+
+
+def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    """Check a conversation and return it as plain ``{"role", "content": str}`` dicts.
+
+    Accepted shape: an optional leading system message (dropped when blank), then user and assistant messages
+    alternating, starting and ending with a user message whose text is not blank.
+
+    Args:
+        messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
+    """
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise ChatInputError(
+            f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}"
+        )
+    if len(messages) > MAX_MESSAGES:
+        raise ChatInputError(f"too many messages ({len(messages)}); the limit is {MAX_MESSAGES}")
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        where = f"message {i + 1}"
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ChatInputError(f"{where} must be a dict with 'role' and 'content'")
+        role = message["role"]
+        if role not in ROLES:
+            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        text = _content_text(message["content"], where)
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ChatInputError(
+                f"{where} is too long ({len(text)} characters); the limit is {MAX_MESSAGE_CHARS} characters"
+            )
+        if role == "system":
+            if i != 0:
+                raise ChatInputError(f"{where}: a system message may only come first")
+            if text.strip():
+                out.append({"role": role, "content": text})
+            continue
+        expected = "user" if not out or out[-1]["role"] != "user" else "assistant"
+        if role != expected:
+            raise ChatInputError(f"{where}: expected a {expected} message, got {role} (turns must alternate)")
+        if role == "user" and not text.strip():
+            raise ChatInputError(f"{where}: the user message is empty")
+        out.append({"role": role, "content": text})
+    if not out or out[-1]["role"] != "user":
+        raise ChatInputError("the conversation must end with a user message")
+    return out
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, int]:
+    """Every added token the tokenizer matches inside a string (markers such as ``<s>``, ``<|im_start|>``)."""
+    return {tok.content: idx for idx, tok in tokenizer.added_tokens_decoder.items()}
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of ``token`` in the tokenizer's vocabulary, or None when it has none (never the unk id).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        token: the token text, e.g. ``<|im_end|>``.
+    """
+    return tokenizer.get_vocab().get(token)
+
+
+def stop_token_ids(tokenizer: Any, generation_eos: int | Sequence[int] | None = None) -> list[int]:
+    """Ids that end a reply: the tokenizer's eos, ``<|im_end|>`` and the model's generation-config eos ids.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        generation_eos: ``eos_token_id`` of the model's generation config (an id, a list of ids or None).
+    """
+    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = [tokenizer.eos_token_id, token_id(tokenizer, END_OF_TURN), *extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Prompt ids for ``messages`` plus the assistant header, such that no content can become a control token.
+
+    The model's own chat template is rendered with a placeholder per content, which shows where its control
+    tokens are. When no content contains a special-token string, the ids are the template's own
+    (``apply_chat_template``), checked to hold exactly those control tokens. Otherwise the rendered text is
+    cut at the control tokens (which become their ids) and each piece, with the real contents put back, is
+    encoded with ``split_special_tokens=True``: user-typed markers stay plain text.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        messages: normalised messages (see ``normalise_messages``).
+    """
+    slotted = [{"role": m["role"], "content": _SLOT.format(i)} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=True)
+    found = [int(i) for i in _SLOT_RE.findall(rendered)]
+    if found != list(range(len(messages))):
+        raise RuntimeError("the model's chat template does not place every message content exactly once")
+    specials = _special_tokens(tokenizer)
+    splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+    pieces = [piece for piece in splitter.split(rendered) if piece]
+    control = [specials[piece] for piece in pieces if piece in specials]
+    if not any(token in m["content"] for m in messages for token in specials):
+        # The common case, tokenized in one go as the model was trained (piecewise encoding can differ from
+        # it, e.g. for a sentencepiece tokenizer that adds its "▁" prefix only at the start of the text).
+        ids = tokenizer.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        markers = set(specials.values()) - {tokenizer.unk_token_id}  # unk: what unknown characters become
+        if [i for i in ids if i in markers] == control:  # and no marker formed across a content boundary
+            return list(ids)
+    ids = []
+    for piece in pieces:
+        if piece in specials:
+            ids.append(specials[piece])
+        else:
+            text = _SLOT_RE.sub(lambda m: messages[int(m[1])]["content"], piece)
+            ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return ids
+
+
+def trim_messages(
+    tokenizer: Any, messages: Sequence[Message], max_new_tokens: int, session_len: int
+) -> TrimmedPrompt:
+    """Drop the oldest user/assistant turns (never the system message nor the last user message) until the
+    prompt plus ``max_new_tokens`` fits ``session_len``, and encode what is kept.
+
+    Args:
+        tokenizer: the model's tokenizer (with its chat template).
+        messages: normalised messages (see ``normalise_messages``).
+        max_new_tokens: tokens reserved for the reply.
+        session_len: most tokens of prompt + reply.
+    """
+    budget = session_len - max_new_tokens
+    if budget < 1:
+        raise ChatInputError(
+            f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt "
+            f"in a session of {session_len} tokens"
+        )
+    head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(head) :])
+
+    def encode_without(pairs: int) -> list[int]:
+        return encode_chat(tokenizer, head + turns[2 * pairs :])
+
+    # Fewer messages never means more tokens, so binary-search the fewest dropped pairs that fit.
+    low, high = 0, (len(turns) - 1) // 2
+    best = encode_without(high)
+    if len(best) > budget:
+        raise ChatInputError(
+            f"the message is too long: it needs {len(best)} prompt tokens, but only {budget} fit "
+            f"(session length {session_len} minus {max_new_tokens} tokens for the reply). "
+            "Shorten the message or the system prompt, or lower 'max new tokens'."
+        )
+    while low < high:
+        mid = (low + high) // 2
+        ids = encode_without(mid)
+        if len(ids) <= budget:
+            high, best = mid, ids
+        else:
+            low = mid + 1
+    kept = head + turns[2 * high :]
+    return TrimmedPrompt(input_ids=best, messages=kept, dropped_messages=2 * high)

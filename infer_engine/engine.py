@@ -1,0 +1,144 @@
+"""The one engine interface the app uses, and the choice between its two backends.
+
+    engine = create_engine(model_dir, EngineSettings())
+    stream = engine.stream_chat(messages, GenerationParams(), session_id="page-42")
+    for delta in stream: ...          # text pieces as they are decoded
+    engine.abort("page-42")           # Stop button / tab closed: the generation really ends
+    engine.close()
+
+Both backends resend the whole transcript each turn (LMDeploy 0.18 is stateless) and trim it by tokens, oldest
+turns first, so that prompt + ``max_new_tokens`` fit ``session_len``; ``ChatStream.dropped_messages`` tells
+the UI. Bad input raises ``ChatInputError`` from ``stream_chat`` itself, before anything is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loguru import logger
+
+from infer_engine.chat_format import ChatInputError, Message
+from infer_engine.settings import EngineSettings, GenerationParams
+
+__all__ = [
+    "ChatEngine",
+    "ChatInputError",
+    "ChatStream",
+    "GenerationError",
+    "Message",
+    "create_engine",
+    "lmdeploy_available",
+    "pick_backend",
+]
+
+
+class GenerationError(RuntimeError):
+    """The backend failed while generating one reply; other sessions and the engine keep working."""
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class ChatStream:
+    """One reply being generated: iterate it for text deltas; the counters fill in as it runs.
+
+    Iterating raises ``GenerationError`` if the backend fails on this reply. ``close()`` (and the generator
+    being closed, e.g. by Gradio on Stop / tab close) aborts the generation, even before iteration started.
+
+    Args:
+        deltas: the backend's generator of decoded text pieces.
+        prompt_tokens: tokens in the (trimmed) prompt.
+        dropped_messages: how many of the oldest messages were dropped to fit ``session_len``.
+        completion_tokens: tokens generated so far (the stop token not counted).
+        finish_reason: ``stop``, ``length``, ``abort`` or ``error`` once finished, None before.
+        cancel: the backend's abort for this very reply (idempotent).
+    """
+
+    deltas: Generator[str, None, None]
+    prompt_tokens: int
+    dropped_messages: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    cancel: Callable[[], None] = field(default=_nothing, repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.deltas
+
+    def close(self) -> None:
+        """Stop consuming: aborts the generation if it is still running (a no-op once it has finished)."""
+        self.deltas.close()
+        self.cancel()
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+
+
+class ChatEngine(Protocol):
+    """What the app needs from a backend."""
+
+    name: str
+    max_concurrency: int  # requests the backend really decodes at once: the UI queue's concurrency
+
+    def stream_chat(
+        self, messages: Sequence[Message], params: GenerationParams, session_id: str
+    ) -> ChatStream:
+        """Start a reply to ``messages`` (last one from the user) for the page ``session_id``; a new reply for
+        the same page aborts the one still running. Raises ``ChatInputError`` for a malformed or too long
+        conversation and ``SettingsError`` when ``params`` is not a ``GenerationParams``."""
+        ...
+
+    def abort(self, session_id: str) -> None:
+        """Stop the reply now being generated for ``session_id``, if any."""
+        ...
+
+    def close(self) -> None:
+        """Stop everything and free the model."""
+        ...
+
+
+def lmdeploy_available() -> bool:
+    """True only when a CUDA GPU is visible and LMDeploy's TurboMind native module really imports."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        from lmdeploy import turbomind
+
+        return bool(turbomind.is_available())
+    except Exception as exc:  # an import error anywhere in LMDeploy's large tree means "not available"
+        logger.info("LMDeploy unavailable: {}", exc)
+        return False
+
+
+def pick_backend(settings: EngineSettings) -> str:
+    """Resolve ``settings.backend`` (``auto`` included) to ``lmdeploy`` or ``transformers``.
+
+    Args:
+        settings: the validated engine settings.
+    """
+    if settings.backend != "auto":
+        return settings.backend
+    return "lmdeploy" if lmdeploy_available() else "transformers"
+
+
+def create_engine(model_dir: Path, settings: EngineSettings) -> ChatEngine:
+    """Build the backend that ``settings`` asks for on the model in ``model_dir``.
+
+    Args:
+        model_dir: a complete Hugging Face model directory (weights, tokenizer, chat template).
+        settings: the validated engine settings.
+    """
+    backend = pick_backend(settings)
+    logger.info("engine backend: {} (requested {})", backend, settings.backend)
+    if backend == "lmdeploy":
+        from infer_engine.lmdeploy_engine import LMDeployEngine
+
+        return LMDeployEngine(model_dir, settings)
+    from infer_engine.hf_engine import TransformersEngine
+
+    return TransformersEngine(model_dir, settings)

@@ -1,0 +1,253 @@
+"""The GPU backend: LMDeploy 0.18 TurboMind, fed our own injection-safe prompt ids.
+
+    engine = LMDeployEngine(Path("merged"), EngineSettings(backend="lmdeploy", quant_policy=8))
+    for delta in engine.stream_chat(messages, GenerationParams(), "page-1"): ...
+    engine.abort("page-1"); engine.close()
+
+Why not ``Pipeline.stream_infer``: it always passes the prompt as ``messages`` (rendered with the chat
+template, then tokenized as one string, which turns user-typed ``<|im_end|>`` into control tokens), and
+``AsyncEngine.preprocess`` rejects a request that has both ``messages`` and ``input_ids``. So each request
+runs ``pipe.async_engine.preprocess(messages=None, input_ids=...)`` + ``generate`` on the pipeline's own event
+loop (what ``stream_infer`` does inside), with one ``pipe.session()`` per request. Stop or tab close aborts
+that session (TurboMind cancels in about 2 ms) and cancels the task, which also covers a request still waiting
+for a free slot.
+
+The pure translations (``turbomind_config``, ``generation_config``) are unit-tested on CPU; the engine itself
+needs a CUDA GPU with TurboMind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from transformers import AutoTokenizer
+from transformers import GenerationConfig as HFGenerationConfig
+
+from infer_engine.chat_format import (
+    END_OF_TURN,
+    Message,
+    normalise_messages,
+    stop_token_ids,
+    token_id,
+    trim_messages,
+)
+from infer_engine.engine import ChatStream, GenerationError, lmdeploy_available
+from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
+
+
+def turbomind_config(settings: EngineSettings) -> Any:
+    """LMDeploy ``TurbomindEngineConfig`` for ``settings`` (checked by us: LMDeploy takes ``tp=3`` silently).
+
+    Args:
+        settings: the validated engine settings.
+    """
+    from lmdeploy import TurbomindEngineConfig
+
+    return TurbomindEngineConfig(
+        session_len=settings.session_len,
+        max_batch_size=settings.max_batch_size,
+        cache_max_entry_count=settings.cache_max_entry_count,
+        quant_policy=settings.quant_policy,
+        tp=settings.tp,
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
+
+
+def generation_config(
+    params: GenerationParams, stop_ids: Sequence[int], stop_words: Sequence[str] = ()
+) -> Any:
+    """LMDeploy ``GenerationConfig`` for one reply.
+
+    LMDeploy >= 0.6 decodes greedily unless ``do_sample=True`` (temperature and top-p are then silently
+    ignored), so ``do_sample`` is always set explicitly. Stop ids/words replace the chat template's stop
+    words.
+
+    Args:
+        params: the validated sampling values.
+        stop_ids: token ids that end the reply (eos, ``<|im_end|>``, generation-config eos).
+        stop_words: stop strings that are single tokens of the vocabulary (``<|im_end|>``).
+    """
+    from lmdeploy import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=params.do_sample,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop_token_ids=list(stop_ids),
+        stop_words=list(stop_words) or None,
+        skip_special_tokens=True,
+    )
+
+
+def _generation_eos(model_dir: Path) -> int | list[int] | None:
+    """``eos_token_id`` of the model's ``generation_config.json`` (None when it has none)."""
+    try:
+        return HFGenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        return None
+
+
+class LMDeployEngine:
+    """LMDeploy TurboMind backend (CUDA only).
+
+    Args:
+        model_dir: a Hugging Face model directory (weights, tokenizer with chat template, generation config).
+        settings: the validated engine settings.
+    """
+
+    name = "lmdeploy"
+
+    def __init__(self, model_dir: Path, settings: EngineSettings) -> None:
+        if not lmdeploy_available():
+            raise SettingsError(
+                "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
+                "use BACKEND=transformers or auto"
+            )
+        from lmdeploy import ChatTemplateConfig, pipeline
+
+        self.settings = settings
+        self.max_concurrency = settings.max_batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+        self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir))
+        self._stop_words = [END_OF_TURN] if token_id(self.tokenizer, END_OF_TURN) is not None else []
+        # Our requests carry their own ids; the 'hf' template (the tokenizer's own) is only what LMDeploy
+        # keeps for anything else. 0.18 has no 'internlm2' template name.
+        self.pipe = pipeline(
+            str(model_dir),
+            backend_config=turbomind_config(settings),
+            chat_template_config=ChatTemplateConfig(model_name="hf", model_path=str(model_dir)),
+            trust_remote_code=True,
+        )
+        self._loop = self.pipe.internal_thread.loop
+        self._lock = threading.Lock()
+        # page session id -> (its LMDeploy session, the future of its request)
+        self._running: dict[str, tuple[Any, Any]] = {}
+        self._closed = False
+        logger.info("LMDeploy engine: {}, stop ids {}", self.pipe.backend_config, self.stop_ids)
+
+    def stream_chat(
+        self, messages: Sequence[Message], params: GenerationParams, session_id: str
+    ) -> ChatStream:
+        """Validate and trim ``messages``, start the reply and return its stream (raises ``ChatInputError``).
+
+        Args:
+            messages: the conversation; the last message is the user's.
+            params: sampling values for this reply.
+            session_id: the page asking; a new reply for the same page aborts the one still running.
+        """
+        if not isinstance(params, GenerationParams):
+            raise SettingsError(f"params must be GenerationParams, got {type(params).__name__}")
+        prompt = trim_messages(
+            self.tokenizer, normalise_messages(messages), params.max_new_tokens, self.settings.session_len
+        )
+        gen_config = generation_config(params, self.stop_ids, self._stop_words)
+        outputs: queue.Queue = queue.Queue()
+        session = self.pipe.session()
+        engine = self.pipe.async_engine
+
+        async def run() -> None:
+            try:
+                request = await engine.preprocess(
+                    messages=None, session_id=session, gen_config=gen_config, input_ids=prompt.input_ids
+                )
+                async for out in engine.generate(request, stream_response=True):
+                    outputs.put(("out", out))
+            except Exception as exc:  # RequestError (e.g. context too long) or an engine failure
+                logger.exception("session {}: LMDeploy request failed", session_id)
+                outputs.put(("error", exc))
+
+        def finished(_: Any) -> None:  # also runs for a task cancelled before it ever started
+            self._loop.call_soon_threadsafe(self.pipe.session_mgr.remove, session)  # idempotent
+            outputs.put(("done", None))
+
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the engine is closed")
+            self._abort_locked(session_id)
+            future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+            future.add_done_callback(finished)
+            self._running[session_id] = (session, future)
+        stream = ChatStream(
+            deltas=iter(()),
+            prompt_tokens=len(prompt.input_ids),
+            dropped_messages=prompt.dropped_messages,
+            cancel=lambda: self._cancel(session_id, future),
+        )
+        stream.deltas = self._deltas(outputs, stream, session_id, future)
+        return stream
+
+    def _deltas(
+        self, outputs: queue.Queue, stream: ChatStream, session_id: str, future: Any
+    ) -> Generator[str, None, None]:
+        started = time.perf_counter()
+        try:
+            while True:
+                kind, value = outputs.get()
+                if kind == "out":
+                    stream.completion_tokens = value.generate_token_len
+                    if value.finish_reason:
+                        stream.finish_reason = value.finish_reason
+                    if value.response:
+                        yield value.response
+                elif kind == "error":
+                    stream.finish_reason = "error"
+                    raise GenerationError(f"generation failed: {value}") from value
+                else:
+                    return
+        finally:
+            self._cancel(session_id, future)  # the consumer went away early: end the generation too
+            if stream.finish_reason is None:
+                stream.finish_reason = "abort"
+            elapsed = time.perf_counter() - started
+            logger.info(
+                "session {}: {} ({} prompt + {} new tokens, {:.2f} s)",
+                session_id,
+                stream.finish_reason,
+                stream.prompt_tokens,
+                stream.completion_tokens,
+                elapsed,
+            )
+
+    def _cancel(self, session_id: str, future: Any) -> None:
+        """Abort this request only (a newer one of the same page may have replaced it)."""
+        with self._lock:
+            if self._running.get(session_id, (None, None))[1] is future:
+                self._abort_locked(session_id)
+
+    def _abort_locked(self, session_id: str) -> None:
+        running = self._running.pop(session_id, None)
+        if running is None:
+            return
+        session, future = running
+        if not future.done():
+            # Cancel inside TurboMind (a running request), and cancel the task (one still waiting for a slot).
+            asyncio.run_coroutine_threadsafe(session.async_abort(), self._loop)
+            future.cancel()
+
+    def abort(self, session_id: str) -> None:
+        """Stop the reply now being generated for ``session_id`` (no-op when there is none).
+
+        Args:
+            session_id: the page whose reply to stop.
+        """
+        with self._lock:
+            self._abort_locked(session_id)
+
+    def close(self) -> None:
+        """Abort every reply and shut LMDeploy down."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for session_id in list(self._running):
+                self._abort_locked(session_id)
+        self.pipe.close()

@@ -1,0 +1,208 @@
+"""Every user-facing setting of the server, validated in one place.
+
+Three config objects, one per concern:
+- ``GenerationParams``: one request's sampling values (from the UI sliders or the ``/chat`` API).
+- ``EngineSettings``: how the inference engine is built (backend choice and LMDeploy TurboMind knobs).
+- ``ServerSettings``: where the model comes from and how the Gradio server runs.
+
+LMDeploy 0.18 silently accepts unknown or out-of-range engine settings (``tp=3``,
+``cache_max_entry_count=1.5``, ``session_len=-1``) and GenerationConfig accepts ``max_new_tokens=0``, so
+nothing reaches an engine unchecked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+BACKENDS = ("auto", "lmdeploy", "transformers")
+QUANT_POLICIES = (0, 4, 8)
+
+
+class SettingsError(ValueError):
+    """A setting is missing, of the wrong type or out of range; the message names it."""
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"{name} must be an integer between {low} and {high}, got {value!r}")
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise SettingsError(f"{name} must be text, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a number between {low} and {high}, got {value!r}")
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> object:
+    # compare types too: False == 0 and 4.0 == 4 would otherwise pass as 0 and 4
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise SettingsError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling values for one reply.
+
+    Args:
+        max_new_tokens: most tokens the reply may have (1-2048).
+        temperature: sampling temperature (0.01-2); ignored when ``do_sample`` is False.
+        top_p: nucleus sampling mass (0.01-1).
+        top_k: sample among the k most likely tokens (1-100).
+        do_sample: sample when True, greedy decoding when False (tests and evaluation use greedy).
+    """
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 40
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 1, 2048)
+        object.__setattr__(self, "temperature", _check_float("temperature", self.temperature, 0.01, 2.0))
+        object.__setattr__(self, "top_p", _check_float("top_p", self.top_p, 0.01, 1.0))
+        _check_int("top_k", self.top_k, 1, 100)
+        if not isinstance(self.do_sample, bool):
+            raise SettingsError(f"do_sample must be true or false, got {self.do_sample!r}")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the inference engine is built.
+
+    Args:
+        backend: ``auto`` (LMDeploy when CUDA and TurboMind really work, else transformers), ``lmdeploy`` or
+            ``transformers``.
+        session_len: most tokens of prompt + reply; older turns are dropped to fit (64-1048576).
+        max_batch_size: most requests decoded together; also the UI's concurrency (1-1024).
+        cache_max_entry_count: LMDeploy: share of free GPU memory for the KV cache (0 < x < 1).
+        quant_policy: LMDeploy KV-cache quantisation: 0 (off), 4 (int4) or 8 (int8).
+        tp: LMDeploy tensor-parallel GPU count (1, 2, 4 or 8).
+        enable_prefix_caching: LMDeploy: reuse the KV cache of a shared prompt prefix (the resent transcript).
+        device: transformers backend device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    backend: str = "auto"
+    session_len: int = 4096
+    max_batch_size: int = 8
+    cache_max_entry_count: float = 0.8
+    quant_policy: int = 0
+    tp: int = 1
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_int("session_len", self.session_len, 64, 1_048_576)
+        _check_int("max_batch_size", self.max_batch_size, 1, 1024)
+        cache = _check_float("cache_max_entry_count", self.cache_max_entry_count, 0.0, 1.0)
+        if not 0.0 < cache < 1.0:
+            raise SettingsError(f"cache_max_entry_count must be strictly between 0 and 1, got {cache}")
+        object.__setattr__(self, "cache_max_entry_count", cache)
+        _check_choice("quant_policy", self.quant_policy, QUANT_POLICIES)
+        _check_choice("tp", self.tp, (1, 2, 4, 8))
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise SettingsError(
+                f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}"
+            )
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the model comes from and how the Gradio server runs.
+
+    Args:
+        model_source: local dir, git URL, ``openxlab:owner/repo`` or ``hf:owner/repo[@rev]``; empty = the
+            embedded demo model.
+        cache_dir: where downloaded models are cached (None = the model source's default).
+        host: interface to listen on.
+        port: TCP port to listen on (1-65535).
+        queue_size: most requests waiting in Gradio's queue before new ones are refused (1-10000).
+        system_prompt: default system prompt shown in the UI ("" = none, as the identity data was trained).
+    """
+
+    model_source: str = ""
+    cache_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_size: int = 64
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        _check_int("port", self.port, 1, 65535)
+        _check_int("queue_size", self.queue_size, 1, 10_000)
+        _check_str("model_source", self.model_source)
+        _check_str("system_prompt", self.system_prompt)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            raise SettingsError(f"cache_dir must be a path, got {self.cache_dir!r}")
+        if not _check_str("host", self.host).strip():
+            raise SettingsError("host must not be empty")
+
+
+def _parse(kind: type, raw: str, name: str) -> object:
+    """Turn one environment string into the field's type, with an error that names the variable."""
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"{name} must be {kind.__name__}, got {raw!r}") from None
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSettings:
+    """Read ``EngineSettings`` from upper-case env vars (``BACKEND``, ``SESSION_LEN``, ``QUANT_POLICY``, ...).
+
+    Args:
+        env: the environment to read (defaults to the process environment).
+    """
+    values: dict[str, object] = {}
+    for f in fields(EngineSettings):
+        raw = env.get(f.name.upper())
+        if raw is not None and raw.strip():
+            values[f.name] = _parse(_TYPES[str(f.type)], raw, f.name.upper())
+    return EngineSettings(**values)
+
+
+def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
+    """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
+    ``QUEUE_SIZE`` and ``SYSTEM_PROMPT``.
+
+    Args:
+        env: the environment to read (defaults to the process environment).
+    """
+    cache = env.get("MODEL_CACHE_DIR", "").strip()
+    port = env.get("GRADIO_SERVER_PORT", "").strip()
+    queue = env.get("QUEUE_SIZE", "").strip()
+    return ServerSettings(
+        model_source=env.get("MODEL_SOURCE", "").strip(),
+        cache_dir=Path(cache) if cache else None,
+        host=env.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1",
+        port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
+        queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,
+        system_prompt=env.get("SYSTEM_PROMPT", ""),
+    )

@@ -1,0 +1,330 @@
+"""The transformers backend end to end on the tiny demo model: streaming, Stop, tab close, several users.
+
+Replies of the trained demo model end after a few dozen tokens, too soon to stop one reliably in the middle.
+The Stop tests therefore use an "endless" twin: the demo model's tokenizer and shape with fresh random
+weights, whose greedy reply provably runs to ``max_new_tokens`` (checked in its fixture).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from infer_engine.chat_format import ChatInputError, encode_chat
+from infer_engine.engine import ChatStream, GenerationError
+from infer_engine.hf_engine import IncrementalDecoder, TransformersEngine, sample_rows
+from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
+
+GREEDY = GenerationParams(max_new_tokens=40, do_sample=False)
+LONG = GenerationParams(max_new_tokens=400, do_sample=False)  # the endless model's replies run this long
+PROMPTS = ["请介绍一下你自己", "Who are you?", "你可以做什么？", "Please introduce yourself", "hello world"]
+SETTINGS = EngineSettings(backend="transformers", device="cpu", session_len=512, max_batch_size=3)
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Iterator[TransformersEngine]:
+    """One engine for the module; at most 3 rows per batch, so a 4th concurrent request waits its turn."""
+    engine = TransformersEngine(tiny_model_dir, SETTINGS)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def solo(engine: TransformersEngine) -> dict[str, tuple[str, int]]:
+    """Each prompt's greedy answer (text, tokens) when it is the only request."""
+    answers = {}
+    for prompt in PROMPTS:
+        stream = engine.stream_chat(ask(prompt), GREEDY, "solo")
+        answers[prompt] = ("".join(stream), stream.completion_tokens)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def endless(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersEngine]:
+    """An engine on the demo model's shape with random weights: its greedy replies only stop at the limit."""
+    model_dir = tmp_path_factory.mktemp("endless-model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    GenerationConfig.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    engine = TransformersEngine(model_dir, SETTINGS)
+    reply = engine.stream_chat(ask(PROMPTS[0]), LONG, "probe")
+    "".join(reply)
+    assert (reply.finish_reason, reply.completion_tokens) == ("length", LONG.max_new_tokens)
+    yield engine
+    engine.close()
+
+
+def generate_reference(engine: TransformersEngine, prompt: str, max_new_tokens: int) -> tuple[str, int, bool]:
+    """Greedy ``model.generate`` on the same prompt ids: text, new tokens (stop excluded), stopped or not."""
+    ids = encode_chat(engine.tokenizer, ask(prompt))
+    with torch.inference_mode():
+        out = engine.model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=engine.stop_ids
+        )
+    new = out[0, len(ids) :].tolist()
+    stopped = bool(new) and new[-1] in engine.stop_ids
+    new = new[:-1] if stopped else new
+    return engine.tokenizer.decode(new, skip_special_tokens=True), len(new), stopped
+
+
+def consume(stream: ChatStream, log: dict[str, Any]) -> None:
+    """Read a stream to the end in a thread, noting when its first text and its end arrived."""
+    try:
+        for delta in stream:
+            log.setdefault("first", time.perf_counter())
+            log["text"] = log.get("text", "") + delta
+    except GenerationError as exc:
+        log["error"] = exc
+    log["end"] = time.perf_counter()
+
+
+def run_together(streams: dict[str, ChatStream]) -> dict[str, dict[str, Any]]:
+    logs: dict[str, dict[str, Any]] = {name: {} for name in streams}
+    threads = [threading.Thread(target=consume, args=(s, logs[name])) for name, s in streams.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a stream never ended"
+    return logs
+
+
+def cpu_seconds_while_idle(seconds: float) -> float:
+    start = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - start
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------
+
+
+def test_incremental_decoder_never_splits_a_character(tokenizer: Any) -> None:
+    text = "我是UbUb的小助手 😀 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), (
+        "the text should contain a split UTF-8 character"
+    )
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_sample_rows_honours_each_rows_settings() -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, 2.7, -5.0]]).repeat(4, 1)
+    params = [
+        GenerationParams(do_sample=False),
+        GenerationParams(do_sample=True, top_k=1),
+        GenerationParams(do_sample=True, top_k=100, top_p=0.01),
+        GenerationParams(do_sample=True, top_k=3, top_p=1.0, temperature=2.0),
+    ]
+    seen = set()
+    for _ in range(200):
+        greedy, top1, tiny_p, top3 = sample_rows(logits, params)
+        assert greedy == top1 == tiny_p == 1
+        assert top3 in (1, 2, 3)
+        seen.add(top3)
+    assert seen == {1, 2, 3}
+
+
+def test_sampling_draws_from_the_top_p_distribution() -> None:
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, 0.3, 0.2, 1e-9]).log().unsqueeze(0)
+    draws = 4000
+
+    def frequencies(params: GenerationParams) -> list[float]:
+        tokens = sample_rows(logits.repeat(draws, 1), [params] * draws)
+        return [tokens.count(t) / draws for t in range(4)]
+
+    plain = frequencies(GenerationParams(temperature=1.0, top_k=100, top_p=1.0))
+    assert plain[:3] == pytest.approx([0.5, 0.3, 0.2], abs=0.04)
+    nucleus = frequencies(GenerationParams(temperature=1.0, top_k=100, top_p=0.7))  # keeps {0, 1}: 0.8 >= 0.7
+    assert nucleus == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.04)
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_streaming_equals_plain_greedy_generate(engine: TransformersEngine, prompt: str) -> None:
+    stream = engine.stream_chat(ask(prompt), GREEDY, "stream")
+    deltas = list(stream)
+    text, tokens, stopped = generate_reference(engine, prompt, GREEDY.max_new_tokens)
+    assert "".join(deltas) == text
+    assert stream.completion_tokens == tokens
+    assert stream.finish_reason == ("stop" if stopped else "length")
+    assert stream.prompt_tokens == len(encode_chat(engine.tokenizer, ask(prompt)))
+    assert stream.dropped_messages == 0
+    assert all(deltas), "no empty deltas"
+
+
+def test_sampled_reply_streams_and_respects_max_new_tokens(engine: TransformersEngine) -> None:
+    stream = engine.stream_chat(
+        ask("你是谁？"), GenerationParams(max_new_tokens=12, temperature=1.5), "sample"
+    )
+    "".join(stream)
+    assert stream.finish_reason in ("stop", "length")
+    assert 0 <= stream.completion_tokens <= 12
+
+
+def test_old_turns_are_dropped_to_fit_the_session(engine: TransformersEngine) -> None:
+    messages = []
+    for i in range(30):
+        messages += [
+            {"role": "user", "content": f"question {i} " * 4},
+            {"role": "assistant", "content": "ok " * 8},
+        ]
+    messages += ask("last")
+    stream = engine.stream_chat(messages, GenerationParams(max_new_tokens=64, do_sample=False), "trim")
+    "".join(stream)
+    assert stream.dropped_messages > 0
+    assert stream.prompt_tokens + 64 <= SETTINGS.session_len
+
+
+def test_bad_input_is_refused_before_anything_is_queued(engine: TransformersEngine) -> None:
+    with pytest.raises(ChatInputError, match="must end with a user message"):
+        engine.stream_chat([*ask("hi"), {"role": "assistant", "content": "hello"}], GREEDY, "bad")
+    with pytest.raises(ChatInputError, match="too long"):
+        engine.stream_chat(ask("word " * 600), GREEDY, "bad")
+    with pytest.raises(SettingsError, match="params must be GenerationParams"):
+        engine.stream_chat(ask("hi"), {"max_new_tokens": 10}, "bad")  # type: ignore[arg-type]
+
+
+# ---- Stop, tab close, replacement --------------------------------------------------------------------------
+
+
+def test_stop_ends_the_generation_and_the_worker_goes_idle(endless: TransformersEngine) -> None:
+    threads_before = threading.active_count()
+    stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "stop")
+    next(iter(stream))
+    endless.abort("stop")
+    "".join(stream)
+    assert stream.finish_reason == "abort"
+    assert stream.completion_tokens < LONG.max_new_tokens // 2
+    assert endless.wait_idle(timeout=5), "the decoder thread still has work after Stop"
+    assert threading.active_count() == threads_before  # no thread per request, none left behind
+    assert cpu_seconds_while_idle(0.5) < 0.1, "something keeps burning CPU after Stop"
+
+
+def test_what_streamed_before_stop_is_the_start_of_the_reply(endless: TransformersEngine) -> None:
+    full = "".join(endless.stream_chat(ask(PROMPTS[1]), GREEDY, "full"))
+    stream = endless.stream_chat(ask(PROMPTS[1]), LONG, "partial")
+    partial = next(iter(stream))
+    endless.abort("partial")
+    partial += "".join(stream)
+    assert full.startswith(partial)
+
+
+def test_closing_the_stream_aborts_it(endless: TransformersEngine) -> None:
+    stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "tab")
+    next(iter(stream))
+    stream.close()  # what Gradio does to the generator when the tab goes away
+    assert stream.finish_reason == "abort"
+    assert endless.wait_idle(timeout=5)
+
+
+def test_closing_an_unread_stream_aborts_it(endless: TransformersEngine) -> None:
+    stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "unread")
+    stream.close()  # e.g. the UI failed before it started reading
+    assert stream.finish_reason == "abort"
+    assert endless.wait_idle(timeout=5)
+
+
+def test_stop_reaches_a_request_still_waiting_for_a_batch_slot(endless: TransformersEngine) -> None:
+    running = [
+        endless.stream_chat(ask(PROMPTS[0]), LONG, f"busy-{i}") for i in range(SETTINGS.max_batch_size)
+    ]
+    for stream in running:
+        next(iter(stream))  # every batch slot is taken, for 400 tokens
+    waiting = endless.stream_chat(ask(PROMPTS[0]), LONG, "waiting")
+    endless.abort("waiting")
+    assert list(waiting) == []
+    assert waiting.finish_reason == "abort"
+    assert waiting.completion_tokens == 0  # ended without ever being decoded: it did not wait for a slot
+    for stream in running:
+        stream.close()
+    assert endless.wait_idle(timeout=5)
+
+
+def test_a_new_reply_for_the_same_page_replaces_the_running_one(endless: TransformersEngine) -> None:
+    first = endless.stream_chat(ask(PROMPTS[0]), LONG, "page")
+    next(iter(first))
+    second = endless.stream_chat(ask(PROMPTS[0]), GREEDY, "page")
+    assert "".join(second) == "".join(endless.stream_chat(ask(PROMPTS[0]), GREEDY, "other"))
+    "".join(first)
+    assert first.finish_reason == "abort"
+    assert first.completion_tokens < LONG.max_new_tokens // 2
+
+
+def test_abort_of_an_unknown_session_is_a_no_op(engine: TransformersEngine) -> None:
+    engine.abort("nobody")
+
+
+# ---- several users -----------------------------------------------------------------------------------------
+
+
+def test_concurrent_sessions_each_get_their_own_answer(
+    engine: TransformersEngine, solo: dict[str, tuple[str, int]]
+) -> None:
+    streams = {p: engine.stream_chat(ask(p), GREEDY, f"user-{i}") for i, p in enumerate(PROMPTS[:4])}
+    streams["sampled"] = engine.stream_chat(ask("hello"), GenerationParams(max_new_tokens=20), "user-sampled")
+    logs = run_together(streams)  # 5 requests, 3 rows per batch: two wait, then join as rows finish
+    for prompt in PROMPTS[:4]:
+        assert logs[prompt].get("text", "") == solo[prompt][0], prompt
+        assert streams[prompt].completion_tokens == solo[prompt][1]
+    assert streams["sampled"].finish_reason in ("stop", "length")
+
+
+def test_concurrent_sessions_all_make_progress(endless: TransformersEngine) -> None:
+    params = GenerationParams(max_new_tokens=100, do_sample=False)
+    streams = {p: endless.stream_chat(ask(p), params, f"progress-{i}") for i, p in enumerate(PROMPTS[:3])}
+    logs = run_together(streams)
+    # Batched: every user sees text before any of them is done (a lock per request would serialise them).
+    assert max(log["first"] for log in logs.values()) < min(log["end"] for log in logs.values())
+    assert all(stream.completion_tokens == 100 for stream in streams.values())
+
+
+def test_a_failing_request_does_not_break_the_others(
+    engine: TransformersEngine, solo: dict[str, tuple[str, int]]
+) -> None:
+    good = {p: engine.stream_chat(ask(p), GREEDY, f"good-{i}") for i, p in enumerate(PROMPTS[:2])}
+    # An internal failure inside the decoder thread: a token id the model has no embedding for.
+    broken = engine._start([len(engine.tokenizer) + 100], GREEDY, "broken", dropped=0)
+    logs = run_together({**good, "broken": broken})
+    assert isinstance(logs["broken"]["error"], GenerationError)
+    assert broken.finish_reason == "error"
+    for prompt in good:
+        assert logs[prompt]["text"] == solo[prompt][0]
+    after = engine.stream_chat(ask(PROMPTS[2]), GREEDY, "after")
+    assert "".join(after) == solo[PROMPTS[2]][0]
+
+
+# ---- shutdown ----------------------------------------------------------------------------------------------
+
+
+def test_close_aborts_running_replies_and_ends_the_thread(tiny_model_dir: Path) -> None:
+    threads_before = threading.active_count()
+    engine = TransformersEngine(tiny_model_dir, SETTINGS)
+    assert engine.max_concurrency == SETTINGS.max_batch_size
+    stream = engine.stream_chat(ask(PROMPTS[0]), GREEDY, "closing")
+    engine.close()
+    "".join(stream)
+    assert stream.finish_reason == "abort"
+    assert not engine._worker.is_alive()
+    assert threading.active_count() == threads_before
+    with pytest.raises(GenerationError, match="closed"):
+        engine.stream_chat(ask("hi"), GREEDY, "late")
+    engine.close()  # twice is fine

@@ -1,0 +1,214 @@
+"""Settings validation in one place: every bound, bools vs ints, NaN, and the env parsing errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from infer_engine.settings import (
+    EngineSettings,
+    GenerationParams,
+    ServerSettings,
+    SettingsError,
+    engine_settings_from_env,
+    server_settings_from_env,
+)
+
+
+def test_defaults_are_valid_and_match_the_ui() -> None:
+    params = GenerationParams()
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.do_sample) == (
+        1024,
+        0.8,
+        0.8,
+        40,
+        True,
+    )
+    engine = EngineSettings()
+    assert (engine.backend, engine.quant_policy, engine.tp, engine.enable_prefix_caching) == (
+        "auto",
+        0,
+        1,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "good", "bad"),
+    [
+        ("max_new_tokens", [1, 2048], [0, 2049, -1]),
+        ("temperature", [0.01, 2.0, 1], [0.0, 2.01, -0.5]),
+        ("top_p", [0.01, 1.0], [0.0, 1.01]),
+        ("top_k", [1, 100], [0, 101]),
+    ],
+)
+def test_generation_params_bounds(field: str, good: list, bad: list) -> None:
+    for value in good:
+        assert getattr(GenerationParams(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(SettingsError, match=field):
+            GenerationParams(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_new_tokens", True),  # a bool is not a count
+        ("max_new_tokens", 12.0),  # nor is a float
+        ("max_new_tokens", "12"),
+        ("top_k", False),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("top_p", True),
+        ("top_p", "0.5"),
+        ("do_sample", 1),
+        ("do_sample", "yes"),
+    ],
+)
+def test_generation_params_reject_wrong_types(field: str, value: object) -> None:
+    with pytest.raises(SettingsError, match=field):
+        GenerationParams(**{field: value})
+
+
+def test_generation_params_store_floats() -> None:
+    assert isinstance(GenerationParams(temperature=1).temperature, float)
+
+
+@pytest.mark.parametrize(
+    ("field", "good", "bad"),
+    [
+        ("backend", ["auto", "lmdeploy", "transformers"], ["turbomind", "", None]),
+        ("session_len", [64, 1_048_576], [63, 1_048_577, -1]),
+        ("max_batch_size", [1, 1024], [0, 1025]),
+        ("cache_max_entry_count", [0.01, 0.5, 0.99], [0.0, 1.0, 1.5, -0.1]),
+        ("quant_policy", [0, 4, 8], [3, 16, 42]),
+        ("tp", [1, 2, 4, 8], [0, 3, 16]),
+        ("enable_prefix_caching", [True, False], [1, "true", None]),
+        ("device", ["auto", "cpu", "cuda"], ["gpu", "CUDA"]),
+    ],
+)
+def test_engine_settings_bounds(field: str, good: list, bad: list) -> None:
+    for value in good:
+        assert getattr(EngineSettings(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(SettingsError, match=field):
+            EngineSettings(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("quant_policy", False),  # False == 0 must not pass as "no quantisation"
+        ("quant_policy", 8.0),  # 8.0 == 8 must not pass either
+        ("tp", True),  # True == 1
+        ("session_len", True),
+        ("max_batch_size", 8.0),
+        ("cache_max_entry_count", math.nan),
+        ("cache_max_entry_count", True),
+    ],
+)
+def test_engine_settings_reject_bools_floats_and_nan(field: str, value: object) -> None:
+    with pytest.raises(SettingsError, match=field):
+        EngineSettings(**{field: value})
+
+
+def test_engine_settings_from_env_parses_every_type() -> None:
+    env = {
+        "BACKEND": "transformers",
+        "SESSION_LEN": " 2048 ",
+        "MAX_BATCH_SIZE": "4",
+        "CACHE_MAX_ENTRY_COUNT": "0.5",
+        "QUANT_POLICY": "8",
+        "TP": "2",
+        "ENABLE_PREFIX_CACHING": "off",
+        "DEVICE": "cpu",
+        "UNRELATED": "ignored",
+    }
+    assert engine_settings_from_env(env) == EngineSettings(
+        backend="transformers",
+        session_len=2048,
+        max_batch_size=4,
+        cache_max_entry_count=0.5,
+        quant_policy=8,
+        tp=2,
+        enable_prefix_caching=False,
+        device="cpu",
+    )
+    assert engine_settings_from_env({}) == EngineSettings()
+    assert engine_settings_from_env({"SESSION_LEN": "  "}) == EngineSettings()  # blank = unset
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"SESSION_LEN": "4k"}, "SESSION_LEN must be int"),
+        ({"SESSION_LEN": "4096.0"}, "SESSION_LEN must be int"),
+        ({"QUANT_POLICY": "int8"}, "QUANT_POLICY must be int"),
+        ({"QUANT_POLICY": "3"}, "quant_policy must be one of 0, 4, 8"),
+        ({"ENABLE_PREFIX_CACHING": "maybe"}, "ENABLE_PREFIX_CACHING must be true or false"),
+        ({"CACHE_MAX_ENTRY_COUNT": "nan"}, "cache_max_entry_count"),
+        ({"CACHE_MAX_ENTRY_COUNT": "lots"}, "CACHE_MAX_ENTRY_COUNT must be float"),
+        ({"BACKEND": "vllm"}, "backend must be one of"),
+        ({"TP": "3"}, "tp must be one of"),
+    ],
+)
+def test_engine_settings_from_env_errors_name_the_variable(env: dict[str, str], match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        engine_settings_from_env(env)
+
+
+def test_server_settings_from_env() -> None:
+    env = {
+        "MODEL_SOURCE": " hf:someone/model ",
+        "MODEL_CACHE_DIR": "/tmp/models",
+        "GRADIO_SERVER_NAME": "0.0.0.0",
+        "GRADIO_SERVER_PORT": "8080",
+        "QUEUE_SIZE": "16",
+        "SYSTEM_PROMPT": "Be brief.",
+    }
+    assert server_settings_from_env(env) == ServerSettings(
+        model_source="hf:someone/model",
+        cache_dir=Path("/tmp/models"),
+        host="0.0.0.0",
+        port=8080,
+        queue_size=16,
+        system_prompt="Be brief.",
+    )
+    assert server_settings_from_env({}) == ServerSettings()
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT must be int"),
+        ({"GRADIO_SERVER_PORT": "0"}, "port must be between 1 and 65535"),
+        ({"GRADIO_SERVER_PORT": "70000"}, "port must be between 1 and 65535"),
+        ({"QUEUE_SIZE": "-1"}, "queue_size must be between"),
+        ({"QUEUE_SIZE": "many"}, "QUEUE_SIZE must be int"),
+    ],
+)
+def test_server_settings_from_env_errors(env: dict[str, str], match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        server_settings_from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"host": " "}, "host must not be empty"),
+        ({"host": None}, "host must be text"),
+        ({"model_source": 3}, "model_source must be text"),
+        ({"system_prompt": None}, "system_prompt must be text"),
+        ({"cache_dir": "/tmp/x"}, "cache_dir must be a path"),
+        ({"port": True}, "port must be an integer"),
+    ],
+)
+def test_server_settings_reject_wrong_types(kwargs: dict, match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        ServerSettings(**kwargs)
+
+
+def test_settings_error_is_a_value_error() -> None:
+    assert issubclass(SettingsError, ValueError)
