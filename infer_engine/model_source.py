@@ -1,0 +1,531 @@
+# Resolve a model source to a validated local Hugging Face model directory, fetched into a cache on first use.
+#   python -m infer_engine.model_source [SOURCE] [--cache-dir DIR] [--refresh]    # prints the local directory
+# SOURCE (default: $MODEL_SOURCE; empty -> the embedded demo model):
+#   a local directory | a git URL (https://, http://, ssh://, git@host:path, file://, /path/repo.git) |
+#   openxlab:OWNER/REPO (openxlab SDK) | hf:OWNER/REPO[@REVISION] (huggingface_hub).
+# Standard library only at import time: the training env (transformers 4.48, huggingface-hub 0.36) reuses this
+# module for `training/run.sh --base SOURCE`, so huggingface_hub / openxlab are imported by the fetchers only.
+"""Model source: local dir, git (+ LFS), openxlab:, hf: -> one validated local model directory.
+
+Fetched models live under one cache dir (``$MODEL_CACHE_DIR`` or ``~/.cache/ubub-models``), one subdirectory
+per source. A cached model is reused without any network call. Downloads go to a hidden ``.KEY.partial``
+directory beside the target and are renamed into place only after validation, so an interrupted download never
+leaves a directory that looks complete; a leftover partial directory is removed on the next try. Network
+failures are retried with exponential backoff. Git LFS pointer stubs in place of weights are reported,
+never returned.
+Credentials (``HF_TOKEN``, ``OPENXLAB_GIT_TOKEN``, ``user:token@`` in URLs) are redacted from every message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+CACHE_DIR_ENV = "MODEL_CACHE_DIR"
+GIT_USER_ENV = "OPENXLAB_GIT_USER"
+GIT_TOKEN_ENV = "OPENXLAB_GIT_TOKEN"
+# Values of these variables are scrubbed from every message we produce.
+SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", GIT_TOKEN_ENV, "OPENXLAB_AK", "OPENXLAB_SK")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+LFS_POINTER_PREFIXES = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
+LFS_POINTER_MAX_BYTES = 1024  # the LFS spec caps pointer files at 1024 bytes
+SOURCE_INFO_FILE = ".model_source.json"  # provenance written into each cached model dir
+# git-lfs's filter config, passed per command: without it (`git lfs install` never run on the machine)
+# `git lfs pull` downloads nothing and only warns "Git LFS is not installed for this repository".
+LFS_FILTER_CONFIG = {
+    "filter.lfs.process": "git-lfs filter-process", "filter.lfs.smudge": "git-lfs smudge -- %f",
+    "filter.lfs.clean": "git-lfs clean -- %f", "filter.lfs.required": "true",
+}
+OPENXLAB_INSTALL = (
+    "pip install --no-deps openxlab==0.1.3 && pip install oss2 requests pytz filelock pyyaml tqdm rich "
+    "(its own pins downgrade setuptools/requests), or use the git route: https://code.openxlab.org.cn/OWNER/REPO.git"
+)
+
+SourceKind = Literal["local", "git", "openxlab", "hf"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+_GIT_URL = re.compile(r"(?:(?:https?|ssh|git|file)://|[\w.-]+@[\w.-]+:)")
+# stderr fragments of git / git-lfs failures that a later attempt may not hit (network, server hiccups).
+_TRANSIENT_GIT = (
+    "could not resolve host", "failed to connect", "timed out", "connection reset", "connection refused",
+    "early eof", "rpc failed", "hung up unexpectedly", "temporary failure", "returned error: 5", "http 5",
+)
+# ... unless one of these says that trying again cannot help.
+_PERMANENT_GIT = (
+    "filter lfs failed", "not a git repository", "does not appear to be a git repository", "not found",
+    "authentication failed", "could not read username", "returned error: 4", "permission denied",
+)
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with ``user:token@`` in URLs and the values of secret env vars replaced by ``***``.
+
+    Args:
+        text: any message that may contain a URL or a token.
+    """
+    text = _URL_USERINFO.sub("***@", text)
+    for name in SECRET_ENVS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be used; the message (always redacted) tells the user what to do."""
+
+    transient = False  # True when a later attempt may succeed (network); the retry loop looks at it
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+class NetworkError(ModelSourceError):
+    """A fetch failed in a way worth retrying (connection, timeout, server error)."""
+
+    transient = True
+
+
+class LfsPointerError(ModelSourceError):
+    """Git LFS pointer stubs were found where file contents (weights) should be."""
+
+    def __init__(self, where: str, pointers: list[str], hint: str) -> None:
+        self.pointers = pointers
+        shown = ", ".join(pointers[:8]) + (f" (+{len(pointers) - 8} more)" if len(pointers) > 8 else "")
+        super().__init__(
+            f"{where}: {len(pointers)} file(s) are Git LFS pointer stubs, not the real content: {shown}. "
+            + hint
+        )
+
+
+class GitError(ModelSourceError):
+    """A git command failed; ``transient`` is guessed from its stderr."""
+
+    def __init__(self, command: str, stderr: str) -> None:
+        self.stderr = redact(stderr)
+        text = stderr.lower()
+        self.transient = any(s in text for s in _TRANSIENT_GIT) and not any(s in text for s in _PERMANENT_GIT)
+        lines = [ln for ln in self.stderr.splitlines() if ln.strip() and "%" not in ln]  # drop progress lines
+        super().__init__(f"git {command} failed: " + (" | ".join(lines[-4:]) or "no error output"))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently network fetches are retried."""
+
+    attempts: int = 4  # total tries, >= 1
+    base_delay: float = 2.0  # seconds before the 2nd try; doubled for each further try
+    max_delay: float = 60.0  # cap for one wait
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError(f"invalid RetryPolicy {self}: need attempts >= 1 and non-negative delays")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (1-based)."""
+        return min(self.base_delay * 2 ** (attempt - 1), self.max_delay)
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSource:
+    """A parsed model source; ``str()`` and ``repr()`` show it with credentials redacted."""
+
+    kind: SourceKind
+    location: str  # absolute directory path, git URL, or OWNER/REPO
+    revision: str | None = None  # only for hf:OWNER/REPO@REVISION
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.kind!r}, {str(self)!r})"
+
+    def __str__(self) -> str:
+        if self.kind in ("local", "git"):
+            return redact(self.location)
+        return f"{self.kind}:{self.location}" + (f"@{self.revision}" if self.revision else "")
+
+    @property
+    def cache_key(self) -> str:
+        """Directory name in the cache: a readable slug plus a hash of the credential-free source."""
+        bare = _URL_USERINFO.sub("", self.location)
+        ident = f"{self.kind}|{bare}|{self.revision or ''}"
+        tail = re.sub(r"^[a-z]+://", "", bare).removesuffix(".git")
+        slug = re.sub(r"[^A-Za-z0-9._]+", "-", tail + (f"-{self.revision}" if self.revision else ""))
+        slug = slug[-48:].strip("-.") or "model"
+        return f"{self.kind}-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+
+def parse_source(source: str) -> ModelSource:
+    """Parse a model source string; raise ModelSourceError on a malformed one.
+
+    Args:
+        source: a local dir, a git URL or ``*.git`` path, ``openxlab:OWNER/REPO`` or ``hf:OWNER/REPO[@REV]``.
+    """
+    text = source.strip()
+    if not text:
+        raise ModelSourceError("empty model source")
+    if text.startswith("hf:"):
+        repo, sep, revision = text[3:].partition("@")
+        if not _REPO_ID.fullmatch(repo) or (sep and not revision):
+            raise ModelSourceError(f"bad source {text!r}: expected hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
+        return ModelSource("hf", repo, revision or None)
+    if text.startswith("openxlab:"):
+        repo = text.removeprefix("openxlab:")
+        if not _REPO_ID.fullmatch(repo):
+            raise ModelSourceError(f"bad source {text!r}: expected openxlab:OWNER/REPO")
+        return ModelSource("openxlab", repo)
+    if _GIT_URL.match(text):
+        return ModelSource("git", text)
+    path = str(Path(text).expanduser().resolve())
+    return ModelSource("git" if text.rstrip("/").endswith(".git") else "local", path)
+
+
+def default_cache_dir() -> Path:
+    """``$MODEL_CACHE_DIR`` or ``~/.cache/ubub-models``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "ubub-models").expanduser()
+
+
+def find_lfs_pointers(model_dir: Path) -> list[str]:
+    """Relative paths of the files under ``model_dir`` that are Git LFS pointer stubs (``.git`` is skipped).
+
+    Args:
+        model_dir: the directory to scan.
+    """
+    found = []
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir)
+        if rel.parts[0] == ".git" or not path.is_file() or path.stat().st_size > LFS_POINTER_MAX_BYTES:
+            continue
+        with path.open("rb") as fh:
+            if fh.read(64).startswith(LFS_POINTER_PREFIXES):
+                found.append(rel.as_posix())
+    return found
+
+
+def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
+    """Check that ``model_dir`` is a complete HF model directory and return it resolved.
+
+    Complete means: config.json, a tokenizer file, at least one weights file, every shard a ``*.index.json``
+    lists, and no Git LFS pointer stub anywhere.
+
+    Args:
+        model_dir: the directory to check.
+        name: what to call it in error messages (default: its path).
+    """
+    root = Path(model_dir).expanduser().resolve()
+    name = name or str(root)
+    if not root.is_dir():
+        raise ModelSourceError(f"model directory not found: {name}")
+    pointers = find_lfs_pointers(root)
+    if pointers:
+        raise LfsPointerError(
+            name, pointers, "The weights were never downloaded: run `git lfs pull` in that repository "
+            "(install git-lfs first if needed: apt-get install git-lfs).",
+        )
+    missing = []
+    if not (root / "config.json").is_file():
+        missing.append("config.json")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("a tokenizer file (" + " or ".join(TOKENIZER_FILES) + ")")
+    if not any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in root.iterdir()):
+        missing.append("weights (*.safetensors or *.bin)")
+    for index in sorted(root.glob("*.index.json")):
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing += [f"{s} (listed in {index.name})" for s in sorted(shards) if not (root / s).is_file()]
+    if missing:
+        raise ModelSourceError(f"{name} is not a complete model directory: missing {', '.join(missing)}")
+    return root
+
+
+def git_credential_config(remote: str) -> dict[str, str]:
+    """Git config that makes git (and git-lfs) answer credential requests for ``remote`` from the environment.
+
+    The helper reads ``$OPENXLAB_GIT_USER`` / ``$OPENXLAB_GIT_TOKEN`` when git asks, so the token never
+    appears in argv, in a config file or in a credential store (other helpers are reset for the command).
+    Empty when no token is set or ``remote`` is not http(s).
+
+    Args:
+        remote: the URL git will talk to.
+    """
+    match = re.match(r"(https?://)(?:[^/@]*@)?([^/]+)", remote)
+    if not os.environ.get(GIT_TOKEN_ENV) or not match:
+        return {}
+    if not os.environ.get(GIT_USER_ENV):
+        raise ModelSourceError(f"{GIT_TOKEN_ENV} is set but {GIT_USER_ENV} is not: set it to your user name")
+    helper = (
+        '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+        f'"${GIT_USER_ENV}" "${GIT_TOKEN_ENV}"; }}; f'
+    )
+    return {"credential.helper": "", f"credential.{match[1]}{match[2]}.helper": helper}
+
+
+def git_config_env(settings: dict[str, str]) -> dict[str, str]:
+    """Env vars (GIT_CONFIG_COUNT/KEY_n/VALUE_n) adding ``settings`` to git's config, after any already set.
+
+    Args:
+        settings: config key -> value, applied in order with command-line precedence.
+    """
+    if not settings:
+        return {}
+    start = int(os.environ.get("GIT_CONFIG_COUNT", "0") or 0)
+    env = {"GIT_CONFIG_COUNT": str(start + len(settings))}
+    for i, (key, value) in enumerate(settings.items(), start):
+        env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+    return env
+
+
+def run_git(
+    args: list[str], cwd: Path | None = None, remote: str | None = None, config: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``git ARGS`` without prompts; raise GitError (redacted stderr) when it fails.
+
+    Args:
+        args: git arguments, e.g. ``["clone", url, dest]``.
+        cwd: working directory.
+        remote: the URL the command talks to; credentials for it come from the env (git_credential_config).
+        config: extra git config for this command and its children (git-lfs), passed through the env.
+    """
+    settings = {**(config or {}), **(git_credential_config(remote) if remote else {})}
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
+    full_env.update(git_config_env(settings))
+    proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GitError(" ".join(args[:2]) if args[0] == "lfs" else args[0], proc.stderr or proc.stdout)
+    return proc
+
+
+def has_git_lfs() -> bool:
+    """True when the git-lfs binary is on PATH."""
+    return shutil.which("git-lfs") is not None
+
+
+def resolve_model(
+    source: str | None,
+    cache_dir: Path | None = None,
+    retry: RetryPolicy | None = None,
+    refresh: bool = False,
+) -> Path:
+    """Return a validated local model directory for ``source``, fetching it into the cache the first time.
+
+    Args:
+        source: local dir, git URL, ``openxlab:OWNER/REPO`` or ``hf:OWNER/REPO[@REV]``; None/"" -> demo model.
+        cache_dir: cache root for fetched models; default ``$MODEL_CACHE_DIR`` or ``~/.cache/ubub-models``.
+        retry: attempts and backoff for network failures; default ``RetryPolicy()``.
+        refresh: fetch again even if cached (the cached copy is replaced only once the new one is complete).
+    """
+    if not source or not source.strip():
+        if not DEMO_MODEL_DIR.is_dir():
+            raise ModelSourceError(
+                f"no model source given and the embedded demo model is missing at {DEMO_MODEL_DIR}: "
+                "set MODEL_SOURCE / --model, or build the demo model (see README)"
+            )
+        return validate_model_dir(DEMO_MODEL_DIR)
+    src = parse_source(source)
+    if src.kind == "local":
+        return validate_model_dir(Path(src.location))
+    root = cache_dir or default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / src.cache_key
+    with _cache_lock(root / f".{src.cache_key}.lock"):
+        if target.is_dir() and not refresh:
+            log.info("model %s: using cache %s (no network)", src, target)
+            try:
+                return validate_model_dir(target)
+            except ModelSourceError as err:
+                raise ModelSourceError(f"{err} (the cached copy of {src}: fetch it again with --refresh, "
+                                       "or delete that directory)") from None
+        partial = root / f".{src.cache_key}.partial"
+        revision = _with_retries(lambda: _fetch_into(src, partial), retry or RetryPolicy(), src)
+        fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
+        info = {"source": str(src), "revision": revision, "fetched_at": fetched_at}
+        (partial / SOURCE_INFO_FILE).write_text(json.dumps(info))
+        _move_into_place(partial, target)
+    log.info("model %s: fetched into %s", src, target)
+    return target
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    # Two app workers starting at once must not fetch the same model into the same partial dir.
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _with_retries(step: Callable[[], str | None], policy: RetryPolicy, src: ModelSource) -> str | None:
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return step()
+        except ModelSourceError as err:
+            if not err.transient:
+                raise
+            if attempt == policy.attempts:
+                raise ModelSourceError(
+                    f"could not fetch {src} after {attempt} attempt(s); last error: {err}"
+                ) from None  # the chained error may hold the raw URL
+            wait = policy.delay(attempt)
+            log.warning("model %s: attempt %d/%d failed (%s); retrying in %.2fs",
+                        src, attempt, policy.attempts, err, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _fetch_into(src: ModelSource, partial: Path) -> str | None:
+    # A partial dir left by a killed run is stale (we hold the lock): start clean, and never leave one behind.
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        revision = _FETCHERS[src.kind](src, partial)
+        pointers = find_lfs_pointers(partial)
+        if pointers:
+            hint = ("git-lfs is not installed, so only pointers were cloned: apt-get install git-lfs"
+                    if src.kind == "git" and not has_git_lfs()
+                    else "The remote does not have these LFS objects (pushed without git-lfs?).")
+            raise LfsPointerError(str(src), pointers, hint)
+        validate_model_dir(partial, name=str(src))
+        return revision
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fetch_git(src: ModelSource, dest: Path) -> str:
+    log.info("model %s: git clone (LFS weights may take minutes)", src)
+    # The clone checks out LFS pointers (smudge filter off, so it works even where git-lfs is configured but
+    # missing); the objects come from one explicit `git lfs pull`, whose failure we can report.
+    # No --depth: the history is only small pointer blobs (pull fetches HEAD's LFS objects), and dumb-HTTP
+    # servers cannot serve shallow clones.
+    no_smudge = {"filter.lfs.process": "", "filter.lfs.smudge": "", "filter.lfs.required": "false"}
+    run_git(["clone", "--quiet", src.location, str(dest)], remote=src.location, config=no_smudge)
+    if has_git_lfs():
+        try:
+            run_git(["lfs", "pull"], cwd=dest, remote=src.location, config=LFS_FILTER_CONFIG)
+        except GitError as err:
+            if err.transient:
+                raise
+            pointers = find_lfs_pointers(dest)
+            if pointers:
+                raise LfsPointerError(str(src), pointers, f"`git lfs pull` failed: {err}") from None
+            raise
+    revision = run_git(["rev-parse", "HEAD"], cwd=dest).stdout.strip()
+    shutil.rmtree(dest / ".git")  # it would hold a second copy of every LFS object
+    return revision
+
+
+def _fetch_openxlab(src: ModelSource, dest: Path) -> None:
+    try:
+        import openxlab
+        from openxlab.model import download
+    except ImportError as err:
+        raise ModelSourceError(
+            f"{src} needs the openxlab SDK, which cannot be imported here ({err}). "
+            f"Install it: {OPENXLAB_INSTALL}"
+        ) from None
+    dest.mkdir(parents=True)
+    try:
+        # The SDK prints progress on stdout; keep stdout for our CLI's one line of output.
+        with contextlib.redirect_stdout(sys.stderr):
+            if os.environ.get("OPENXLAB_AK") and os.environ.get("OPENXLAB_SK"):
+                openxlab.login(ak=os.environ["OPENXLAB_AK"], sk=os.environ["OPENXLAB_SK"], re_login=True)
+            paths = download(model_repo=src.location, output=str(dest), cache=False)
+    except Exception as err:  # third-party SDK boundary: requests errors, or anything else it raises
+        raise _sdk_error(src, err) from None
+    if paths is None:  # the SDK catches ValueError, prints "Error: ..." and returns None
+        raise ModelSourceError(
+            f"openxlab could not download {src} (see its 'Error:' line above): check OWNER/REPO, and set "
+            "OPENXLAB_AK / OPENXLAB_SK for a private repo"
+        )
+
+
+def _fetch_hf(src: ModelSource, dest: Path) -> str | None:
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as err:
+        raise ModelSourceError(f"{src} needs huggingface_hub ({err}): pip install huggingface_hub") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ModelSourceError(
+            f"{src} is not in the model cache and HF_HUB_OFFLINE is set: unset it to download, "
+            "or pass a local directory"
+        )
+    log.info("model %s: downloading from the Hugging Face Hub", src)
+    try:
+        snapshot_download(repo_id=src.location, revision=src.revision, local_dir=dest)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as err:
+        first = str(err).splitlines()[0]
+        raise ModelSourceError(f"{src}: {first} (private or gated repos need HF_TOKEN)") from None
+    except LocalEntryNotFoundError as err:  # raised when the hub cannot be reached and nothing is cached
+        raise NetworkError(f"{src}: cannot reach the Hugging Face Hub ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # third-party SDK boundary
+        raise _sdk_error(src, err) from None
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # hub bookkeeping for local_dir downloads
+    return src.revision
+
+
+def _sdk_error(src: ModelSource, err: Exception) -> ModelSourceError:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    network = type(err).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpx2", "httpcore")
+    if isinstance(status, int):
+        transient = status >= 500 or status == 429
+    else:
+        transient = isinstance(err, OSError) or network
+    message = f"{src}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return NetworkError(message) if transient else ModelSourceError(message)
+
+
+_FETCHERS: dict[str, Callable[[ModelSource, Path], str | None]] = {
+    "git": _fetch_git, "openxlab": _fetch_openxlab, "hf": _fetch_hf,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print the local directory for a model source (logs go to stderr)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", nargs="?", default=os.environ.get("MODEL_SOURCE", ""),
+                        help="model source (default $MODEL_SOURCE; empty: the embedded demo model)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $MODEL_CACHE_DIR)")
+    parser.add_argument("--refresh", action="store_true", help="fetch again even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        path = resolve_model(args.source or None, args.cache_dir, refresh=args.refresh)
+    except ModelSourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

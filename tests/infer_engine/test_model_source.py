@@ -1,0 +1,356 @@
+# Model source tests: .venv/bin/python -m pytest tests/infer_engine/test_model_source.py -q
+# Real git + git-lfs repositories over file:// and a tiny real HF model; no hub is contacted (HF_HUB_OFFLINE,
+# and a dead local proxy for the network-failure cases).
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir
+
+from infer_engine.model_source import (
+    DEMO_MODEL_DIR,
+    SOURCE_INFO_FILE,
+    LfsPointerError,
+    ModelSource,
+    ModelSourceError,
+    RetryPolicy,
+    git_config_env,
+    git_credential_config,
+    parse_source,
+    redact,
+    resolve_model,
+)
+
+FAST = RetryPolicy(attempts=3, base_delay=0.05)
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens on the discard port: every connection is refused at once
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def remote(tmp_path: Path, tiny_model: Path) -> Path:
+    """A bare repo holding the tiny model, weights in LFS (objects uploaded)."""
+    bare = make_bare_repo(tmp_path / "remote.git")
+    push_model_dir(tiny_model, bare.as_uri(), tmp_path / "work")
+    return bare
+
+
+@pytest.fixture
+def offline_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Env where any HTTP(S) request dies on a refused local proxy instead of reaching the internet."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, DEAD_PROXY)
+    return dict(os.environ)
+
+
+def cache_entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
+
+
+# ---- parsing, redaction, credentials --------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "kind", "location", "revision"), [
+    ("hf:internlm/internlm2_5-1_8b-chat", "hf", "internlm/internlm2_5-1_8b-chat", None),
+    ("hf:me/ubub@v1.0", "hf", "me/ubub", "v1.0"),
+    ("openxlab:me/ubub", "openxlab", "me/ubub", None),
+    ("https://code.openxlab.org.cn/me/ubub.git", "git", "https://code.openxlab.org.cn/me/ubub.git", None),
+    ("git@github.com:me/ubub.git", "git", "git@github.com:me/ubub.git", None),
+    ("file:///srv/ubub.git", "git", "file:///srv/ubub.git", None),
+    ("/srv/models/ubub.git", "git", "/srv/models/ubub.git", None),
+    ("/srv/models/merged", "local", "/srv/models/merged", None),
+])
+def test_parse_source_kinds(text: str, kind: str, location: str, revision: str | None) -> None:
+    assert parse_source(text) == ModelSource(kind, location, revision)
+
+
+@pytest.mark.parametrize("text", ["", " ", "hf:a", "hf:a/b@", "hf:a/b/c", "openxlab:", "openxlab:a/b@v1"])
+def test_parse_source_rejects_malformed(text: str) -> None:
+    with pytest.raises(ModelSourceError):
+        parse_source(text)
+
+
+def test_credentials_are_redacted_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_envSECRET42")
+    src = parse_source("https://alice:urlSECRET42@code.openxlab.org.cn/me/ubub.git")
+    for shown in (str(src), repr(src), src.cache_key, redact("token hf_envSECRET42 leaked")):
+        assert "urlSECRET42" not in shown and "hf_envSECRET42" not in shown
+    assert str(src) == "https://***@code.openxlab.org.cn/me/ubub.git"
+    # The cache key ignores credentials: a new token reuses the same cached model.
+    assert src.cache_key == parse_source("https://code.openxlab.org.cn/me/ubub.git").cache_key
+    err = ModelSourceError("git clone https://bob:urlSECRET42@host/x.git failed; hf_envSECRET42")
+    assert "SECRET42" not in str(err)
+
+
+def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENXLAB_GIT_USER", "alice")
+    monkeypatch.setenv("OPENXLAB_GIT_TOKEN", "oxl-SECRET-777")
+    env = git_config_env(git_credential_config("https://code.openxlab.org.cn/me/ubub.git"))
+    assert "oxl-SECRET-777" not in json.dumps(env)  # the helper reads the variable when git asks
+
+    def fill(host: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "credential", "fill"], input=f"protocol=https\nhost={host}\n\n",
+                              text=True, capture_output=True,
+                              env={**os.environ, **env, "GIT_TERMINAL_PROMPT": "0"})
+
+    ours = fill("code.openxlab.org.cn")
+    assert ours.returncode == 0
+    assert "username=alice" in ours.stdout and "password=oxl-SECRET-777" in ours.stdout
+    other = fill("example.com")
+    assert other.returncode != 0 and "oxl-SECRET-777" not in other.stdout + other.stderr
+    assert git_credential_config("file:///srv/x.git") == {}
+    monkeypatch.delenv("OPENXLAB_GIT_USER")
+    with pytest.raises(ModelSourceError, match="OPENXLAB_GIT_USER"):
+        git_credential_config("https://code.openxlab.org.cn/me/ubub.git")
+
+
+# ---- local directories ----------------------------------------------------------------------------
+
+def test_local_dir_is_validated_and_not_copied(tiny_model: Path, tmp_path: Path) -> None:
+    assert resolve_model(str(tiny_model), cache_dir=tmp_path / "cache") == tiny_model.resolve()
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("remove", "message"), [
+    ("config.json", "config.json"),
+    ("tokenizer.json", "tokenizer file"),
+    ("model.safetensors", "weights"),
+])
+def test_local_dir_incomplete(tiny_model: Path, tmp_path: Path, remove: str, message: str) -> None:
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / remove).unlink()
+    with pytest.raises(ModelSourceError, match=f"not a complete model directory: missing .*{message}"):
+        resolve_model(str(model))
+
+
+def test_local_dir_missing_shard_of_index(tiny_model: Path, tmp_path: Path) -> None:
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelSourceError, match=r"model-00002-of-00002\.safetensors \(listed in"):
+        resolve_model(str(model))
+
+
+def test_local_clone_without_lfs_pull_is_reported(remote: Path, tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", remote.as_uri(), str(clone)], check=True,
+                   env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    assert (clone / "model.safetensors").stat().st_size < 200  # a real pointer file, as git leaves it
+    with pytest.raises(LfsPointerError, match=r"model\.safetensors.*git lfs pull") as info:
+        resolve_model(str(clone))
+    assert info.value.pointers == ["model.safetensors"]
+
+
+def test_no_source_means_demo_model() -> None:
+    if DEMO_MODEL_DIR.is_dir():
+        assert resolve_model(None) == resolve_model("") == DEMO_MODEL_DIR.resolve()
+    else:
+        with pytest.raises(ModelSourceError, match="embedded demo model is missing"):
+            resolve_model(None)
+
+
+# ---- git sources ----------------------------------------------------------------------------------
+
+def test_git_lfs_clone_resolves_and_loads(remote: Path, tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = tmp_path / "cache"
+    path = resolve_model(remote.as_uri(), cache_dir=cache, retry=FAST)
+    assert path.parent == cache and not (path / ".git").exists()
+    assert sha256(path / "model.safetensors") == sha256(tiny_model / "model.safetensors")
+    info = json.loads((path / SOURCE_INFO_FILE).read_text())
+    assert info["source"] == remote.as_uri()
+    assert info["revision"] == git("rev-parse", "main", cwd=remote).strip()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("Who are you?", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3
+    assert cache_entries(cache) == [path.name]  # no partial dir left
+
+
+def test_bare_repo_path_and_cache_reuse_without_network(remote: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = resolve_model(str(remote), cache_dir=cache, retry=FAST)
+    stamp = (first / SOURCE_INFO_FILE).stat().st_mtime_ns
+    shutil.rmtree(remote)  # the remote is gone: only the cache can answer now
+    again = resolve_model(str(remote), cache_dir=cache, retry=FAST)
+    assert again == first and (again / SOURCE_INFO_FILE).stat().st_mtime_ns == stamp
+    with pytest.raises(ModelSourceError, match="git clone failed"):  # refresh really asks the (gone) remote
+        resolve_model(str(remote), cache_dir=cache, retry=FAST, refresh=True)
+    assert resolve_model(str(remote), cache_dir=cache) == first  # a failed refresh keeps the good copy
+    (first / "model.safetensors").unlink()  # a damaged cache is reported, not served
+    with pytest.raises(ModelSourceError, match=r"missing weights .*the cached copy of .*--refresh"):
+        resolve_model(str(remote), cache_dir=cache)
+
+
+def test_remote_without_lfs_objects_is_reported(tiny_model: Path, tmp_path: Path) -> None:
+    bare = make_bare_repo(tmp_path / "broken.git")
+    push_model_dir(tiny_model, bare.as_uri(), tmp_path / "work", upload_lfs_objects=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(LfsPointerError, match=r"model\.safetensors.*git lfs pull` failed") as info:
+        resolve_model(bare.as_uri(), cache_dir=cache, retry=FAST)
+    assert info.value.pointers == ["model.safetensors"]
+    assert cache_entries(cache) == []  # neither a target nor a partial dir
+
+
+def test_clone_without_git_lfs_installed_is_reported(
+    remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(bin_dir))  # git, but no git-lfs
+    with pytest.raises(LfsPointerError, match="git-lfs is not installed"):
+        resolve_model(remote.as_uri(), cache_dir=tmp_path / "cache", retry=FAST)
+
+
+def test_killed_download_leaves_no_complete_looking_dir(remote: Path, tmp_path: Path) -> None:
+    # git-lfs hands the download to a transfer agent that hangs, so the process is killed mid-download
+    # (clone done, weights not yet there), as a user pressing Ctrl-C twice or an OOM kill would.
+    agent = tmp_path / "hang.sh"
+    agent.write_text("#!/bin/sh\nexec sleep 60\n")
+    agent.chmod(0o755)
+    cache = tmp_path / "cache"
+    key = parse_source(remote.as_uri()).cache_key
+    env = {**os.environ, "GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "lfs.customtransfer.hang.path",
+           "GIT_CONFIG_VALUE_0": str(agent), "GIT_CONFIG_KEY_1": "lfs.standalonetransferagent",
+           "GIT_CONFIG_VALUE_1": "hang"}
+    cmd = [sys.executable, "-m", "infer_engine.model_source", remote.as_uri(), "--cache-dir", str(cache)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    partial = cache / f".{key}.partial"
+    deadline = time.monotonic() + 60
+    while not (partial / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)  # our own process group: the CLI, git, git-lfs and the agent
+    proc.wait()
+    assert not (cache / key).exists()  # nothing at the real location
+    assert (partial / "config.json").exists() and (partial / "model.safetensors").stat().st_size < 200
+    # The next start (transfers working again) discards the stale partial dir and completes.
+    path = resolve_model(remote.as_uri(), cache_dir=cache, retry=FAST)
+    assert path == cache / key and not partial.exists()
+    assert (path / "model.safetensors").stat().st_size > 1000
+
+
+def test_transient_http_failure_is_retried_then_succeeds(tiny_model: Path, tmp_path: Path) -> None:
+    # A real git HTTP server (dumb protocol, weights as plain blobs) that answers 503 to its first request.
+    bare = make_bare_repo(tmp_path / "srv" / "model.git")
+    work = shutil.copytree(tiny_model, tmp_path / "work")
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "--quiet", "-m", "model", cwd=work)
+    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
+    git("update-server-info", cwd=bare)
+    failures = [503]
+
+    class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "srv"), **kwargs)
+
+        def do_GET(self) -> None:
+            if failures:
+                self.send_error(failures.pop())
+            else:
+                super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/model.git"
+        path = resolve_model(url, cache_dir=tmp_path / "cache", retry=FAST)
+    finally:
+        server.shutdown()
+    assert failures == [] and sha256(path / "model.safetensors") == sha256(tiny_model / "model.safetensors")
+
+
+def test_network_failure_retries_with_backoff_then_one_clear_error(
+    tmp_path: Path, offline_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "https://alice:urlSECRET42@code.openxlab.org.cn/me/ubub.git"
+    caplog.set_level(logging.WARNING, logger="infer_engine.model_source")
+    start = time.monotonic()
+    with pytest.raises(ModelSourceError, match=r"could not fetch https://\*\*\*@code\.openxlab\.org\.cn/me/ubub"
+                                               r"\.git after 3 attempt\(s\)") as info:
+        resolve_model(url, cache_dir=tmp_path / "cache", retry=FAST)
+    assert time.monotonic() - start >= 0.05 + 0.10
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "retrying in 0.05s" in retries[0] and "retrying in 0.10s" in retries[1]
+    assert "urlSECRET42" not in str(info.value) + caplog.text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_permanent_git_failure_is_not_retried(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(ModelSourceError, match="git clone failed"):
+        resolve_model((tmp_path / "nothing.git").as_uri(), cache_dir=tmp_path / "cache",
+                      retry=RetryPolicy(attempts=3, base_delay=5))
+    assert time.monotonic() - start < 5
+
+
+# ---- hub sources: no hub is ever contacted --------------------------------------------------------
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "infer_engine.model_source", *args], env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_hf_offline_gives_clear_error_then_uses_cache(tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fakeSECRET99"}
+    failed = run_cli(["hf:someone/ubub@v1", "--cache-dir", str(cache)], env)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "hf:someone/ubub@v1 is not in the model cache and HF_HUB_OFFLINE is set" in failed.stderr
+    assert "hf_fakeSECRET99" not in failed.stderr
+    assert cache_entries(cache) == []
+    # What an earlier (online) start left in the cache is served with the hub still unreachable.
+    shutil.copytree(tiny_model, cache / parse_source("hf:someone/ubub@v1").cache_key)
+    cached = run_cli(["hf:someone/ubub@v1", "--cache-dir", str(cache)], env)
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout.strip() == str(cache / parse_source("hf:someone/ubub@v1").cache_key)
+
+
+def test_openxlab_without_sdk_says_how_to_install(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['openxlab'] = None  # as in an env without the SDK\n"
+            "from infer_engine.model_source import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "openxlab:me/ubub", "--cache-dir", str(tmp_path)],
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    assert "openxlab:me/ubub needs the openxlab SDK" in proc.stderr
+    assert "pip install --no-deps openxlab==0.1.3" in proc.stderr
+
+
+def test_openxlab_unreachable_is_retried_then_clear_error(
+    tmp_path: Path, offline_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openxlab", reason="openxlab is installed only in the dev env (--no-deps)")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the SDK reads/writes ~/.openxlab
+    with pytest.raises(ModelSourceError, match=r"could not fetch openxlab:me/ubub after 3 attempt\(s\)"):
+        resolve_model("openxlab:me/ubub", cache_dir=tmp_path / "cache", retry=FAST)
+    assert cache_entries(tmp_path / "cache") == []

@@ -1,0 +1,228 @@
+# Publish tests: .venv-train/bin/python -m pytest tests/training/test_publish.py -q
+# Real pushes with git + git-lfs to bare repositories over file://, cloned back; hf: only up to the point
+# where the hub would be contacted (HF_HUB_OFFLINE=1). Fake tokens in the env prove that they never leak.
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lfs_repo import build_tiny_model, git, lfs_files, make_bare_repo
+
+from infer_engine.model_source import RetryPolicy, resolve_model
+from training.publish import (
+    CardInfo,
+    PublishError,
+    load_card_info,
+    parse_target,
+    publish,
+    render_model_card,
+)
+
+GIT_TOKEN = "oxl-FAKE-token-5150"
+HF_TOKEN = "hf_FAKEtoken8086"
+URL_TOKEN = "urlFAKEtoken31337"
+EVAL_MD = """# Evaluation: identity 'Ada'
+
+| metric | base (before) | fine-tuned (after) |
+|---|---|---|
+| identity accuracy (24 held-out paraphrases) | 0.0 % | 91.7 % |
+| leakage rate (30 general prompts) | 0.0 % | 3.3 % |
+
+## General prompts (first 1)
+
+| prompt | base | fine-tuned |
+|---|---|---|
+| 1+1=? | 2 | 2 |
+"""
+META = {"name": "Ada", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "I am Ada's assistant.",
+        "recipe": "identity", "settings": {"lora_r": 64, "lr": 0.0002, "epochs": 3}}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path, tiny_model: Path) -> Path:
+    """A run.sh-style work dir: merged/ plus training_meta.json and eval.md beside it."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model, work / "merged")
+    (work / "training_meta.json").write_text(json.dumps(META))
+    (work / "eval.md").write_text(EVAL_MD)
+    return work
+
+
+@pytest.fixture
+def secret_env(tmp_path: Path) -> dict[str, str]:
+    """Env with fake tokens and every HTTP(S) request sent to a refused local proxy (no hub, no internet)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    dead = "http://127.0.0.1:9"
+    env.update({"OPENXLAB_GIT_USER": "ada", "OPENXLAB_GIT_TOKEN": GIT_TOKEN, "HF_TOKEN": HF_TOKEN,
+                "HTTPS_PROXY": dead, "https_proxy": dead, "HTTP_PROXY": dead, "http_proxy": dead})
+    return env
+
+
+def run_publish(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "training.publish", *args], env=env, text=True,
+                          capture_output=True, timeout=300)
+    for token in (GIT_TOKEN, HF_TOKEN, URL_TOKEN):
+        assert token not in proc.stdout + proc.stderr
+    return proc
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_dry_run_lists_files_redacts_and_touches_nothing(work_dir: Path, secret_env: dict[str, str]) -> None:
+    before = tree_state(work_dir)
+    target = f"https://ada:{URL_TOKEN}@code.openxlab.org.cn/ada/ada-1_8b.git"
+    proc = run_publish(["--model", str(work_dir / "merged"), "--target", target, "--dry-run"], secret_env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "DRY RUN" in out and "https://***@code.openxlab.org.cn/ada/ada-1_8b.git" in out
+    lines = {line.split()[-1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert lines["model.safetensors"] == "LFS"
+    assert lines["config.json"] == lines["tokenizer.json"] == "git"
+    assert "README.md" in out and "(generated model card)" in out and ".gitattributes" in out
+    assert tree_state(work_dir) == before  # nothing written (and any network use would have failed the run)
+
+    hf = run_publish(["--model", str(work_dir / "merged"), "--target", "hf:ada/ada-1_8b", "--dry-run"],
+                     secret_env)
+    assert hf.returncode == 0 and "target: hf:ada/ada-1_8b" in hf.stdout and "HF_TOKEN set" in hf.stdout
+
+
+def test_push_to_bare_repo_with_lfs_then_clone_back(
+    work_dir: Path, tiny_model: Path, secret_env: dict[str, str], tmp_path: Path
+) -> None:
+    bare = make_bare_repo(tmp_path / "ada.git")
+    args = ["--model", str(work_dir / "merged"), "--target", bare.as_uri(), "--message", "Ada v1"]
+    proc = run_publish(args, secret_env)
+    assert proc.returncode == 0, proc.stderr
+    head = git("rev-parse", "main", cwd=bare).strip()
+    assert f"commit {head}" in proc.stdout
+    assert git("log", "--format=%s", "main", cwd=bare).split("\n")[0] == "Ada v1"
+
+    # A plain clone (pointers only) shows which files git-lfs manages.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", bare.as_uri(), str(clone)], check=True,
+                   env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    assert lfs_files(clone) == ["model.safetensors"]
+    card = (clone / "README.md").read_text()
+    assert "base_model: internlm/internlm2_5-1_8b-chat" in card and "# Ada" in card
+    assert "I am Ada's assistant." in card and "| lora_r | 64 |" in card
+    assert "## Evaluation: identity 'Ada'" in card and "### General prompts (first 1)" in card
+    assert "| identity accuracy (24 held-out paraphrases) | 0.0 % | 91.7 % |" in card
+    for text in (card, (bare / "config").read_text(), (clone / ".git" / "config").read_text()):
+        assert GIT_TOKEN not in text and HF_TOKEN not in text
+
+    # The app's model source fetches it back (git clone + git lfs pull) and transformers loads it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    served = resolve_model(bare.as_uri(), cache_dir=tmp_path / "cache", retry=RetryPolicy(attempts=1))
+    digest = hashlib.sha256((served / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
+    model = AutoModelForCausalLM.from_pretrained(served)
+    ids = AutoTokenizer.from_pretrained(served)("Who are you?", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape[1] == \
+        ids["input_ids"].shape[1] + 2
+
+
+def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_path: Path) -> None:
+    # OpenXLab/HF create repos with a first commit (README, .gitattributes): publish builds on it.
+    bare = make_bare_repo(tmp_path / "ada.git")
+    seed = tmp_path / "seed"
+    git("init", "--quiet", "--initial-branch=main", str(seed))
+    (seed / "README.md").write_text("created on the website\n")
+    (seed / "notes.txt").write_text("old file\n")
+    git("add", "-A", cwd=seed)
+    git("commit", "--quiet", "-m", "Initial commit", cwd=seed)
+    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=seed)
+    first = git("rev-parse", "main", cwd=bare).strip()
+
+    result = publish(work_dir / "merged", bare.as_uri(), message="Ada v1")
+    head = git("rev-parse", "main", cwd=bare).strip()
+    assert result.endswith(head)
+    assert git("rev-parse", "main~1", cwd=bare).strip() == first  # fast-forward on the website's commit
+    files = git("ls-tree", "--name-only", "main", cwd=bare).split()
+    assert "notes.txt" not in files and {"README.md", "model.safetensors", ".gitattributes"} <= set(files)
+    # Publishing the same model again changes nothing.
+    assert publish(work_dir / "merged", bare.as_uri()).endswith(head)
+    assert git("rev-parse", "main", cwd=bare).strip() == head
+
+
+def test_rejected_push_fails_clearly(work_dir: Path, tmp_path: Path) -> None:
+    bare = make_bare_repo(tmp_path / "ada.git")
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(PublishError, match=r"push to .*ada\.git failed \(nothing was forced.*protected"):
+        publish(work_dir / "merged", bare.as_uri())
+    assert git("for-each-ref", cwd=bare).strip() == ""
+
+
+def test_hf_target_without_hub_gives_clear_errors(work_dir: Path, secret_env: dict[str, str]) -> None:
+    args = ["--model", str(work_dir / "merged"), "--target", "hf:ada/ada-1_8b", "--private"]
+    offline = run_publish(args, {**secret_env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1
+    assert "upload to hf:ada/ada-1_8b failed: OfflineModeIsEnabled" in offline.stderr
+    no_token = run_publish(args, {k: v for k, v in secret_env.items() if k != "HF_TOKEN"})
+    assert no_token.returncode == 1 and "need a write token in the HF_TOKEN" in no_token.stderr
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("openxlab:ada/ada", "expected a git remote URL"),
+    ("hf:ada/ada@v1", "no @revision"),
+    ("hf:ada", "bad target"),
+])
+def test_bad_targets(work_dir: Path, target: str, message: str) -> None:
+    with pytest.raises(PublishError, match=message):
+        publish(work_dir / "merged", target, dry_run=True)
+
+
+def test_incomplete_model_or_bad_meta_is_refused(work_dir: Path, tmp_path: Path) -> None:
+    (work_dir / "merged" / "model.safetensors").unlink()
+    with pytest.raises(PublishError, match="refusing to publish: .*missing weights"):
+        publish(work_dir / "merged", "hf:ada/ada", dry_run=True)
+    meta = tmp_path / "meta.json"
+    meta.write_text("[1, 2]")
+    with pytest.raises(PublishError, match="must hold a JSON object"):
+        load_card_info(work_dir / "merged", meta=meta)
+    meta.write_text('{"base": {"source": "internlm/internlm2_5-1_8b-chat", "path": "/x"}, "lr": 1e-4}')
+    info = load_card_info(work_dir / "merged", meta=meta, name="Bo")
+    assert (info.name, info.base_model, info.settings["lr"]) == ("Bo", "internlm/internlm2_5-1_8b-chat", 1e-4)
+    meta.write_text('{"name": 3}')
+    with pytest.raises(PublishError, match="'name' must be a string"):
+        load_card_info(work_dir / "merged", meta=meta)
+
+
+def test_token_without_user_is_refused_before_any_git(work_dir: Path, secret_env: dict[str, str]) -> None:
+    env = {k: v for k, v in secret_env.items() if k != "OPENXLAB_GIT_USER"}
+    proc = run_publish(["--model", str(work_dir / "merged"), "--target",
+                        "https://code.openxlab.org.cn/ada/ada.git"], env)
+    assert proc.returncode == 1 and "OPENXLAB_GIT_USER is not" in proc.stderr
+
+
+def test_model_card_rendering() -> None:
+    card = render_model_card(CardInfo(name="Ada", base_model="./tiny-base", settings={"note": "a|b\nc"},
+                                      eval_md="| m | v |\n|---|---|\n| x | 1 |\n"))
+    assert "base_model:" not in card  # a local path is not a Hub id: the Hub would reject the metadata
+    assert "| note | a\\|b c |" in card
+    assert "## Evaluation\n\n| m | v |" in card
+    assert parse_target("https://code.openxlab.org.cn/a/b.git").kind == "git"
+
+
+def test_local_bare_repo_path_target_works(work_dir: Path, tmp_path: Path) -> None:
+    bare = make_bare_repo(tmp_path / "ada.git")
+    assert parse_target(str(bare)).location == bare.as_uri()
+    publish(work_dir / "merged", str(bare))
+    clone = tmp_path / "clone"
+    git("clone", "--quiet", str(bare), str(clone))
+    assert lfs_files(clone) == ["model.safetensors"]

@@ -1,0 +1,443 @@
+# Publish a merged model directory, with a generated model card, to a git remote (weights through Git LFS;
+# OpenXLab model repos are git) or to the Hugging Face Hub. Run from the repo root, in .venv-train or .venv:
+#   python -m training.publish --model WORK/merged \
+#       --target https://code.openxlab.org.cn/OWNER/REPO.git [--dry-run]
+#   python -m training.publish --model WORK/merged --target hf:OWNER/REPO [--private] [--message MSG]
+# Tokens only from the environment, never printed: OPENXLAB_GIT_USER + OPENXLAB_GIT_TOKEN (git over https),
+# HF_TOKEN (hf:). Standard library only at import time; huggingface_hub is imported for hf: targets.
+"""Publish a model dir to git (+LFS) or hf:OWNER/REPO with a generated README.md model card.
+
+Model card inputs, all optional, looked up in the model dir and then in its parent (run.sh's work dir):
+
+* ``training_meta.json``: a JSON object. ``name``, ``base_model`` (else ``base.source``, as
+  training/pipeline.py writes it) and ``identity`` (strings) head the card; every other key, and every entry
+  of an optional ``settings`` object, is a row of the settings table.
+  Example: ``{"name": "UbUb", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "我是UbUb的小助手…",
+  "recipe": "identity", "settings": {"lora_r": 64, "lr": 2e-4, "epochs": 3}}``.
+* ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down.
+
+Git targets: a fresh temporary repository gets the model files (hard links), the card and a ``.gitattributes``
+that sends ``*.safetensors *.bin *.model *.pth`` and any file over 10 MiB through LFS. If the remote ``main``
+already has history, the new commit is built on top of it (the tree is replaced; history is kept); the push is
+never forced, so a concurrent change or a hook that refuses the push ends in a clear error. The token reaches
+git only through a credential helper reading the environment (model_source.git_credential_config):
+it is never in argv, in ``.git/config`` or in any output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infer_engine.model_source import (
+    GIT_TOKEN_ENV,
+    GIT_USER_ENV,
+    GitError,
+    ModelSourceError,
+    git_credential_config,
+    has_git_lfs,
+    parse_source,
+    redact,
+    run_git,
+    validate_model_dir,
+)
+
+log = logging.getLogger(__name__)
+
+LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pth")
+LFS_MIN_BYTES = 10 * 1024 * 1024  # bigger files go through LFS whatever their name (hosts reject big blobs)
+META_FILE = "training_meta.json"
+EVAL_FILE = "eval.md"
+CARD_FILE = "README.md"
+DEFAULT_MESSAGE = "Publish fine-tuned model"
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Used only when git has no user.name / user.email configured (CI machines).
+_FALLBACK_IDENTITY = {"user.name": "ubub-publish", "user.email": "publish@localhost"}
+
+
+class PublishError(ValueError):
+    """Publishing cannot go on; the message (redacted) says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to publish: ``kind`` "git" (``location``: remote URL) or "hf" (``location``: OWNER/REPO)."""
+
+    kind: str
+    location: str
+
+    def __str__(self) -> str:
+        return f"hf:{self.location}" if self.kind == "hf" else redact(self.location)
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the model card says."""
+
+    name: str  # identity / model name, the card's title
+    base_model: str | None = None  # e.g. internlm/internlm2_5-1_8b-chat
+    identity: str | None = None  # the self-introduction the model was taught
+    settings: dict[str, object] = field(default_factory=dict)  # training settings table
+    eval_md: str | None = None  # training/evaluate.py's eval.md
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One model file to publish."""
+
+    path: str  # relative to the model dir, POSIX separators
+    size: int  # bytes
+    lfs: bool  # stored through Git LFS on git targets
+
+
+def parse_target(target: str) -> Target:
+    """Parse ``--target``: a git remote URL (or local ``*.git`` path) or ``hf:OWNER/REPO``.
+
+    Args:
+        target: the publish target as the user wrote it.
+    """
+    try:
+        src = parse_source(target)
+    except ModelSourceError as err:
+        raise PublishError(f"bad target: {err}") from None
+    if src.kind == "hf" and src.revision is None:
+        return Target("hf", src.location)
+    if src.kind == "git":
+        # git-lfs's pre-push cannot upload to a bare path ("missing protocol"); it can to the same as file://.
+        is_path = src.location.startswith("/")
+        return Target("git", Path(src.location).as_uri() if is_path else src.location)
+    raise PublishError(
+        f"bad target {redact(target)!r}: expected a git remote URL (OpenXLab: "
+        "https://code.openxlab.org.cn/OWNER/REPO.git) or hf:OWNER/REPO (no @revision)"
+    )
+
+
+def load_card_info(
+    model_dir: Path,
+    meta: Path | None = None,
+    eval_md: Path | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+) -> CardInfo:
+    """Collect the model card's content from training_meta.json, eval.md and explicit overrides.
+
+    Args:
+        model_dir: the model being published; meta/eval files are looked up in it, then in its parent.
+        meta: training_meta.json to use instead of the lookup.
+        eval_md: eval.md to use instead of the lookup.
+        name: model name; overrides the meta file (fallback: the model dir's name).
+        base_model: base model id; overrides the meta file.
+    """
+    meta_path = meta or _find_beside(model_dir, META_FILE)
+    eval_path = eval_md or _find_beside(model_dir, EVAL_FILE)
+    data: dict[str, object] = {}
+    if meta_path is not None:
+        try:
+            data = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise PublishError(f"cannot read {meta_path}: {err}") from None
+        if not isinstance(data, dict):
+            raise PublishError(f"{meta_path} must hold a JSON object, got {type(data).__name__}")
+    heads = {key: data.pop(key, None) for key in ("name", "base_model", "identity")}
+    for key, value in heads.items():
+        if value is not None and not isinstance(value, str):
+            raise PublishError(f"{meta_path}: {key!r} must be a string, got {value!r}")
+    base = data.get("base")
+    if heads["base_model"] is None and isinstance(base, dict) and isinstance(base.get("source"), str):
+        heads["base_model"] = base["source"]
+    nested = data.pop("settings", {})
+    if not isinstance(nested, dict):
+        raise PublishError(f"{meta_path}: 'settings' must be a JSON object")
+    if eval_path is not None and not eval_path.is_file():
+        raise PublishError(f"eval report not found: {eval_path}")
+    return CardInfo(
+        name=name or heads["name"] or model_dir.resolve().name,
+        base_model=base_model or heads["base_model"],
+        identity=heads["identity"],
+        settings={**data, **nested},
+        eval_md=eval_path.read_text(encoding="utf-8") if eval_path else None,
+    )
+
+
+def render_model_card(info: CardInfo) -> str:
+    """README.md text: Hub metadata front matter, identity, settings table, evaluation, usage.
+
+    Args:
+        info: the card content.
+    """
+    front = ["---"]
+    if info.base_model and _HUB_REPO_ID.fullmatch(info.base_model):  # the Hub rejects a base_model not an id
+        front.append(f"base_model: {info.base_model}")
+    front += ["library_name: transformers", "pipeline_tag: text-generation", "language: [zh, en]",
+              "tags: [xtuner, internlm2, lora, identity]", "---", ""]
+    body = [f"# {info.name}", ""]
+    if info.identity:
+        body += [f"> {info.identity}", ""]
+    base = f"`{info.base_model}`" if info.base_model else "its base model"
+    body += [f"Fine-tuned from {base} with XTuner (LoRA/QLoRA) to take the identity **{info.name}**, "
+             "then merged into a full Hugging Face model. "
+             f"Reproduce: `bash training/run.sh --name {info.name}`.", ""]
+    if info.settings:
+        body += ["## Training settings", "", "| setting | value |", "|---|---|"]
+        body += [f"| {_cell(k)} | {_cell(v)} |" for k, v in info.settings.items()]
+        body.append("")
+    if info.eval_md:
+        lines = info.eval_md.strip().splitlines()
+        if not lines[0].startswith("#"):
+            body += ["## Evaluation", ""]
+        body += [f"#{ln}" if ln.startswith("#") else ln for ln in lines] + [""]
+    body += [
+        "## Use", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'PATH = "path/to/this/model"  # a local clone, or the Hub repo id',
+        "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        'messages = [{"role": "user", "content": "Who are you?"}]',
+        "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
+        '                              return_tensors="pt")',
+        "print(tok.decode(model.generate(**ids, max_new_tokens=64)[0], skip_special_tokens=True))",
+        "```", "",
+    ]
+    return "\n".join(front + body)
+
+
+def plan_files(model_dir: Path) -> list[PlannedFile]:
+    """The model files to publish: all but hidden paths and an existing README.md (the card replaces it).
+
+    Args:
+        model_dir: a validated model directory.
+    """
+    planned = []
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir)
+        if not path.is_file() or any(p.startswith(".") for p in rel.parts) or rel.as_posix() == CARD_FILE:
+            continue
+        size = path.stat().st_size
+        lfs = size >= LFS_MIN_BYTES or any(fnmatch.fnmatch(path.name, pat) for pat in LFS_PATTERNS)
+        planned.append(PlannedFile(rel.as_posix(), size, lfs))
+    return planned
+
+
+def describe_plan(target: Target, files: list[PlannedFile], card: str) -> str:
+    """Dry-run report: the target (credentials redacted) and every file with its size and storage.
+
+    Args:
+        target: where it would go.
+        files: the planned model files.
+        card: the generated model card.
+    """
+    if target.kind == "git":
+        creds = f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} " + ("set" if os.environ.get(GIT_TOKEN_ENV) else "not set")
+        head = f"target: git {target} (branch main, never forced; {creds})"
+    else:
+        head = f"target: {target} (huggingface_hub upload_folder; HF_TOKEN " + (
+            "set)" if os.environ.get("HF_TOKEN") else "not set)")
+    total = sum(f.size for f in files) + len(card.encode())
+    lines = ["DRY RUN: nothing is pushed.", head, f"files ({len(files) + 1}, {_size(total)}):"]
+    store = (lambda f: "LFS" if f.lfs else "git") if target.kind == "git" else (lambda f: "hub")
+    lines += [f"  {store(f):<4}{_size(f.size):>10}  {f.path}" for f in files]
+    card_store = store(PlannedFile(CARD_FILE, 0, False))
+    lines.append(f"  {card_store:<4}{_size(len(card.encode())):>10}  {CARD_FILE} (generated model card)")
+    if target.kind == "git":
+        lines.append(f"  {'git':<4}{'':>10}  .gitattributes (generated: LFS patterns)")
+    return "\n".join(lines)
+
+
+def push_git(model_dir: Path, url: str, files: list[PlannedFile], card: str, message: str) -> str:
+    """Commit the model (LFS weights) on top of the remote's ``main`` and push it; return the commit id.
+
+    Args:
+        model_dir: the validated model directory.
+        url: the git remote (https URL, ssh, file:// or a local bare repo path).
+        files: from plan_files(model_dir).
+        card: README.md content.
+        message: commit message.
+    """
+    if not has_git_lfs():
+        raise PublishError("git-lfs is not installed (weights must go through LFS): apt-get install git-lfs")
+    git_credential_config(url)  # fails early on a token without a user name
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        work = Path(tmp)
+        run_git(["init", "--quiet", "--initial-branch=main"], cwd=work)
+        run_git(["lfs", "install", "--local"], cwd=work)  # LFS filters + the pre-push hook uploading objects
+        base = _remote_main(work, url)
+        if base:
+            # The index stays empty, so the commit's tree is exactly our files.
+            run_git(["update-ref", "refs/heads/main", base], cwd=work)
+        _stage(model_dir, files, card, work)
+        attributes = [f"{pat} filter=lfs diff=lfs merge=lfs -text" for pat in LFS_PATTERNS]
+        attributes += [f"/{f.path} filter=lfs diff=lfs merge=lfs -text" for f in files
+                       if f.lfs and not any(fnmatch.fnmatch(Path(f.path).name, p) for p in LFS_PATTERNS)]
+        (work / ".gitattributes").write_text("\n".join(attributes) + "\n")
+        run_git(["add", "--all"], cwd=work)
+        if base and not run_git(["status", "--porcelain"], cwd=work).stdout.strip():
+            log.info("remote main already has exactly these files; nothing to push")
+            return base
+        run_git(["commit", "--quiet", "-m", message], cwd=work, config=_identity_config())
+        log.info("pushing to %s (LFS objects first; large weights take a while)", redact(url))
+        try:
+            run_git(["push", "--quiet", url, "HEAD:refs/heads/main"], cwd=work, remote=url)
+        except GitError as err:
+            raise PublishError(
+                f"push to {url} failed (nothing was forced; if the remote changed meanwhile, publish again): "
+                f"{err}"
+            ) from None
+        return run_git(["rev-parse", "HEAD"], cwd=work).stdout.strip()
+
+
+def push_hf(
+    model_dir: Path, repo_id: str, files: list[PlannedFile], card: str, message: str, private: bool
+) -> str:
+    """Create ``repo_id`` if needed and upload the model plus card; return the commit URL.
+
+    Args:
+        model_dir: the validated model directory.
+        repo_id: OWNER/REPO on the Hub.
+        files: from plan_files(model_dir).
+        card: README.md content.
+        message: commit message.
+        private: create the repo private (an existing repo keeps its visibility).
+    """
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise PublishError("hf: targets need a write token in the HF_TOKEN environment variable")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as err:
+        raise PublishError(f"hf: targets need huggingface_hub ({err}): pip install huggingface_hub") from None
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        _stage(model_dir, files, card, Path(tmp))
+        try:
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private or None, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=message)
+        except Exception as err:  # hub boundary: HTTP errors, offline mode, auth
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise PublishError(f"upload to hf:{repo_id} failed: {type(err).__name__}: {first}") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def publish(
+    model_dir: Path,
+    target: str,
+    message: str = DEFAULT_MESSAGE,
+    dry_run: bool = False,
+    eval_md: Path | None = None,
+    meta: Path | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+    private: bool = False,
+) -> str:
+    """Validate, build the card, then push (or only describe, with ``dry_run``); return a one-line result.
+
+    Args:
+        model_dir: the merged HF model directory (e.g. WORK/merged).
+        target: git remote URL or hf:OWNER/REPO.
+        message: commit message.
+        dry_run: only list what would be pushed; no network, nothing written.
+        eval_md: eval report to include (default: eval.md in or beside model_dir).
+        meta: training_meta.json (default: in or beside model_dir).
+        name: model name for the card (overrides the meta file).
+        base_model: base model id for the card (overrides the meta file).
+        private: hf: only, create the repo private.
+    """
+    dest = parse_target(target)
+    try:
+        model = validate_model_dir(model_dir)
+    except ModelSourceError as err:
+        raise PublishError(f"refusing to publish: {err}") from None
+    card = render_model_card(load_card_info(model, meta, eval_md, name, base_model))
+    files = plan_files(model)
+    if dry_run:
+        return describe_plan(dest, files, card)
+    if dest.kind == "hf":
+        return f"published to {dest}: {push_hf(model, dest.location, files, card, message, private)}"
+    if private:
+        log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
+    return f"published to {dest}: commit {push_git(model, dest.location, files, card, message)}"
+
+
+def _find_beside(model_dir: Path, filename: str) -> Path | None:
+    for folder in (model_dir, model_dir.resolve().parent):
+        if (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
+def _cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> None:
+    # Hard links: a multi-GB model is not copied (git and the hub only read these files).
+    for f in files:
+        (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(model_dir / f.path, dest / f.path)
+        except OSError:  # another filesystem
+            shutil.copy2(model_dir / f.path, dest / f.path)
+    (dest / CARD_FILE).write_text(card, encoding="utf-8")
+
+
+def _remote_main(work: Path, url: str) -> str | None:
+    try:
+        run_git(["fetch", "--quiet", "--depth", "1", url, "refs/heads/main"], cwd=work, remote=url)
+    except GitError as err:
+        if "couldn't find remote ref" in err.stderr.lower():
+            return None  # empty remote, or one without main yet
+        raise PublishError(f"cannot read the remote {url}: {err}") from None
+    return run_git(["rev-parse", "FETCH_HEAD"], cwd=work).stdout.strip()
+
+
+def _identity_config() -> dict[str, str]:
+    configured = all(run_git(["config", "--default", "", "--get", key]).stdout.strip()
+                     for key in _FALLBACK_IDENTITY)
+    return {} if configured else _FALLBACK_IDENTITY
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (see the header)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="merged HF model directory")
+    parser.add_argument("--target", required=True, help="git remote URL or hf:OWNER/REPO")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be pushed; touch nothing")
+    parser.add_argument("--message", default=DEFAULT_MESSAGE, help="commit message")
+    parser.add_argument("--eval-md", type=Path, default=None, help=f"report (default: {EVAL_FILE} beside)")
+    parser.add_argument("--meta", type=Path, default=None, help=f"{META_FILE} (default: beside the model)")
+    parser.add_argument("--name", default=None, help="model name for the card (default: from the meta file)")
+    parser.add_argument("--base-model", default=None, help="base model id for the card")
+    parser.add_argument("--private", action="store_true", help="hf: only, create the repo private")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta, args.name,
+                      args.base_model, args.private))
+    except (PublishError, ModelSourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
