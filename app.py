@@ -1,0 +1,99 @@
+# Chat Space entry point: serves a chat model as a Gradio 6 page plus a public `/chat` API.
+#   python app.py                          # the built-in tiny demo model on http://127.0.0.1:7860
+#   python app.py --model hf:owner/repo    # or MODEL_SOURCE=...: a local dir, git URL, openxlab:owner/repo
+#   GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python app.py    # what a Space runs
+# Engine and server settings come from env vars (BACKEND, SESSION_LEN, MAX_BATCH_SIZE, QUANT_POLICY,
+# QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, ...): see infer_engine/settings.py. Flags override the env.
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a Space or an offline box
+
+from loguru import logger  # noqa: E402
+
+from infer_engine.engine import create_engine  # noqa: E402
+from infer_engine.model_source import DEMO_MODEL_DIR, redact, resolve_model  # noqa: E402
+from infer_engine.settings import (  # noqa: E402
+    BACKENDS,
+    SettingsError,
+    engine_settings_from_env,
+    server_settings_from_env,
+)
+from infer_engine.ui import ModelInfo, build_ui  # noqa: E402
+
+
+def model_info(source: str, model_dir: Path) -> ModelInfo:
+    """What the page says about the model: a short name, where it came from, whether it is the tiny demo.
+
+    Args:
+        source: the model source as given (empty = the built-in demo model).
+        model_dir: the resolved local model directory.
+    """
+    if not source or model_dir.resolve() == DEMO_MODEL_DIR.resolve():
+        return ModelInfo(name="Tiny demo model", source="built-in demo model", is_demo=True)
+    location = redact(source)
+    if source.startswith(("hf:", "openxlab:")):  # hf:owner/repo@rev -> owner/repo
+        location = location.split(":", 1)[1].split("@", 1)[0]
+    name = Path(location.rstrip("/")).name.removesuffix(".git") or "model"
+    shown = f"local directory {name}" if Path(source).is_dir() else redact(source)  # no server paths shown
+    return ModelInfo(name=name, source=shown, is_demo=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python app.py", description="Serve a chat model as a Gradio app.")
+    parser.add_argument("--model", help="model source (overrides MODEL_SOURCE; empty = the demo model)")
+    parser.add_argument("--host", help="interface to listen on (overrides GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides GRADIO_SERVER_PORT)")
+    parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
+    args = parser.parse_args(argv)
+
+    try:
+        server = server_settings_from_env()
+        server = dataclasses.replace(
+            server,
+            model_source=server.model_source if args.model is None else args.model.strip(),
+            host=args.host or server.host,
+            port=server.port if args.port is None else args.port,
+        )
+        engine_settings = engine_settings_from_env()
+        if args.backend:
+            engine_settings = dataclasses.replace(engine_settings, backend=args.backend)
+    except SettingsError as exc:
+        print(f"app.py: invalid setting: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    try:
+        model_dir = resolve_model(server.model_source or None, server.cache_dir)
+    except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download (redacted)
+        print(f"app.py: cannot get the model: {exc}", file=sys.stderr)
+        return 1
+    info = model_info(server.model_source, model_dir)
+    logger.info("model: {} ({})", info.source, model_dir)
+    engine = create_engine(model_dir, engine_settings)
+    try:
+        demo = build_ui(engine, server, info)
+        logger.info(
+            "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, model loaded in {:.1f}s",
+            server.host,
+            server.port,
+            engine.name,
+            engine.max_concurrency,
+            server.queue_size,
+            time.perf_counter() - started,
+        )
+        demo.launch(server_name=server.host, server_port=server.port, ssr_mode=False, show_error=True)
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: run them from the repo root as ``python -m bench.<name>`` (``make bench``)."""

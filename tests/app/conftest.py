@@ -1,0 +1,98 @@
+"""App-level fixtures: the real ``python app.py`` served on a free 127.0.0.1 port, and its log.
+
+``app_server`` serves what a user gets: ``MODEL_SOURCE`` when set (e.g. a tiny model built elsewhere), else
+the embedded demo model. A trained tiny model ends every answer within a few tokens, so tests that stop a
+long reply use ``rambling_app``: the same shapes and tokenizer with random weights, whose greedy replies run
+long. One server of each per test session; tests read the log (token counts, finish reasons) to see that a
+reply was really aborted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from bench.bench_serving import random_weights_copy, serve_app
+from infer_engine.model_source import resolve_model
+
+
+@dataclass
+class RunningApp:
+    """A running ``app.py``: its URL and the file that holds its stdout and stderr."""
+
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the app has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, after: int = 0, timeout_s: float = 60.0) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the log past character ``after``; return the match.
+
+        Args:
+            pattern: regular expression to find.
+            after: ignore log text before this offset (``len(app.log())`` taken before an action).
+            timeout_s: most seconds to wait.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = re.compile(pattern).search(self.log(), after)
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"{pattern!r} not in the app log within {timeout_s}s; log tail:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model dir the app serves (``MODEL_SOURCE`` or the embedded demo model), for in-process tests."""
+    return resolve_model(os.environ.get("MODEL_SOURCE") or None, tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The served model's shapes and tokenizer with random weights: greedy replies run long (to test Stop)."""
+    return random_weights_copy(served_model_dir, tmp_path_factory.mktemp("rambling") / "model")
+
+
+def _run_app(model_source: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    with serve_app(model_source, log_path) as url:
+        yield RunningApp(url=url, log_path=log_path)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """``python app.py`` serving what a user gets (``MODEL_SOURCE`` or the demo model), once per session."""
+    yield from _run_app(os.environ.get("MODEL_SOURCE", ""), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rambling_app(rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """``python app.py`` serving the rambling model, for tests that stop a long reply."""
+    yield from _run_app(str(rambling_model_dir), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def identity_name() -> str:
+    """The name the demo model introduces itself with (``make demo-model`` trains it with ``--name UbUb``)."""
+    return "UbUb"
+
+
+@pytest.fixture
+def client(app_server: RunningApp) -> Iterator[Client]:
+    """A gradio_client connection to the app (its own Gradio session)."""
+    connection = Client(app_server.url, verbose=False)
+    yield connection
+    connection.close()

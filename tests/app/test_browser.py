@@ -1,0 +1,224 @@
+"""The chat page in a real browser: Python Playwright driving Debian's Chromium against ``python app.py``.
+
+Needs `apt-get install -y chromium fonts-noto-cjk` (no `playwright install`: the system Chromium is used).
+Run: python -m pytest -m browser tests/app/test_browser.py
+It runs against ``rambling_app`` (see conftest), whose greedy replies are long enough to stop; the app log
+tells when a reply really ended and why ("finish abort" = the engine stopped it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+import app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PAGE_REPLY_LOG = r"reply page-\w+: prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
+LONG_PROMPT = "Tell me a very long story about the sea."
+TIMEOUT_MS = 60_000
+SHORT, LONG = 64, 2048  # max new tokens: a reply that ends by itself soon, and one long enough to stop
+ANY_MESSAGE = '#chatbot [data-testid="user"], #chatbot [data-testid="bot"]'
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium fonts-noto-cjk")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser: Browser, url: str, errors: list[str]) -> Page:
+    """A fresh page (its own Gradio session) on the chat, ready for input."""
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    page.wait_for_selector("#msg textarea")
+    page.get_by_text("Advanced options").click()
+    return page
+
+
+def set_option(page: Page, label: str, value: float) -> None:
+    """Type a value into a slider's number box (the value takes effect when the box loses focus)."""
+    box = page.locator(f'input[aria-label="number input for {label}"]')
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def greedy(page: Page, max_new_tokens: int) -> None:
+    """top_k=1 always takes the likeliest token: replies are deterministic."""
+    set_option(page, "Top-k", 1)
+    set_option(page, "Max new tokens", max_new_tokens)
+
+
+def messages(page: Page, role: str) -> list[str]:
+    return page.locator(f'#chatbot [data-testid="{role}"]').all_inner_texts()
+
+
+def send(page: Page, text: str) -> None:
+    textbox = page.locator("#msg textarea")
+    textbox.fill(text)
+    textbox.press("Enter")
+
+
+def wait_until_streaming(page: Page, bots: int) -> None:
+    """Wait until the page shows ``bots`` answers, the last one with some text."""
+    page.wait_for_function(
+        """n => { const b = document.querySelectorAll('#chatbot [data-testid="bot"]');
+                  return b.length === n && b[n - 1].innerText.trim().length > 0; }""",
+        arg=bots,
+    )
+
+
+def wait_until_settled(page: Page) -> None:
+    """Wait until the page shows no pending event and the last answer stops changing."""
+    page.wait_for_function("() => document.querySelectorAll('.generating, .pending').length === 0")
+    before = None
+    while (now := messages(page, "bot")) != before:
+        before = now
+        time.sleep(0.3)
+
+
+def wait_for_reply(app_server, page: Page, offset: int) -> tuple[int, str]:
+    """Wait for the page's reply to end (per the app log, read past ``offset``); return (tokens, finish)."""
+    finished = app_server.wait_for_log(PAGE_REPLY_LOG, after=offset)
+    wait_until_settled(page)
+    return int(finished.group(1)), finished.group(2)
+
+
+def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Path) -> None:
+    app_server = rambling_app
+    errors: list[str] = []
+    page = open_page(browser, app_server.url, errors)
+    textbox = page.locator("#msg textarea")
+    greedy(page, SHORT)
+
+    # Shift+Enter adds a line, Enter sends.
+    textbox.fill("第一行")
+    textbox.press("Shift+Enter")
+    textbox.press_sequentially("第二行")
+    assert textbox.input_value() == "第一行\n第二行"
+    assert messages(page, "user") == []
+    offset = len(app_server.log())
+    send(page, "你是谁？")
+    _, finish = wait_for_reply(app_server, page, offset)
+    assert finish in ("stop", "length")
+    assert messages(page, "user") == ["你是谁？"]
+    assert textbox.input_value() == ""
+    (first_answer,) = messages(page, "bot")
+
+    # Retry generates the last answer again (the same one: decoding is greedy).
+    offset = len(app_server.log())
+    page.click("#retry")
+    wait_for_reply(app_server, page, offset)
+    assert messages(page, "user") == ["你是谁？"]
+    assert messages(page, "bot") == [first_answer]
+
+    # Stop ends a long answer in the engine, not only on screen.
+    greedy(page, LONG)
+    offset = len(app_server.log())
+    send(page, LONG_PROMPT)
+    wait_until_streaming(page, bots=2)
+    page.click("#stop")
+    tokens, finish = wait_for_reply(app_server, page, offset)
+    assert finish == "abort"
+    assert tokens < LONG
+    stopped_answer = messages(page, "bot")[-1]
+    time.sleep(1.0)
+    assert messages(page, "bot")[-1] == stopped_answer
+
+    # The app still answers after a Stop.
+    greedy(page, SHORT)
+    offset = len(app_server.log())
+    send(page, "你是谁？")
+    _, finish = wait_for_reply(app_server, page, offset)
+    assert finish in ("stop", "length")
+    assert messages(page, "user") == ["你是谁？", LONG_PROMPT, "你是谁？"]
+    assert len(messages(page, "bot")) == 3
+    page.screenshot(path=tmp_path / "chat.png", full_page=True)
+
+    # Undo removes the last turn and puts its question back in the textbox.
+    page.click("#undo")
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 2")
+    assert messages(page, "user") == ["你是谁？", LONG_PROMPT]
+    assert textbox.input_value() == "你是谁？"
+
+    # Clear empties the chat.
+    page.click("#clear")
+    page.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
+    assert messages(page, "user") == messages(page, "bot") == []
+    assert errors == []
+
+
+def test_other_pages_stay_responsive_and_closing_a_tab_aborts_its_reply(
+    browser: Browser, rambling_app
+) -> None:
+    app_server = rambling_app
+    errors: list[str] = []
+    busy = open_page(browser, app_server.url, errors)
+    greedy(busy, LONG)
+    offset = len(app_server.log())
+    send(busy, LONG_PROMPT)
+    wait_until_streaming(busy, bots=1)
+
+    # Another user is answered while the first reply is still being generated.
+    other = open_page(browser, app_server.url, errors)
+    greedy(other, SHORT)
+    send(other, "你是谁？")
+    _, finish = wait_for_reply(app_server, other, offset)
+    assert finish in ("stop", "length")
+    assert messages(other, "user") == ["你是谁？"]
+    assert len(messages(other, "bot")) == 1
+    started = time.monotonic()
+    other.click("#clear")  # a UI-only event: it does not wait behind generations
+    other.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
+    assert time.monotonic() - started < 5
+
+    offset = len(app_server.log())
+    busy.close()
+    _, finish = wait_for_reply(app_server, other, offset)
+    assert finish == "abort"
+    assert errors == []
+
+
+def test_example_question_gets_the_identity_answer(
+    browser: Browser, app_server, served_model_dir: Path, identity_name: str, tmp_path: Path
+) -> None:
+    errors: list[str] = []
+    page = open_page(browser, app_server.url, errors)
+    is_demo = app.model_info(os.environ.get("MODEL_SOURCE", ""), served_model_dir).is_demo
+    assert page.locator("#demo-banner").count() == int(is_demo)
+    assert "AI" in page.locator("#disclaimer").inner_text()
+    greedy(page, SHORT)
+    page.get_by_role("button", name="你是谁？").click()  # an example fills the textbox
+    textbox = page.locator("#msg textarea")
+    expect(textbox).to_have_value("你是谁？")
+    offset = len(app_server.log())
+    textbox.press("Enter")
+    wait_for_reply(app_server, page, offset)
+    page.screenshot(path=tmp_path / "identity.png", full_page=True)
+    assert identity_name in messages(page, "bot")[-1]
+    assert errors == []
