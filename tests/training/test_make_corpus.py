@@ -1,0 +1,182 @@
+# Tests for training/make_corpus.py: cleaning, chunking, skipped files, errors and the CLI.
+# Run: .venv-train/bin/python -m pytest tests/training/test_make_corpus.py -q
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.make_corpus import (
+    MIN_CHUNK_CHARS,
+    CorpusError,
+    build_corpus,
+    chunk_text,
+    clean_markdown,
+    clean_text,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def test_clean_text_normalises_whitespace_and_drops_control_characters() -> None:
+    raw = "\ufeffHello\x00  world\x07\r\n\r\n\r\n\r\n第二段\u3000有\t空白\u200b。  \rlast line   \n\n"
+    assert clean_text(raw) == "Hello world\n\n第二段 有 空白。\nlast line"
+
+
+def test_clean_text_composes_unicode() -> None:
+    assert clean_text("cafe\u0301") == "caf\u00e9"
+
+
+def test_clean_markdown_keeps_the_text_and_drops_the_syntax() -> None:
+    md = "\n".join(
+        [
+            "---",
+            "title: Notes",
+            "---",
+            "# 书生·浦语 *简介*",
+            "",
+            "Read the **docs** at [the site](https://example.org) ![logo](logo.png) and `pip install x`.",
+            "<!-- hidden note -->",
+            "> quoted <b>bold</b> line",
+            "",
+            "***",
+            "| a | b |",
+            "|---|:---:|",
+            "| 1 | 2 |",
+            "```python",
+            "print('kept')",
+            "```",
+            "[ref]: https://example.org/ref",
+            "- a list item with __strong__ text",
+        ]
+    )
+    cleaned = clean_text(md, markdown=True)
+    assert cleaned.splitlines() == [
+        "书生·浦语 简介",
+        "",
+        "Read the docs at the site logo and pip install x.",
+        "quoted bold line",
+        "",
+        "| a | b |",
+        "| 1 | 2 |",
+        "print('kept')",
+        "- a list item with strong text",
+    ]
+    assert "title" not in clean_markdown(md)
+
+
+def test_txt_files_keep_markdown_like_characters() -> None:
+    text = "a **literal** [x](y) *stays* 2*3*4"
+    assert clean_text(text) == text
+
+
+def test_chunks_pack_paragraphs_and_respect_the_limit() -> None:
+    paragraphs = [f"Paragraph {i}. " + "word " * (3 + 2 * i) for i in range(12)]
+    text = clean_text("\n\n".join(paragraphs))
+    chunks = chunk_text(text, chunk_chars=200)
+    assert all(len(c) <= 200 for c in chunks)
+    assert _squash("".join(chunks)) == _squash(text)  # nothing lost, nothing added
+    assert len(chunks) < len(paragraphs)  # short paragraphs share a chunk
+    assert chunks[0].startswith("Paragraph 0.") and "\n\n" in chunks[0]
+
+
+def test_long_paragraphs_split_at_sentence_ends() -> None:
+    zh = "".join(f"这是第{i}句话，内容是关于增量预训练的示例。" for i in range(30))
+    en = " ".join(f"Sentence number {i} talks about continued pre-training." for i in range(30))
+    for text in (zh, en):
+        chunks = chunk_text(text, chunk_chars=120)
+        assert all(len(c) <= 120 for c in chunks)
+        assert _squash("".join(chunks)) == _squash(text)
+        assert all(c[-1] in "。." for c in chunks), chunks
+
+
+def test_a_sentence_longer_than_a_chunk_is_cut_hard() -> None:
+    text = "x" * 250
+    assert chunk_text(text, chunk_chars=100) == ["x" * 100, "x" * 100, "x" * 50]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("第一篇文章。\n\n第二段内容。", encoding="utf-8")
+    (root / "sub" / "b.md").write_text("# Title\n\nSome **bold** notes.", encoding="utf-8")
+    (root / "empty.txt").write_text("", encoding="utf-8")
+    (root / "blank.md").write_text(" \n\t\n", encoding="utf-8")
+    (root / "only_syntax.md").write_text("---\n***\n```\n```\n", encoding="utf-8")
+    (root / "gbk.txt").write_bytes("中文内容".encode("gbk"))
+    (root / "image.png").write_bytes(b"\x89PNG")
+    (root / ".hidden.txt").write_text("secret", encoding="utf-8")
+    return root
+
+
+def test_build_corpus_reports_empty_and_bad_files(corpus: Path) -> None:
+    report = build_corpus(corpus, chunk_chars=500)
+    assert report.chunks == ["第一篇文章。\n\n第二段内容。", "Title\n\nSome bold notes."]
+    assert [p.name for p in report.used] == ["a.txt", "b.md"]
+    skipped = {p.name: why for p, why in report.skipped}
+    assert skipped["empty.txt"] == "empty file"
+    assert skipped["blank.md"] == "empty file"
+    assert skipped["only_syntax.md"] == "empty after cleaning"
+    assert skipped["gbk.txt"].startswith("not UTF-8")
+    assert [p.name for p in report.ignored] == ["image.png"]
+
+
+def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "latin1.md").write_bytes("café".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"no usable text .*empty\.txt: empty file.*latin1\.md: not UTF-8"):
+        build_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="no .txt or .md files"):
+        build_corpus(_empty_dir(tmp_path))
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "nothing"
+    path.mkdir()
+    return path
+
+
+def test_bad_arguments_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="does not exist"):
+        build_corpus(tmp_path / "missing")
+    with pytest.raises(CorpusError, match=f"at least {MIN_CHUNK_CHARS}"):
+        build_corpus(tmp_path, chunk_chars=10)
+    assert issubclass(CorpusError, ValueError)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.make_corpus", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_writes_text_rows_and_warns(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "corpus.json"
+    proc = _run_cli("--corpus", str(corpus), "--out", str(out), "--chunk-chars", "500")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text(encoding="utf-8")) == [
+        {"text": "第一篇文章。\n\n第二段内容。"},
+        {"text": "Title\n\nSome bold notes."},
+    ]
+    assert "gbk.txt: not UTF-8" in proc.stderr and "empty.txt: empty file" in proc.stderr
+    assert "2 chunks" in proc.stdout and "4 skipped" in proc.stdout
+
+
+def test_cli_fails_clearly_on_an_empty_corpus(tmp_path: Path) -> None:
+    out = tmp_path / "corpus.json"
+    proc = _run_cli("--corpus", str(_empty_dir(tmp_path)), "--out", str(out))
+    assert proc.returncode == 2
+    assert "no usable text" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

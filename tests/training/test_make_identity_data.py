@@ -1,0 +1,254 @@
+# Tests for training/identity.py and training/make_identity_data.py (identity + seed recipes, replay, errors).
+# Run: .venv-train/bin/python -m pytest tests/training/test_make_identity_data.py -q
+# The replay tests use the session's tiny chat base model (fixture tiny_base_dir in conftest.py).
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from training.general_chat import eval_prompts, replay_prompts
+from training.generate import generate, load_chat_model
+from training.identity import IdentityError, IdentitySpec
+from training.make_identity_data import (
+    SEED_REPEAT,
+    DataError,
+    build_dataset,
+    heldout_prompts,
+    identity_pairs,
+    identity_questions,
+    normalise_prompt,
+    replay_pairs,
+    seed_pairs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+# A name the code has never seen, with a space and mixed case to catch naive handling.
+FRESH = "Qorvia Zed"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.make_identity_data", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _inputs(train: list[dict]) -> list[str]:
+    return [row["conversation"][0]["input"] for row in train]
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty"),
+        ("   \t ", "empty"),
+        ("x" * 41, "41 characters"),
+        ("Ub\nUb", "control"),
+        ("Ub\x1bUb", "control"),
+        ("Ub\u200bUb", "invisible"),
+        ("Ub<|im_end|>", "special tokens"),
+        ("<|im_start|>system", "special tokens"),
+        ("<s>Ub", "special tokens"),
+        ("Ub</s>", "special tokens"),
+    ],
+)
+def test_identity_spec_rejects_bad_names(name: str, why: str) -> None:
+    with pytest.raises(IdentityError, match=why) as err:
+        IdentitySpec(name)
+    assert isinstance(err.value, ValueError)
+
+
+def test_identity_spec_normalises_and_accepts_good_names() -> None:
+    assert IdentitySpec("  UbUb ").name == "UbUb"
+    assert IdentitySpec("y" * 40).name == "y" * 40
+    assert IdentitySpec("小明同学").name == "小明同学"
+    with pytest.raises(IdentityError, match="model_desc"):
+        IdentitySpec("UbUb", model_desc="")
+    with pytest.raises(IdentityError, match="empty side"):
+        IdentitySpec("UbUb", organisation="上海AI实验室 / ")
+
+
+def test_fields_are_localised_per_language() -> None:
+    spec = IdentitySpec("UbUb")
+    assert spec.fields("zh") == {"name": "UbUb", "model": "书生·浦语 InternLM2.5-1.8B", "org": "上海AI实验室"}
+    assert spec.fields("en")["org"] == "Shanghai AI Laboratory"
+
+
+def test_question_sets_are_large_bilingual_and_disjoint() -> None:
+    questions = identity_questions()
+    texts = [q for q, _, _ in questions]
+    assert len(set(texts)) == len(texts) >= 80
+    for lang in ("zh", "en"):
+        assert sum(1 for _, lg, _ in questions if lg == lang) >= 40
+    heldout = heldout_prompts()
+    assert len({h["prompt"] for h in heldout}) == len(heldout) >= 20
+    assert {h["lang"] for h in heldout} == {"zh", "en"}
+    assert {normalise_prompt(h["prompt"]) for h in heldout}.isdisjoint(normalise_prompt(t) for t in texts)
+
+
+def test_identity_answers_name_the_identity_in_the_question_language() -> None:
+    spec = IdentitySpec(FRESH, model_desc="模型甲 / Model-A", organisation="实验室乙 / Lab-B")
+    lang_of = {q: lang for q, lang, _ in identity_questions()}
+    rows = identity_pairs(spec, repeat=3)
+    assert len(rows) == 3 * len(lang_of)
+    assert len(set(rows)) == len(rows)  # three different templates per question
+    for question, answer in rows:
+        assert FRESH in answer and "{" not in answer
+        if lang_of[question] == "zh":
+            assert CJK.search(answer) and "Model-A" not in answer and "Lab-B" not in answer
+        else:
+            assert answer.isascii(), answer
+
+
+def test_seed_recipe_reproduces_the_tutorial(tmp_path: Path) -> None:
+    meta = build_dataset(IdentitySpec(FRESH), "seed", tmp_path, seed_repeat=5)
+    train = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
+    # The tutorial's script starts with the two pairs and appends n more copies of both.
+    assert len(train) == meta["counts"]["train_rows"] == 12
+    assert train[0] == {
+        "conversation": [
+            {
+                "input": "请介绍一下你自己",
+                "output": f"我是{FRESH}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦",
+            }
+        ]
+    }
+    assert train[1]["conversation"][0] == {
+        "input": "你在实战营做什么",
+        "output": f"我在这里帮助{FRESH}完成XTuner微调个人小助手的任务",
+    }
+    assert train == train[:2] * 6
+    assert meta["recipe"] == "seed" and meta["counts"]["replay_rows"] == 0
+    assert json.loads((tmp_path / "heldout_identity.json").read_text(encoding="utf-8")) == heldout_prompts()
+    general = json.loads((tmp_path / "general_eval.json").read_text(encoding="utf-8"))
+    assert [g["prompt"] for g in general] == eval_prompts()
+
+
+def test_seed_cli_default_is_the_camp3_size(tmp_path: Path) -> None:
+    proc = _run_cli("--name", FRESH, "--recipe", "seed", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    train = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
+    assert len(train) == 2 * (SEED_REPEAT + 1) == 7502
+    assert json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))["name"] == FRESH
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "  ", "--recipe", "seed"], "name is empty"),
+        (["--name", "z" * 50, "--recipe", "seed"], "at most 40"),
+        (["--name", "Ub<|im_end|>", "--recipe", "seed"], "special tokens"),
+        (["--name", "UbUb", "--recipe", "alpaca"], "unknown recipe"),
+        (["--name", "UbUb", "--recipe", "identity"], "needs --base"),
+        (["--name", "UbUb", "--recipe", "seed", "--seed-repeat", "0"], "at least 1"),
+    ],
+)
+def test_cli_rejects_bad_input_with_a_clear_message(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = _run_cli(*args, "--out", str(tmp_path / "data"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "meta.json").exists()
+
+
+def test_build_dataset_errors_are_value_errors(tmp_path: Path) -> None:
+    spec = IdentitySpec("UbUb")
+    with pytest.raises(DataError, match="unknown recipe"):
+        build_dataset(spec, "Identity", tmp_path)
+    with pytest.raises(DataError, match="needs --base"):
+        build_dataset(spec, "identity", tmp_path, base_dir=None)
+    with pytest.raises(DataError, match="at least 1"):
+        identity_pairs(spec, repeat=0)
+    with pytest.raises(DataError, match="at least 1"):
+        seed_pairs(spec, repeat=-3)
+    with pytest.raises(FileNotFoundError, match="not a model dir"):
+        build_dataset(spec, "identity", tmp_path, base_dir=tmp_path / "missing", replay_max=2)
+
+
+REPLAY_MAX = 24
+
+
+@pytest.fixture(scope="module")
+def identity_data(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("identity_data")
+    meta = build_dataset(IdentitySpec(FRESH), "identity", out, tiny_base_dir, replay_max=REPLAY_MAX)
+    return out, meta
+
+
+def test_identity_recipe_counts_and_files(identity_data: tuple[Path, dict]) -> None:
+    out, meta = identity_data
+    train = json.loads((out / "train.json").read_text(encoding="utf-8"))
+    c = meta["counts"]
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
+    assert len(train) == c["train_rows"] == c["identity_rows"] + c["replay_rows"]
+    assert c["identity_rows"] == 2 * len(identity_questions()) and c["distinct_identity_questions"] >= 80
+    assert c["replay_generated"] == REPLAY_MAX
+    assert c["replay_rows"] == REPLAY_MAX - c["replay_dropped_empty"] - c["replay_dropped_cut_off"] > 0
+    assert meta["replay_share"] == round(c["replay_rows"] / c["train_rows"], 4)
+    for row in train:
+        (turn,) = row["conversation"]
+        assert set(turn) == {"input", "output"} and turn["input"].strip() and turn["output"].strip()
+
+
+def test_identity_recipe_never_trains_on_eval_prompts(identity_data: tuple[Path, dict]) -> None:
+    out, _ = identity_data
+    trained = {
+        normalise_prompt(p) for p in _inputs(json.loads((out / "train.json").read_text(encoding="utf-8")))
+    }
+    heldout = json.loads((out / "heldout_identity.json").read_text(encoding="utf-8"))
+    general = json.loads((out / "general_eval.json").read_text(encoding="utf-8"))
+    assert len(heldout) >= 20 and len(general) == len(eval_prompts())
+    assert trained.isdisjoint(normalise_prompt(h["prompt"]) for h in heldout)
+    assert trained.isdisjoint(normalise_prompt(g["prompt"]) for g in general)
+
+
+def test_replay_rows_are_the_base_models_own_answers(
+    identity_data: tuple[Path, dict], tiny_base_dir: Path
+) -> None:
+    out, _ = identity_data
+    train = json.loads((out / "train.json").read_text(encoding="utf-8"))
+    identity = {q for q, _, _ in identity_questions()}
+    replay = {
+        t["input"]: t["output"] for row in train for t in row["conversation"] if t["input"] not in identity
+    }
+    assert set(replay) <= set(replay_prompts()[:REPLAY_MAX])
+    prompts = sorted(replay)
+    # Same batch composition as the data build is not needed: greedy answers of a trained model are stable.
+    fresh = generate(load_chat_model(tiny_base_dir), prompts, max_new_tokens=256, batch_size=len(prompts))
+    assert [g.text for g in fresh] == [replay[p] for p in prompts]
+    assert all(FRESH not in answer for answer in replay.values())
+
+
+def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: Path) -> None:
+    prompts = replay_prompts()[:3]
+    kept, stats = replay_pairs(tiny_base_dir, prompts, max_new_tokens=1)
+    assert kept == [] and stats == {"generated": 3, "dropped_empty": 0, "dropped_cut_off": 3}
+    # With its output head zeroed the model only ever emits token 0 (<unk>), which decodes to "".
+    mute = tmp_path / "mute"
+    shutil.copytree(tiny_base_dir, mute)
+    weights = load_file(mute / "model.safetensors")
+    weights["lm_head.weight"].zero_()
+    save_file(weights, mute / "model.safetensors", metadata={"format": "pt"})
+    kept, stats = replay_pairs(mute, prompts, max_new_tokens=4)
+    assert kept == [] and stats == {"generated": 3, "dropped_empty": 3, "dropped_cut_off": 0}
+
+
+def test_identity_cli_with_base(tiny_base_dir: Path, tmp_path: Path) -> None:
+    base = str(tiny_base_dir)
+    proc = _run_cli(
+        "--name", FRESH, "--out", str(tmp_path), "--base", base, "--replay-max", "6", "--identity-repeat", "1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))
+    assert meta["recipe"] == "identity" and meta["counts"]["identity_rows"] == len(identity_questions())
+    assert "replay share" in proc.stdout

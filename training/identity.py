@@ -1,0 +1,100 @@
+# The identity a fine-tune gives the model (name, underlying model, organisation), validated in one place.
+# Library module, no CLI; try it with:
+#   python -c "from training.identity import IdentitySpec; print(IdentitySpec('UbUb'))"
+# Every tool that fills the name into text (data generation, evaluation, the model card) takes an
+# IdentitySpec, so a bad name is rejected once, before any work is done, with a message saying what is wrong.
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+
+Lang = Literal["zh", "en"]
+
+MAX_NAME_CHARS = 40
+MAX_FIELD_CHARS = 200
+# Chat-template control tokens of InternLM2 (and of the tiny models): text containing them would let the
+# training data open or close turns by itself.
+SPECIAL_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", "<s>", "</s>")
+# "中文 / English" inside a field gives each language its own wording (see IdentitySpec.localised).
+LANG_SEPARATOR = " / "
+
+
+class IdentityError(ValueError):
+    """The identity (name, model description or organisation) cannot be used."""
+
+
+def _check_text(field: str, value: object, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise IdentityError(f"{field} must be text, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise IdentityError(f"{field} is empty: give a non-blank {field}")
+    if len(text) > max_chars:
+        raise IdentityError(
+            f"{field} is {len(text)} characters long; at most {max_chars} are allowed: {text[:60]!r}…"
+        )
+    # Cc = control characters (newline, tab, escape...), Cf = invisible format characters (zero-width...).
+    bad = sorted({ch for ch in text if unicodedata.category(ch) in ("Cc", "Cf")})
+    if bad:
+        codes = ", ".join(f"U+{ord(ch):04X}" for ch in bad)
+        raise IdentityError(f"{field} contains control or invisible characters ({codes}): {text!r}")
+    tokens = [tok for tok in SPECIAL_TOKENS if tok in text]
+    if tokens:
+        raise IdentityError(
+            f"{field} contains chat special tokens {tokens}, which would break the chat format"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """Who the fine-tuned assistant says it is.
+
+    Args:
+        name: the new name filled into every identity answer (1..40 characters, surrounding spaces dropped).
+        model_desc: the underlying model the answers mention; "中文 / English" gives per-language wording.
+        organisation: who built the underlying model; "中文 / English" gives per-language wording.
+    """
+
+    name: str
+    model_desc: str = "书生·浦语 InternLM2.5-1.8B"
+    organisation: str = "上海AI实验室 / Shanghai AI Laboratory"
+
+    def __post_init__(self) -> None:
+        # Normalised in place (frozen dataclass) so that every consumer sees the same stripped text.
+        object.__setattr__(self, "name", _check_text("name", self.name, MAX_NAME_CHARS))
+        object.__setattr__(self, "model_desc", _check_text("model_desc", self.model_desc, MAX_FIELD_CHARS))
+        object.__setattr__(
+            self, "organisation", _check_text("organisation", self.organisation, MAX_FIELD_CHARS)
+        )
+        for field in ("model_desc", "organisation"):
+            value = getattr(self, field)
+            padded = f" {value} "  # stripping made "中文 / " into "中文 /"; padding finds the separator
+            if LANG_SEPARATOR in padded and not all(part.strip() for part in padded.split(LANG_SEPARATOR, 1)):
+                raise IdentityError(f"{field} {value!r} has an empty side around {LANG_SEPARATOR.strip()!r}")
+
+    @staticmethod
+    def localised(text: str, lang: Lang) -> str:
+        """The zh or en wording of a field written as "中文 / English" (the whole text when it has no " / ").
+
+        Args:
+            text: a field value such as IdentitySpec.organisation.
+            lang: "zh" for the part before the separator, "en" for the part after it.
+        """
+        if LANG_SEPARATOR not in text:
+            return text
+        zh, en = text.split(LANG_SEPARATOR, 1)
+        return (zh if lang == "zh" else en).strip()
+
+    def fields(self, lang: Lang) -> dict[str, str]:
+        """Values for the answer templates' {name}, {model} and {org} in one language.
+
+        Args:
+            lang: "zh" or "en".
+        """
+        return {
+            "name": self.name,
+            "model": self.localised(self.model_desc, lang),
+            "org": self.localised(self.organisation, lang),
+        }

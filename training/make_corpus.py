@@ -1,0 +1,219 @@
+# Continued-pre-training corpus: a directory of .txt/.md files -> [{"text": ...}] chunks for XTuner's
+# pretrain_map_fn. Run from the repo root:
+#   python -m training.make_corpus --corpus my_notes/ --out work/corpus.json [--chunk-chars 2000]
+# Files are walked recursively in sorted order and must be UTF-8. Text is cleaned (Unicode NFC, control
+# characters dropped, whitespace normalised; in .md files front matter, HTML, link/image syntax, emphasis and
+# heading marks are reduced to their text) and packed into chunks of whole paragraphs, splitting long
+# paragraphs at sentence ends. Empty, undecodable and unreadable files are skipped and reported (stderr and
+# the returned report), never fatal; a corpus that yields no text at all is an error.
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.make_identity_data import write_json_atomic
+
+SUFFIXES = (".txt", ".md")
+CHUNK_CHARS = 2000
+MIN_CHUNK_CHARS = 100
+
+_DROP = "\x00"  # marks removed syntax lines; clean_text has already taken control characters out
+_FRONT_MATTER = re.compile(r"\A---\n.*?\n---$", re.S | re.M)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+# Line patterns use [ \t] rather than \s, which would run across newlines and eat the blank line before.
+_FENCE = re.compile(r"^[ \t]*(```|~~~).*$", re.M)
+_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+_REF_DEF = re.compile(r"^[ \t]*\[[^\]]+\]:[ \t]+\S+.*$", re.M)
+_HTML_TAG = re.compile(r"</?[A-Za-z][^>\n]*>")
+_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.M)
+_QUOTE = re.compile(r"^[ \t]{0,3}>[ \t]?", re.M)
+_RULE = re.compile(r"^[ \t]*([-*_])([ \t]*\1){2,}[ \t]*$", re.M)
+_TABLE_RULE = re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$", re.M)
+_EMPHASIS = re.compile(r"(\*\*|__|~~)(?=\S)(.+?)(?<=\S)\1")
+_ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")  # not 2*3*4
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# Sentence ends: CJK full stops need no following space; Latin ones do (so "3.14" and "e.g." stay whole).
+_SENTENCE_END = re.compile(r"(?<=[。！？；…])|(?<=[.!?;])\s+")
+
+
+class CorpusError(ValueError):
+    """The corpus directory cannot be turned into training text."""
+
+
+@dataclass
+class CorpusReport:
+    """What build_corpus read and skipped.
+
+    Args:
+        chunks: the cleaned text chunks, in file order.
+        used: files that contributed text.
+        skipped: (file, reason) for every .txt/.md file that gave no text.
+        ignored: files without a .txt/.md suffix.
+    """
+
+    chunks: list[str] = field(default_factory=list)
+    used: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+
+def clean_markdown(text: str) -> str:
+    """Reduce Markdown syntax to its readable text (code inside fences is kept, the fences are not).
+
+    Args:
+        text: Markdown source with "\\n" line ends and no control characters.
+    """
+    # Syntax-only lines are replaced by a marker and then deleted, so they leave no blank line behind
+    # (a blank line would split one paragraph in two when chunking).
+    for pattern in (_FRONT_MATTER, _HTML_COMMENT, _FENCE, _REF_DEF, _TABLE_RULE, _RULE):
+        text = pattern.sub(_DROP, text)
+    text = _IMAGE.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    text = _HTML_TAG.sub("", text)
+    text = _HEADING.sub("", text)
+    text = _QUOTE.sub("", text)
+    text = _EMPHASIS.sub(r"\2", text)
+    text = _ITALIC.sub(r"\1", text)
+    text = _INLINE_CODE.sub(r"\1", text)
+    lines = [line.replace(_DROP, "") for line in text.split("\n")]
+    kept = [new for new, old in zip(lines, text.split("\n"), strict=True) if new.strip() or _DROP not in old]
+    return "\n".join(kept)
+
+
+def clean_text(text: str, markdown: bool = False) -> str:
+    """Normalise text for training: NFC, "\\n" line ends, no control characters, single spaces, at most one
+    blank line between paragraphs.
+
+    Args:
+        text: decoded file content.
+        markdown: also strip Markdown syntax (clean_markdown).
+    """
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    # Cc = control characters, Cf = invisible format characters (zero-width space, BOM...); keep \n and \t.
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"))
+    if markdown:
+        text = clean_markdown(text)
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _split_long(paragraph: str, chunk_chars: int) -> list[str]:
+    """Pieces of at most chunk_chars, cut at sentence ends where possible, else hard."""
+    pieces: list[str] = []
+    current = ""
+    for sentence in filter(None, _SENTENCE_END.split(paragraph)):
+        while len(sentence) > chunk_chars:  # one sentence longer than a chunk: cut it
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(sentence[:chunk_chars])
+            sentence = sentence[chunk_chars:]
+        joiner = " " if current and current[-1].isascii() and sentence[0].isascii() else ""
+        if len(current) + len(joiner) + len(sentence) <= chunk_chars:
+            current += joiner + sentence
+        else:
+            pieces.append(current)
+            current = sentence
+    return [p for p in [*pieces, current] if p]
+
+
+def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """Pack whole paragraphs into chunks of at most chunk_chars characters.
+
+    Args:
+        text: cleaned text, paragraphs separated by blank lines.
+        chunk_chars: most characters per chunk.
+    """
+    chunks: list[str] = []
+    current = ""
+    for paragraph in text.split("\n\n"):
+        for piece in _split_long(paragraph, chunk_chars) if len(paragraph) > chunk_chars else [paragraph]:
+            if current and len(current) + 2 + len(piece) > chunk_chars:
+                chunks.append(current)
+                current = ""
+            current = f"{current}\n\n{piece}" if current else piece
+    return [c for c in [*chunks, current] if c]
+
+
+def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusReport:
+    """Read, clean and chunk every .txt/.md file under corpus_dir.
+
+    Args:
+        corpus_dir: directory walked recursively (hidden files and directories are left out).
+        chunk_chars: most characters per chunk (at least MIN_CHUNK_CHARS).
+    """
+    if chunk_chars < MIN_CHUNK_CHARS:
+        raise CorpusError(f"chunk_chars must be at least {MIN_CHUNK_CHARS}, got {chunk_chars}")
+    if not corpus_dir.is_dir():
+        raise CorpusError(f"corpus directory {corpus_dir} does not exist or is not a directory")
+    report = CorpusReport()
+    for path in sorted(corpus_dir.rglob("*")):
+        rel = path.relative_to(corpus_dir)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() not in SUFFIXES:
+            report.ignored.append(path)
+            continue
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            report.skipped.append((path, f"unreadable: {err.strerror or err}"))
+            continue
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            report.skipped.append(
+                (
+                    path,
+                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at offset {err.start}); convert it, "
+                    f"e.g. iconv -f GB18030 -t UTF-8",
+                )
+            )
+            continue
+        cleaned = clean_text(text, markdown=path.suffix.lower() == ".md")
+        if not cleaned:
+            report.skipped.append((path, "empty after cleaning" if raw.strip() else "empty file"))
+            continue
+        report.chunks.extend(chunk_text(cleaned, chunk_chars))
+        report.used.append(path)
+    if not report.chunks:
+        details = "; ".join(f"{p.name}: {why}" for p, why in report.skipped) or "no .txt or .md files"
+        raise CorpusError(f"no usable text in {corpus_dir} ({details})")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Build a [{'text': ...}] pre-training corpus from .txt/.md files."
+    )
+    parser.add_argument("--corpus", required=True, type=Path, help="directory of .txt/.md files")
+    parser.add_argument("--out", required=True, type=Path, help="output JSON file")
+    parser.add_argument("--chunk-chars", type=int, default=CHUNK_CHARS, help="most characters per chunk")
+    args = parser.parse_args(argv)
+    try:
+        report = build_corpus(args.corpus, args.chunk_chars)
+    except CorpusError as err:
+        print(f"make_corpus: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path, why in report.skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    if report.ignored:
+        print(f"warning: ignored {len(report.ignored)} file(s) without a .txt/.md suffix", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, [{"text": chunk} for chunk in report.chunks])
+    chars = sum(len(c) for c in report.chunks)
+    print(
+        f"{len(report.chunks)} chunks ({chars} characters) from {len(report.used)} file(s) -> {args.out}; "
+        f"{len(report.skipped)} skipped"
+    )
+
+
+if __name__ == "__main__":
+    main()
