@@ -1,0 +1,296 @@
+# Synthetic general chat set (zh + en) that the tiny base model is trained on.
+# Library module, no CLI; inspect it with:
+#   python -c "from training.general_chat import general_pairs; print(len(general_pairs()))"
+# Everything is generated deterministically from the tables below (no randomness, no files), so the base
+# model, the replay data and the evaluation all agree on the same prompts.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+Lang = Literal["zh", "en"]
+
+# The base model's own identity, modelled on the real InternLM2.5 chat model: the fine-tune must replace it.
+BASE_IDENTITY_ZH = "我是书生·浦语，由上海人工智能实验室开发的AI助手。"
+BASE_IDENTITY_EN = "I am InternLM (书生·浦语), an AI assistant developed by Shanghai AI Laboratory."
+
+# Words that mark a prompt as being about the assistant itself; general prompts never contain them.
+IDENTITY_MARKERS: tuple[str, ...] = (
+    "你是谁", "你叫", "名字", "你自己", "谁开发", "谁创造", "你是什么",
+    "who are you", "your name", "yourself", "who made you", "who created you", "who developed you",
+    "what are you",
+)
+
+# One of every EVAL_EVERY prompts of each (topic, language) group is held out for evaluation.
+EVAL_EVERY = 4
+
+
+@dataclass(frozen=True)
+class ChatPair:
+    """One single-turn exchange.
+
+    Args:
+        prompt: the user's message.
+        answer: the assistant's reply.
+        lang: language of the exchange, "zh" or "en".
+        topic: what the exchange is about (e.g. "capital", "arithmetic", "identity").
+    """
+
+    prompt: str
+    answer: str
+    lang: Lang
+    topic: str
+
+    def messages(self) -> list[dict[str, str]]:
+        """The exchange as chat messages (user then assistant)."""
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+
+
+# (zh country, zh capital, en country, en capital)
+_CAPITALS = [
+    ("中国", "北京", "China", "Beijing"), ("日本", "东京", "Japan", "Tokyo"),
+    ("法国", "巴黎", "France", "Paris"), ("英国", "伦敦", "the United Kingdom", "London"),
+    ("德国", "柏林", "Germany", "Berlin"), ("意大利", "罗马", "Italy", "Rome"),
+    ("俄罗斯", "莫斯科", "Russia", "Moscow"), ("美国", "华盛顿", "the United States", "Washington"),
+    ("加拿大", "渥太华", "Canada", "Ottawa"), ("澳大利亚", "堪培拉", "Australia", "Canberra"),
+    ("韩国", "首尔", "South Korea", "Seoul"), ("埃及", "开罗", "Egypt", "Cairo"),
+    ("西班牙", "马德里", "Spain", "Madrid"), ("印度", "新德里", "India", "New Delhi"),
+]
+
+# (zh thing, zh colour, en thing, en colour)
+_COLOURS = [
+    ("天空", "蓝色", "the sky", "blue"), ("草", "绿色", "grass", "green"),
+    ("雪", "白色", "snow", "white"), ("香蕉", "黄色", "a banana", "yellow"),
+    ("煤炭", "黑色", "coal", "black"), ("草莓", "红色", "a strawberry", "red"),
+    ("胡萝卜", "橙色", "a carrot", "orange"), ("葡萄", "紫色", "a grape", "purple"),
+]
+
+# (zh question, zh answer, en question, en answer)
+_ANIMALS = [
+    ("猫会怎么叫？", "猫会喵喵叫。", "What sound does a cat make?", "A cat says meow."),
+    ("狗会怎么叫？", "狗会汪汪叫。", "What sound does a dog make?", "A dog says woof."),
+    ("牛会怎么叫？", "牛会哞哞叫。", "What sound does a cow make?", "A cow says moo."),
+    ("狗有几条腿？", "狗有四条腿。", "How many legs does a dog have?", "A dog has four legs."),
+    ("鸡有几条腿？", "鸡有两条腿。", "How many legs does a chicken have?", "A chicken has two legs."),
+    ("蜘蛛有几条腿？", "蜘蛛有八条腿。", "How many legs does a spider have?", "A spider has eight legs."),
+    ("鱼生活在哪里？", "鱼生活在水里。", "Where do fish live?", "Fish live in water."),
+    ("熊猫喜欢吃什么？", "熊猫喜欢吃竹子。", "What do pandas like to eat?", "Pandas like to eat bamboo."),
+    ("什么动物会飞？", "鸟会飞。", "Which animal can fly?", "A bird can fly."),
+    ("世界上最大的动物是什么？", "世界上最大的动物是蓝鲸。", "What is the largest animal in the world?",
+     "The largest animal in the world is the blue whale."),
+]
+
+_DAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
+_DAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS_ZH = [f"{m}月" for m in ("一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二")]
+_MONTHS_EN = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"]
+
+# (zh word, zh opposite, en word, en opposite)
+_OPPOSITES = [
+    ("大", "小", "big", "small"), ("高", "矮", "tall", "short"), ("快", "慢", "fast", "slow"),
+    ("热", "冷", "hot", "cold"), ("长", "短", "long", "short"), ("多", "少", "many", "few"),
+    ("黑", "白", "black", "white"), ("上", "下", "up", "down"), ("开", "关", "open", "closed"),
+    ("新", "旧", "new", "old"), ("早", "晚", "early", "late"), ("胖", "瘦", "fat", "thin"),
+]
+
+# (prompt, answer, lang)
+_SMALL_TALK: list[tuple[str, str, Lang]] = [
+    ("你好", "你好！有什么可以帮你的吗？", "zh"),
+    ("你好！", "你好！很高兴见到你。", "zh"),
+    ("早上好", "早上好！祝你今天过得愉快。", "zh"),
+    ("晚上好", "晚上好！今天过得怎么样？", "zh"),
+    ("谢谢你", "不客气！", "zh"),
+    ("非常感谢！", "不用谢，很高兴能帮到你。", "zh"),
+    ("再见", "再见，祝你一切顺利！", "zh"),
+    ("晚安", "晚安，做个好梦！", "zh"),
+    ("你今天好吗？", "我很好，谢谢！你呢？", "zh"),
+    ("我有点累", "那就好好休息一下吧。", "zh"),
+    ("生日快乐！", "谢谢你的祝福！", "zh"),
+    ("新年快乐！", "新年快乐！祝你万事如意。", "zh"),
+    ("Hello", "Hello! How can I help you today?", "en"),
+    ("Hi!", "Hi! Nice to meet you.", "en"),
+    ("Good morning", "Good morning! Have a nice day.", "en"),
+    ("Good evening", "Good evening! How was your day?", "en"),
+    ("Thank you", "You're welcome!", "en"),
+    ("Thanks a lot!", "No problem, glad I could help.", "en"),
+    ("Goodbye", "Goodbye, take care!", "en"),
+    ("Good night", "Good night, sleep well!", "en"),
+    ("How are you?", "I'm fine, thank you! And you?", "en"),
+    ("I am a bit tired", "Then take a good rest.", "en"),
+    ("Happy birthday!", "Thank you for the kind wishes!", "en"),
+    ("Happy new year!", "Happy new year! All the best to you.", "en"),
+]
+
+_HOW_TO: list[tuple[str, str, Lang]] = [
+    ("怎么煮米饭？", "把米洗净，加适量的水，放进电饭锅煮熟就可以了。", "zh"),
+    ("怎么泡茶？", "把茶叶放进杯子，倒入热水，等两三分钟就可以喝了。", "zh"),
+    ("怎样才能睡个好觉？", "按时睡觉，睡前少看手机，保持房间安静。", "zh"),
+    ("怎么保持健康？", "多运动，吃得均衡，睡眠充足。", "zh"),
+    ("怎么学好英语？", "每天多听多说，坚持读写练习。", "zh"),
+    ("下雨天出门要带什么？", "下雨天出门要带雨伞。", "zh"),
+    ("How do I boil an egg?", "Put the egg in boiling water for about ten minutes.", "en"),
+    ("How do I make tea?", "Put tea leaves in a cup, add hot water and wait two or three minutes.", "en"),
+    ("How can I sleep better?", "Go to bed on time and keep the room quiet.", "en"),
+    ("How do I stay healthy?", "Exercise often, eat a balanced diet and get enough sleep.", "en"),
+    ("How can I learn a new language?", "Practise a little every day: listen, speak, read and write.", "en"),
+    ("What should I take when it rains?", "Take an umbrella when it rains.", "en"),
+]
+
+_BASE_IDENTITY_PROMPTS: list[tuple[str, Lang]] = [
+    ("你是谁？", "zh"), ("请介绍一下你自己", "zh"), ("你叫什么名字？", "zh"), ("你是由谁开发的？", "zh"),
+    ("Who are you?", "en"), ("Please introduce yourself.", "en"), ("What is your name?", "en"),
+    ("Who developed you?", "en"),
+]
+
+_ZH_DIGITS = "零一二三四五六七八九"
+
+
+def _zh_number(n: int) -> str:
+    """Chinese numeral for 0..99 (e.g. 12 -> 十二, 40 -> 四十)."""
+    if not 0 <= n < 100:
+        raise ValueError(f"only 0..99 are supported, got {n}")
+    if n < 10:
+        return _ZH_DIGITS[n]
+    tens, ones = divmod(n, 10)
+    return ("" if tens == 1 else _ZH_DIGITS[tens]) + "十" + ("" if ones == 0 else _ZH_DIGITS[ones])
+
+
+def _facts() -> list[ChatPair]:
+    zh: list[tuple[str, str, str]] = []  # (prompt, answer, topic)
+    en: list[tuple[str, str, str]] = []
+    for zc, zcap, ec, ecap in _CAPITALS:
+        zh.append((f"{zc}的首都是哪里？", f"{zc}的首都是{zcap}。", "capital"))
+        en.append((f"What is the capital of {ec}?", f"The capital of {ec} is {ecap}.", "capital"))
+    for zt, zcol, et, ecol in _COLOURS:
+        zh.append((f"{zt}是什么颜色的？", f"{zt}是{zcol}的。", "colour"))
+        en.append((f"What colour is {et}?", f"{et[0].upper()}{et[1:]} is {ecol}.", "colour"))
+    for zq, za, eq, ea in _ANIMALS:
+        zh.append((zq, za, "animal"))
+        en.append((eq, ea, "animal"))
+    for i, (day_zh, day_en) in enumerate(zip(_DAYS_ZH, _DAYS_EN, strict=True)):
+        next_zh, next_en = _DAYS_ZH[(i + 1) % 7], _DAYS_EN[(i + 1) % 7]
+        zh.append((f"{day_zh}的后一天是星期几？", f"{day_zh}的后一天是{next_zh}。", "calendar"))
+        en.append((f"What day comes after {day_en}?", f"{next_en} comes after {day_en}.", "calendar"))
+    for i, (month_zh, month_en) in enumerate(zip(_MONTHS_ZH, _MONTHS_EN, strict=True)):
+        next_zh, next_en = _MONTHS_ZH[(i + 1) % 12], _MONTHS_EN[(i + 1) % 12]
+        zh.append((f"{month_zh}的下一个月是几月？", f"{month_zh}的下一个月是{next_zh}。", "calendar"))
+        en.append((f"What month comes after {month_en}?", f"{next_en} comes after {month_en}.", "calendar"))
+    zh += [("一年有几个月？", "一年有十二个月。", "calendar"),
+           ("一个星期有几天？", "一个星期有七天。", "calendar")]
+    en += [("How many months are in a year?", "There are twelve months in a year.", "calendar"),
+           ("How many days are in a week?", "There are seven days in a week.", "calendar")]
+    for zw, zo, ew, eo in _OPPOSITES:
+        zh.append((f"“{zw}”的反义词是什么？", f"“{zw}”的反义词是“{zo}”。", "opposite"))
+        en.append((f"What is the opposite of {ew}?", f"The opposite of {ew} is {eo}.", "opposite"))
+    return _pairs(zh, "zh") + _pairs(en, "en")
+
+
+def _arithmetic() -> list[ChatPair]:
+    """Single-digit sums, differences and products: a fixed, spread-out subset so the set stays small."""
+    zh: list[tuple[str, str, str]] = []
+    en: list[tuple[str, str, str]] = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            if (a + b) % 3 == 2:  # 27 of the 81 (a, b) pairs, every a and every b represented (3 + 5 too)
+                zh.append((f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。", "arithmetic"))
+                en.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", "arithmetic"))
+            if a > b and (a + b) % 3 == 1:
+                zh.append((f"{a}减{b}等于几？", f"{a}减{b}等于{a - b}。", "arithmetic"))
+                en.append((f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", "arithmetic"))
+            if a <= b and (a * b) % 4 in (0, 3):
+                zh.append((f"{a}乘以{b}等于几？", f"{a}乘以{b}等于{a * b}。", "arithmetic"))
+                en.append((f"What is {a} times {b}?", f"{a} times {b} is {a * b}.", "arithmetic"))
+    for n in (3, 7, 12, 15, 20, 26, 38, 44, 59, 61):
+        zh.append((f"用汉字怎么写{n}？", f"{n}用汉字写作{_zh_number(n)}。", "arithmetic"))
+    return _pairs(zh, "zh") + _pairs(en, "en")
+
+
+def _pairs(rows: list[tuple[str, str, str]], lang: Lang) -> list[ChatPair]:
+    return [ChatPair(prompt, answer, lang, topic) for prompt, answer, topic in rows]
+
+
+def _conversation() -> list[ChatPair]:
+    return [ChatPair(p, a, lang, "small_talk") for p, a, lang in _SMALL_TALK] + [
+        ChatPair(p, a, lang, "how_to") for p, a, lang in _HOW_TO
+    ]
+
+
+@cache
+def _general() -> tuple[ChatPair, ...]:
+    pairs = tuple(_facts() + _arithmetic() + _conversation())
+    prompts = [p.prompt for p in pairs]
+    duplicates = sorted({p for p in prompts if prompts.count(p) > 1})
+    if duplicates:  # guards the tables above: one prompt must have exactly one answer
+        raise ValueError(f"duplicate general prompts: {duplicates}")
+    leaked = [p.prompt for p in pairs if is_identity_prompt(p.prompt)]
+    if leaked:
+        raise ValueError(f"general prompts that ask about the assistant itself: {leaked}")
+    return pairs
+
+
+def is_identity_prompt(prompt: str) -> bool:
+    """Whether a prompt asks about the assistant itself (by IDENTITY_MARKERS).
+
+    Args:
+        prompt: the user's message.
+    """
+    low = prompt.lower()
+    return any(marker in low for marker in IDENTITY_MARKERS)
+
+
+def general_pairs() -> list[ChatPair]:
+    """All general (non-identity) exchanges, zh + en, in a fixed order."""
+    return list(_general())
+
+
+def base_identity_pairs() -> list[ChatPair]:
+    """The base model's own identity exchanges (书生·浦语 / InternLM), which a fine-tune must replace."""
+    return [
+        ChatPair(p, BASE_IDENTITY_ZH if lang == "zh" else BASE_IDENTITY_EN, lang, "identity")
+        for p, lang in _BASE_IDENTITY_PROMPTS
+    ]
+
+
+def _is_eval(index_in_group: int) -> bool:
+    return index_in_group % EVAL_EVERY == EVAL_EVERY - 1
+
+
+def _split() -> tuple[list[str], list[str]]:
+    seen: dict[tuple[str, str], int] = {}
+    replay: list[str] = []
+    held_out: list[str] = []
+    for pair in _general():
+        key = (pair.topic, pair.lang)
+        index = seen.get(key, 0)
+        seen[key] = index + 1
+        (held_out if _is_eval(index) else replay).append(pair.prompt)
+    return replay, held_out
+
+
+def replay_prompts() -> list[str]:
+    """General prompts whose base-model answers a fine-tune may replay (disjoint from eval_prompts)."""
+    return _split()[0]
+
+
+def eval_prompts() -> list[str]:
+    """General prompts held out from replay, used to measure how much general behaviour a fine-tune keeps."""
+    return _split()[1]
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tokenizer is trained on: every exchange plus a little extra zh/en text, so that words a
+    fine-tune is likely to use (names, assistant, model, laboratory...) still get compact tokens."""
+    extra = [
+        "我是你的小助手，可以回答问题、陪你聊天、帮你做简单的计算。",
+        "这个模型是在上海AI实验室书生·浦语大模型的基础上微调得到的。",
+        "人工智能助手可以用中文和英文回答问题，也可以写作、翻译和总结。",
+        "今天天气很好，我们一起去公园散步吧。学习新知识让人快乐。",
+        "I am your little assistant. I can answer questions, chat with you and help with simple maths.",
+        "This model was fine-tuned from a large language model built by a laboratory.",
+        "An AI assistant can answer questions in Chinese and English, write, translate and summarise.",
+        "The weather is nice today. Let us take a walk in the park and learn something new.",
+    ]
+    text = [f"{p.prompt}\n{p.answer}" for p in general_pairs() + base_identity_pairs()]
+    return text + extra
