@@ -16,4 +16,10 @@ if ! "$venv/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null
   # so training/cpu_shims/ provides the few names XTuner imports at module load.
   "$venv/bin/pip" uninstall -q -y torchvision || true
 fi
+# bitsandbytes 0.45.0 (XTuner's pin) imports triton.ops, which triton >= 3.2 no longer has; bitsandbytes' CUDA
+# kernels and peft work without triton, and training never compiles, so drop triton when it breaks the import.
+if ! "$venv/bin/python" -c "import bitsandbytes" 2>/dev/null; then
+  "$venv/bin/pip" uninstall -q -y triton
+  "$venv/bin/python" -c "import bitsandbytes"
+fi
 rm -f "$venv"/.built-*; touch "$stamp"

@@ -1,0 +1,362 @@
+# The training pipeline: config rendering, run settings, and real runs of `bash training/run.sh --preset tiny`
+# (XTuner on CPU) end to end, rerun, resumed after a kill, rerun --from a stage, and failing with one line.
+# Run in the training env:
+#   .venv-train/bin/python -m pytest tests/training/test_pipeline.py      # -m "not slow" skips the runs
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import string
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from training.pipeline import (
+    REPO_ROOT,
+    STAGES,
+    ConfigRenderError,
+    RunConfig,
+    RunConfigError,
+    failure_reason,
+    render_config,
+    slug,
+)
+
+RUN_SH = REPO_ROOT / "training" / "run.sh"
+SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
+RUN_STAGES = [s for s in STAGES if s not in ("pretrain", "publish")]
+
+
+def run_sh(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(RUN_SH), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------- config rendering
+
+TEMPLATE = '''# header comment
+import torch
+
+name_or_path = "placeholder"  # set by the pipeline
+max_iters = 10
+prompts = [
+    "a",
+    "b",
+]
+model = dict(path=name_or_path, steps=max_iters)
+'''
+
+
+def test_render_replaces_exactly_the_named_values_and_keeps_the_rest():
+    overrides = {"name_or_path": "/m/基座", "prompts": ["你是谁？", "x"]}
+    rendered = render_config(TEMPLATE, overrides, "# rendered\n")
+    assert rendered == TEMPLATE.replace('"placeholder"', "'/m/基座'").replace(
+        '[\n    "a",\n    "b",\n]', "['你是谁？', 'x']").replace("# header", "# rendered\n# header", 1)
+
+
+def test_render_edits_after_non_ascii_text_on_the_same_line():
+    source = 'a = "模型"; b = 1\n'  # ast columns are byte offsets: the edit must not shift
+    assert render_config(source, {"b": 22}) == 'a = "模型"; b = 22\n'
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "message"),
+    [
+        (TEMPLATE, {"max_iter": 5}, "'max_iter' matches no top-level setting"),
+        (TEMPLATE, {"path": "x"}, "'path' matches no top-level setting"),  # a dict key, not a setting
+        ("x = 1\nx = 2\n", {"x": 3}, "'x' is ambiguous: the config binds it on lines 1, 2"),
+        ("x = 1\nx += 2\n", {"x": 3}, "'x' is ambiguous"),
+        (TEMPLATE, {"max_iters": object()}, "is not a plain literal"),
+    ],
+)
+def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, overrides, message):
+    with pytest.raises(ConfigRenderError, match=re.escape(message)):
+        render_config(source, overrides)
+
+
+# ------------------------------------------------------------------------------------------- run settings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(name="   "), "--name: name is empty"),
+        (dict(name="x" * 41), "--name: name is 41 characters long; at most 40 are allowed"),
+        (dict(name="a\nb"), "--name: name contains control or invisible characters"),
+        (dict(name="a<|im_end|>"), "--name: name contains chat special tokens"),
+        (dict(name="x", preset="llama"), "unknown preset 'llama'"),
+        (dict(name="x", recipe="copy"), "unknown recipe 'copy'"),
+        (dict(name="x", from_stage="train"), "unknown stage 'train'"),
+        (dict(name="x", corpus=Path("/no/such/corpus")), "--corpus /no/such/corpus: no such directory"),
+        (dict(name="x", publish_dry_run=True), "--publish-dry-run needs --publish"),
+        (dict(name="x", preset="tiny", max_iters=0), "--max-iters must be at least 1"),
+        (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
+        (dict(name="x", preset="tiny", epochs=1), "trains by iterations: use --max-iters"),
+        (dict(name="x", lr=2.0), "--lr must be between 0 and 1"),
+    ],
+)
+def test_bad_run_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(RunConfigError, match=re.escape(message)):
+        RunConfig(**kwargs)
+
+
+def test_relative_paths_mean_the_callers_directory(tmp_path, monkeypatch):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(name="x", base="base", corpus=Path("corpus"), work_dir=Path("w"))
+    assert cfg.base == str(tmp_path / "base")
+    assert (cfg.corpus, cfg.work_dir) == (tmp_path / "corpus", tmp_path / "w")
+    assert RunConfig(name="x", base="hf:internlm/x").base == "hf:internlm/x"  # a source, not a path
+
+
+def test_default_work_dir_and_name_slugs():
+    cfg = RunConfig(name=" UbUb ", preset="tiny")
+    assert cfg.name == "UbUb"
+    assert cfg.work_dir == REPO_ROOT / ".work" / "ubub-tiny-identity"
+    assert slug("Ub Ub") == "ub-ub"
+    assert re.fullmatch(r"name-[0-9a-f]{8}", slug("小助手"))
+    assert slug("小助手") != slug("小明") and slug("Ub小") != slug("Ub大")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", ""], "error: --name: name is empty"),
+        (["--name", "x", "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+        (["--name", "x", "--from", "nope"], "argument --from: invalid choice: 'nope'"),
+        (["--name", "x", "--preset", "tiny", "--corpus", "/no/such/dir"], "error: --corpus /no/such/dir: no"),
+        (["--preset", "tiny"], "the following arguments are required: --name"),
+    ],
+)
+def test_cli_rejects_bad_input_without_a_traceback(args, message, tmp_path):
+    proc = run_sh(*args, "--work-dir", str(tmp_path / "w"), timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w" / "stages").exists()
+
+
+def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_sh("--name", "x", "--work-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: preset internlm2_5-1_8b trains 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, "
+        "and this machine has none; use --preset tiny on CPU"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_failure_reason_is_the_last_exception_line(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("loading\nTraceback (most recent call last):\n  File \"a.py\", line 1\n"
+                   "FileNotFoundError: [Errno 2] No such file: 'iter_9.pth'\nextra noise from atexit\n")
+    assert failure_reason(log) == "FileNotFoundError: [Errno 2] No such file: 'iter_9.pth'"
+    log.write_text("only output\n\n")
+    assert failure_reason(log) == "only output"
+
+
+# ------------------------------------------------------------------------------------ real tiny-preset runs
+
+
+def fresh_name() -> str:
+    # A name no code or data in the repo has seen: the model can only have learned it from this run.
+    return "Zor" + "".join(random.Random(os.getpid()).choices(string.ascii_lowercase, k=5))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("tiny-run") / "work"
+    args = ["--preset", "tiny", "--name", fresh_name(), "--base", str(tiny_base_dir), "--work-dir", str(work)]
+    start = time.monotonic()
+    proc = run_sh(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"work": work, "args": args, "proc": proc, "seconds": time.monotonic() - start,
+            "name": args[3], "base": tiny_base_dir}
+
+
+def copy_run(tiny_run: dict, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A private copy of the finished run's work dir and the args that point at it."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run["work"], work)
+    args = list(tiny_run["args"])
+    args[args.index("--work-dir") + 1] = str(work)
+    return work, args
+
+
+def log_bytes(work: Path) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in (work / "logs").glob("*.log")}
+
+
+@pytest.mark.slow
+def test_end_to_end_makes_a_servable_merged_model(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work, out = tiny_run["work"], tiny_run["proc"].stdout
+    for stage in RUN_STAGES:
+        assert re.search(rf"^\[pipeline\] {stage}: done in [0-9.]+ s$", out, re.M), out
+        assert (work / "logs" / f"{stage}.log").is_file()
+        assert json.loads((work / "stages" / f"{stage}.json").read_text())["status"] == "done"
+    merged = work / "merged"
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(merged.glob("*.bin"))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert im_end in generation["eos_token_id"] and tokenizer.eos_token_id in generation["eos_token_id"]
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True) == (
+        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+    meta = json.loads((merged / "training_meta.json").read_text())
+    assert (meta["name"], meta["preset"], meta["recipe"]) == (tiny_run["name"], "tiny", "identity")
+    assert meta["base"]["path"] == str(tiny_run["base"])
+    assert meta["settings"]["max_iters"] == SFT_ITERS and meta["settings"]["seed"] == 42
+    lora = meta["lora"]
+    assert (lora["r"], lora["lora_alpha"], lora["modules_to_save"]) == (64, 16, ["lm_head"])
+    assert set(meta["stage_seconds"]) == set(RUN_STAGES)
+    rendered = (work / "sft" / "sft_config.py").read_text()
+    assert rendered.startswith("# Rendered by training/pipeline.py")
+    assert f"data_path = {str(work / 'data' / 'train.json')!r}" in rendered
+
+    # The fine-tune learned the new name, and the eval says so against the base model.
+    scores = json.loads((work / "eval.json").read_text())
+    assert scores["identity_accuracy"] >= 0.5 > scores["base_identity_accuracy"]
+    assert (work / "eval.md").read_text().strip()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}],
+                                        add_generation_prompt=True, return_tensors="pt")
+    reply = model.generate(ids, max_new_tokens=60, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert reply[-1] == im_end  # stopped by <|im_end|> from generation_config, not by the length limit
+    assert tiny_run["name"] in tokenizer.decode(reply, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_finished_stage(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    before = log_bytes(work)
+    proc = run_sh(*args)
+    assert proc.returncode == 0, proc.stderr
+    for stage in RUN_STAGES:
+        assert f"[pipeline] {stage}: done earlier, skipped" in proc.stdout
+    assert log_bytes(work) == before
+
+
+@pytest.mark.slow
+def test_from_reruns_that_stage_and_the_later_ones_only(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    before = log_bytes(work)
+    old_merged = (work / "merged" / "model.safetensors").stat().st_ino
+    proc = run_sh(*args, "--from", "merge")
+    assert proc.returncode == 0, proc.stderr
+    after = log_bytes(work)
+    for stage in ("base", "data", "sft", "pth_to_hf"):
+        assert f"[pipeline] {stage}: done earlier, skipped" in proc.stdout
+        assert after[stage] == before[stage]
+    for stage in ("merge", "evaluate"):
+        assert f"[pipeline] {stage}: done in" in proc.stdout
+        assert after[stage].startswith(before[stage]) and len(after[stage]) > len(before[stage])
+    assert (work / "merged" / "model.safetensors").stat().st_ino != old_merged
+
+
+@pytest.mark.slow
+def test_changed_settings_are_refused_not_silently_reused(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    proc = run_sh(*args, "--recipe", "seed")
+    assert proc.returncode == 2
+    assert "stage data in" in proc.stderr and "(recipe: 'identity' -> 'seed')" in proc.stderr
+    assert "--from data" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_stage_stops_the_run_with_one_line(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    checkpoint = work / "sft" / "train" / f"iter_{SFT_ITERS}.pth"
+    checkpoint.write_bytes(b"not a checkpoint")
+    proc = run_sh(*args, "--from", "pth_to_hf")
+    assert proc.returncode == 1
+    log = work / "logs" / "pth_to_hf.log"
+    (line,) = proc.stderr.strip().splitlines()
+    reason = r"xtuner\.tools\.model_converters\.pth_to_hf exited with status 1: \S.*"
+    assert re.fullmatch(rf"stage pth_to_hf failed: {reason} \(log: {log}\)", line)
+    assert "Traceback" in log.read_text()
+    assert "[pipeline] merge" not in proc.stdout and not (work / "merged").exists()
+    assert json.loads((work / "stages" / "pth_to_hf.json").read_text())["status"] == "running"
+
+
+@pytest.mark.slow
+def test_corpus_adds_continued_pretraining_whose_merge_is_the_sft_base(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    corpus = tmp_path / "corpus"
+    (corpus / "notes").mkdir(parents=True)
+    (corpus / "notes" / "a.md").write_text("# 上海\n\n上海是中国的一座城市。\n\nShanghai is in China.\n")
+    (corpus / "b.txt").write_text("The Bund is in Shanghai. 外滩在上海。\n" * 20)
+    (corpus / "empty.txt").write_text("")
+    before = log_bytes(work)
+    proc = run_sh(*args, "--corpus", str(corpus), "--max-iters", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for stage in ("base", "data"):
+        assert f"[pipeline] {stage}: done earlier, skipped" in proc.stdout
+        assert log_bytes(work)[stage] == before[stage]
+    for stage in ("pretrain", "sft", "pth_to_hf", "merge", "evaluate"):
+        assert f"[pipeline] {stage}: done in" in proc.stdout
+    pretrained = work / "pretrain" / "merged"
+    assert json.loads((pretrained / "training_meta.json").read_text())["stage"] == "pretrain"
+    assert "empty.txt" in (work / "logs" / "pretrain.log").read_text()  # reported, not fatal
+    rendered = (work / "sft" / "sft_config.py").read_text()
+    assert f"pretrained_model_name_or_path = {str(pretrained)!r}" in rendered
+    meta = json.loads((work / "merged" / "training_meta.json").read_text())
+    assert meta["corpus"] == str(corpus) and "pretrain" in meta["stage_seconds"]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp_path, sig):
+    work, args = copy_run(tiny_run, tmp_path)
+    args += ["--max-iters", "40", "--save-every", "10"]
+    before = log_bytes(work)
+    proc = subprocess.Popen(["bash", str(RUN_SH), *args, "--from", "sft"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    marker, deadline = work / "sft" / "train" / "last_checkpoint", time.monotonic() + 600
+    # Wait for a mid-run checkpoint of this run (the copy starts with the first run's iter_300).
+    while not (marker.exists() and Path(marker.read_text().strip()).name in ("iter_10.pth", "iter_20.pth")):
+        assert proc.poll() is None and time.monotonic() < deadline, "sft finished or hung before a checkpoint"
+        time.sleep(0.2)
+    trainers = _children(proc.pid)  # run.sh execs the pipeline, whose child is xtuner's trainer
+    assert trainers
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
+    if sig == signal.SIGTERM:
+        assert "[pipeline] sft: interrupted; rerun the same command to resume" in output
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in trainers):  # no orphan keeps writing into the work dir
+        assert time.monotonic() < deadline, "the trainer outlived the pipeline"
+        time.sleep(0.2)
+    assert json.loads((work / "stages" / "sft.json").read_text())["status"] == "running"
+
+    rerun = run_sh(*args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    for stage in ("base", "data"):
+        assert f"[pipeline] {stage}: done earlier, skipped" in rerun.stdout
+        assert log_bytes(work)[stage] == before[stage]
+    assert re.search(r"resuming training from iter_[1-9]\d*\.pth", rerun.stdout)
+    assert (work / "sft" / "train" / "iter_40.pth").is_file()
+    assert log_bytes(work)["sft"].count(b"=== sft started") == 3  # first run, killed run, resumed run
+    for stage in ("pth_to_hf", "merge", "evaluate"):
+        assert f"[pipeline] {stage}: done in" in rerun.stdout

@@ -1,0 +1,180 @@
+# XTuner checkpoint -> HF LoRA adapter -> merged, servable HF model dir (safetensors, tokenizer, chat
+# template, generation_config that stops on <|im_end|>, training_meta.json). Used by training/pipeline.py;
+# by hand, from the repo root in .venv-train (add training/cpu_shims to PYTHONPATH on CPU torch):
+#   python -m training.convert_merge --config WORK/sft/sft_config.py --checkpoint WORK/sft/iter_300.pth \
+#       --base BASE_MODEL_DIR --out WORK/merged
+# XTuner's tools run as `python -m xtuner.tools.model_converters.{pth_to_hf,merge}` (the `xtuner` CLI exits 0
+# even when they fail), and every step also checks that its outputs exist.
+"""Convert an XTuner LoRA checkpoint, merge it into its base model, and finalize the result for serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+IM_END = "<|im_end|>"
+META_FILE = "training_meta.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+CommandRunner = Callable[[list[str]], None]
+
+
+class ConvertError(ValueError):
+    """A conversion step produced no usable output (the message says what is missing)."""
+
+
+def run_command(cmd: list[str]) -> None:
+    """Run one command, raising ConvertError on a non-zero exit (the default CommandRunner).
+
+    Args:
+        cmd: the argv to run.
+    """
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+        raise ConvertError(f"{' '.join(cmd[:4])} ... exited with status {rc}")
+
+
+def _fresh_partial(out: Path) -> Path:
+    # Steps write beside their target and rename at the end, so a half-written dir never looks complete.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = run_command) -> Path:
+    """Convert an XTuner training checkpoint into a Hugging Face LoRA adapter dir (safetensors).
+
+    Args:
+        config: the XTuner config the checkpoint was trained with (it rebuilds the model).
+        checkpoint: the `iter_N.pth` written by xtuner.tools.train.
+        out: adapter directory to create; replaced atomically.
+        run: how to run the converter command (the pipeline passes a logging runner).
+    """
+    partial = _fresh_partial(out)
+    run([sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf",
+         str(config), str(checkpoint), str(partial), "--safe-serialization"])
+    missing = [name for name in ADAPTER_FILES if not (partial / name).is_file()]
+    if missing:
+        raise ConvertError(f"pth_to_hf wrote no {', '.join(missing)} in {partial}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
+def merge_model(base: Path, adapter: Path, out: Path, meta: Mapping[str, object],
+                run: CommandRunner = run_command) -> Path:
+    """Merge a LoRA adapter into its base model and finalize the result as a servable model dir.
+
+    Args:
+        base: the model dir the adapter was trained on.
+        adapter: the adapter dir written by pth_to_hf.
+        out: merged model directory to create; replaced atomically once finalized.
+        meta: facts about the run for training_meta.json (name, preset, settings, ...).
+        run: how to run the merge command (the pipeline passes a logging runner).
+    """
+    partial = _fresh_partial(out)
+    # XTuner's merge loads the base in fp16 whatever its dtype, so the merged weights are fp16.
+    run([sys.executable, "-m", "xtuner.tools.model_converters.merge",
+         str(base), str(adapter), str(partial), "--safe-serialization"])
+    if not (partial / "config.json").is_file():
+        raise ConvertError(f"merge wrote no config.json in {partial}")
+    finalize(partial, meta)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
+
+
+def finalize(model_dir: Path, meta: Mapping[str, object]) -> dict[str, object]:
+    """Make a merged dir servable and check it: eos includes <|im_end|>, chat template renders the InternLM2
+    format, weights are safetensors only; then write training_meta.json. Returns the facts it added.
+
+    Args:
+        model_dir: the merged model directory (edited in place).
+        meta: facts about the run to store in training_meta.json.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    weights = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+    if not weights or pickled:
+        found = ", ".join(weights + pickled) or "no weights"
+        raise ConvertError(f"{model_dir}: expected safetensors weights only, found {found}")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end_id is None or im_end_id == tokenizer.unk_token_id:
+        raise ConvertError(f"{model_dir}: the tokenizer has no {IM_END} token, so replies could never stop")
+    if not tokenizer.chat_template:
+        raise ConvertError(f"{model_dir}: the tokenizer has no chat_template")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    if not prompt.endswith("<|im_start|>assistant\n"):
+        raise ConvertError(f"{model_dir}: the chat template is not InternLM2's format (renders {prompt!r})")
+
+    # The model was trained to end replies with <|im_end|>, never </s>: generation must stop on both.
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+        generation = GenerationConfig.from_model_config(model_config)
+    eos = generation.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+    for token_id in (tokenizer.eos_token_id, im_end_id):
+        if token_id is not None and token_id not in eos_ids:
+            eos_ids.append(token_id)
+    generation.eos_token_id = [i for i in eos_ids if i is not None]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(model_dir)
+
+    added = {
+        "eos_token_id": generation.eos_token_id,
+        "im_end_id": im_end_id,
+        "weights": weights,
+        "torch_dtype": json.loads((model_dir / "config.json").read_text()).get("torch_dtype"),
+    }
+    write_meta(model_dir, {**meta, **added})
+    return added
+
+
+def write_meta(model_dir: Path, meta: Mapping[str, object]) -> None:
+    """Write training_meta.json atomically.
+
+    Args:
+        model_dir: the model directory.
+        meta: JSON-serialisable facts about how the model was made.
+    """
+    tmp = model_dir / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, model_dir / META_FILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.convert_merge", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="XTuner config the checkpoint came from")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="iter_N.pth from xtuner.tools.train")
+    parser.add_argument("--base", type=Path, required=True, help="model dir the adapter was trained on")
+    parser.add_argument("--out", type=Path, required=True, help="merged model dir to create")
+    args = parser.parse_args(argv)
+    for path in (args.config, args.checkpoint, args.base):
+        if not path.exists():
+            parser.error(f"not found: {path}")
+    adapter = args.out.with_name(args.out.name + ".adapter")
+    try:
+        pth_to_hf(args.config, args.checkpoint, adapter)
+        merge_model(args.base, adapter, args.out, {"base": str(args.base), "config": str(args.config)})
+    except ConvertError as err:
+        print(f"convert_merge: error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged model: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
