@@ -1,8 +1,8 @@
-"""The whole product on CPU: `bash training/run.sh --preset tiny` teaches the tiny chat model a name the code has never
-seen, publishes it to a git repository with LFS over file://, and `python app.py` serves it — from the work dir and
-cloned back from the published repo — answering with that name.
+"""The whole product on CPU: `bash training/run.sh --preset tiny` teaches the tiny chat model a name the code
+has never seen, publishes it to a git repository with LFS over file://, and `python app.py` serves it
+(from the work dir, and cloned back from the published repo), answering with that name.
 
-Run: python -m pytest tests/test_train_and_serve.py   (a few minutes: real XTuner train, convert and merge on CPU)
+Run: python -m pytest tests/test_train_and_serve.py   (minutes: real XTuner train, convert, merge on CPU)
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     return name, work, bare
 
 
-def test_evaluation_shows_the_identity_learned_and_general_answers_kept(trained: tuple[str, Path, Path]) -> None:
+def test_evaluation_shows_the_identity_learned_and_general_answers_kept(
+    trained: tuple[str, Path, Path],
+) -> None:
     name, work, _ = trained
     report = json.loads((work / "eval.json").read_text())
     assert report["base_identity_accuracy"] == 0.0
