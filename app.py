@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -22,11 +23,36 @@ from infer_engine.engine import create_engine  # noqa: E402
 from infer_engine.model_source import DEMO_MODEL_DIR, redact, resolve_model  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
     BACKENDS,
+    GenerationParams,
     SettingsError,
     engine_settings_from_env,
     server_settings_from_env,
 )
-from infer_engine.ui import ModelInfo, build_ui  # noqa: E402
+from infer_engine.ui import ModelInfo, build_ui, launch_options  # noqa: E402
+
+
+class InterceptHandler(logging.Handler):
+    """Hands stdlib ``logging`` records (``infer_engine.model_source``, libraries) to loguru, which the app's
+    own log uses: one stream, one format (loguru's documented recipe)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        frame, depth = logging.currentframe(), 2
+        while frame is not None and frame.f_code.co_filename == logging.__file__:  # report the real caller
+            frame, depth = frame.f_back, depth + 1
+        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
+
+
+def route_std_logging() -> None:
+    """Send stdlib logging to loguru: warnings from everyone, and ``infer_engine``'s info messages (e.g.
+    "model ...: using cache (no network)"). Idempotent."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, InterceptHandler) for handler in root.handlers):
+        root.addHandler(InterceptHandler())
+    logging.getLogger("infer_engine").setLevel(logging.INFO)
 
 
 def model_info(source: str, model_dir: Path) -> ModelInfo:
@@ -54,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
     args = parser.parse_args(argv)
 
+    route_std_logging()
     try:
         server = server_settings_from_env()
         server = dataclasses.replace(
@@ -68,6 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"app.py: invalid setting: {exc}", file=sys.stderr)
         return 2
+    reply_tokens = engine_settings.default_params().max_new_tokens
+    if reply_tokens < GenerationParams().max_new_tokens:
+        logger.warning(
+            "SESSION_LEN={} leaves at most {} tokens for a reply: 'max new tokens' defaults to {} (not {})",
+            engine_settings.session_len,
+            engine_settings.max_reply_tokens,
+            reply_tokens,
+            GenerationParams().max_new_tokens,
+        )
 
     started = time.perf_counter()
     try:
@@ -77,23 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     info = model_info(server.model_source, model_dir)
     logger.info("model: {} ({})", info.source, model_dir)
-    engine = create_engine(model_dir, engine_settings)
+    try:
+        engine = create_engine(model_dir, engine_settings)
+    except SettingsError as exc:  # known only now: BACKEND=lmdeploy or DEVICE=cuda without a GPU
+        print(f"app.py: invalid setting: {exc}", file=sys.stderr)
+        return 2
     try:
         demo = build_ui(engine, server, info)
+        options = launch_options(engine, server)
         logger.info(
-            "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, model loaded in {:.1f}s",
+            "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, {} server threads, "
+            "model loaded in {:.1f}s",
             server.host,
             server.port,
             engine.name,
             engine.max_concurrency,
             server.queue_size,
+            options["max_threads"],
             time.perf_counter() - started,
         )
-        demo.launch(server_name=server.host, server_port=server.port, ssr_mode=False, show_error=True)
+        demo.launch(**options)
     finally:
         engine.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

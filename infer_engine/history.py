@@ -1,12 +1,9 @@
-"""Pure operations on a chat history in Gradio 6's messages format (used by the UI and the ``/chat`` API).
+"""Pure operations on a chat history of plain ``{"role", "content": str}`` messages (used by the UI and
+the ``/chat`` API). ``chat_format.plain_messages`` turns a Gradio 6 Chatbot value (content as a list of parts,
+extra ``metadata``/``options`` keys) or an API history into that form; bad input raises ``ChatInputError``
+with a message for the user.
 
-Gradio 6 hands a Chatbot's value back with each ``content`` as a list of parts (``[{"type": "text", ...}]``)
-plus ``metadata``/``options`` keys, even when the app returned plain strings; API callers send plain
-``{"role", "content"}`` dicts. ``normalize`` turns either shape into the engine's ``Message`` dicts (in
-any order: the engine checks the conversation's shape); the other functions take that form. Bad input
-raises ``ChatInputError`` with a message for the user.
-
-    history = append_user(normalize(chatbot_value), "你是谁？")
+    history = append_user(plain_messages(chatbot_value), "你是谁？")
     history, question = retry(history)      # drop the last answer, to generate it again
     history, question = undo(history)       # drop the last turn, put the question back in the textbox
 """
@@ -15,30 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# One parser for message content (str or Gradio's parts list) in the package: chat_format owns it.
-from infer_engine.chat_format import ROLES, _content_text
-from infer_engine.engine import ChatInputError, Message
-
-
-def normalize(history: Sequence[object] | None) -> list[Message]:
-    """Turn a Chatbot value or an API history into plain ``{"role", "content": str}`` messages.
-
-    Args:
-        history: dicts with ``role`` and ``content`` (extra keys such as ``metadata`` are ignored);
-            None means an empty history.
-    """
-    if history is None:
-        return []
-    if isinstance(history, str | bytes) or not isinstance(history, Sequence):
-        raise ChatInputError("history must be a list of {role, content} messages")
-    messages = []
-    for i, item in enumerate(history):
-        if not isinstance(item, dict) or "role" not in item or "content" not in item:
-            raise ChatInputError(f"history[{i}] must be a dict with 'role' and 'content', got {item!r}")
-        if item["role"] not in ROLES:
-            raise ChatInputError(f"history[{i}] has role {item['role']!r}; use one of {', '.join(ROLES)}")
-        messages.append({"role": item["role"], "content": _content_text(item["content"], f"history[{i}]")})
-    return messages
+from infer_engine.chat_format import ChatInputError, Message
 
 
 def needs_answer(history: Sequence[Message]) -> bool:
@@ -60,7 +34,9 @@ def append_user(history: Sequence[Message], text: str) -> list[Message]:
         history: the normalised history.
         text: what the user typed; must contain more than whitespace.
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise ChatInputError(f"the message must be text, got {type(text).__name__}")
+    if not text.strip():
         raise ChatInputError("Type a message first.")
     if needs_answer(history):
         history = [*history, {"role": "assistant", "content": ""}]
@@ -105,6 +81,8 @@ def with_system_prompt(history: Sequence[Message], system_prompt: str) -> list[M
         history: the normalised history; it may hold a system message only if ``system_prompt`` is blank.
         system_prompt: instructions for the model; blank means none.
     """
+    if not isinstance(system_prompt, str):
+        raise ChatInputError(f"system_prompt must be text, got {type(system_prompt).__name__}")
     if not system_prompt.strip():
         return list(history)
     if any(m["role"] == "system" for m in history):

@@ -12,13 +12,16 @@ loop (what ``stream_infer`` does inside), with one ``pipe.session()`` per reques
 that session (TurboMind cancels in about 2 ms) and cancels the task, which also covers a request still waiting
 for a free slot.
 
-The pure translations (``turbomind_config``, ``generation_config``) are unit-tested on CPU; the engine itself
-needs a CUDA GPU with TurboMind.
+What this wrapper uses of the pipeline is exactly: ``internal_thread.loop`` / ``.thread``, ``session()`` (and
+the session's ``async_abort()``), ``session_mgr.remove``, ``async_engine.preprocess`` / ``generate`` (outputs
+with ``response``, ``generate_token_len``, ``finish_reason``), ``backend_config`` and ``close()``. TurboMind
+needs a CUDA GPU; on CPU the tests drive this wrapper with a stand-in pipeline that has that interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -30,16 +33,11 @@ from loguru import logger
 from transformers import AutoTokenizer
 from transformers import GenerationConfig as HFGenerationConfig
 
-from infer_engine.chat_format import (
-    END_OF_TURN,
-    Message,
-    normalise_messages,
-    stop_token_ids,
-    token_id,
-    trim_messages,
-)
-from infer_engine.engine import ChatStream, GenerationError, lmdeploy_available
+from infer_engine.chat_format import Message, stop_token_ids
+from infer_engine.engine import ChatStream, GenerationError, Update, lmdeploy_available, prepare_prompt
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
+
+_POLL_S = 0.5  # how often a waiting consumer checks that LMDeploy's event loop thread is still alive
 
 
 def turbomind_config(settings: EngineSettings) -> Any:
@@ -60,19 +58,17 @@ def turbomind_config(settings: EngineSettings) -> Any:
     )
 
 
-def generation_config(
-    params: GenerationParams, stop_ids: Sequence[int], stop_words: Sequence[str] = ()
-) -> Any:
+def generation_config(params: GenerationParams, stop_ids: Sequence[int]) -> Any:
     """LMDeploy ``GenerationConfig`` for one reply.
 
     LMDeploy >= 0.6 decodes greedily unless ``do_sample=True`` (temperature and top-p are then silently
-    ignored), so ``do_sample`` is always set explicitly. Stop ids/words replace the chat template's stop
-    words.
+    ignored), so ``do_sample`` is always set explicitly. The stop ids (``<|im_end|>`` among them) replace the
+    chat template's stop words; no ``stop_words``: LMDeploy 0.18 turns each into ids by scanning the whole
+    vocabulary per request (``GenerationConfig.convert_stop_bad_words_to_ids``).
 
     Args:
         params: the validated sampling values.
         stop_ids: token ids that end the reply (eos, ``<|im_end|>``, generation-config eos).
-        stop_words: stop strings that are single tokens of the vocabulary (``<|im_end|>``).
     """
     from lmdeploy import GenerationConfig
 
@@ -83,8 +79,31 @@ def generation_config(
         top_p=params.top_p,
         top_k=params.top_k,
         stop_token_ids=list(stop_ids),
-        stop_words=list(stop_words) or None,
         skip_special_tokens=True,
+    )
+
+
+def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
+    """An LMDeploy TurboMind pipeline on ``model_dir``; ``SettingsError`` without a CUDA GPU and TurboMind.
+
+    Args:
+        model_dir: a Hugging Face model directory.
+        settings: the validated engine settings.
+    """
+    if not lmdeploy_available():
+        raise SettingsError(
+            "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
+            "use BACKEND=transformers or auto"
+        )
+    from lmdeploy import ChatTemplateConfig, pipeline
+
+    # Our requests carry their own ids; the 'hf' template (the tokenizer's own) is only what LMDeploy keeps
+    # for anything else. 0.18 has no 'internlm2' template name.
+    return pipeline(
+        str(model_dir),
+        backend_config=turbomind_config(settings),
+        chat_template_config=ChatTemplateConfig(model_name="hf", model_path=str(model_dir)),
+        trust_remote_code=True,
     )
 
 
@@ -102,31 +121,17 @@ class LMDeployEngine:
     Args:
         model_dir: a Hugging Face model directory (weights, tokenizer with chat template, generation config).
         settings: the validated engine settings.
+        pipe: an LMDeploy pipeline already opened on ``model_dir`` (None: open one with ``open_pipeline``).
     """
 
     name = "lmdeploy"
 
-    def __init__(self, model_dir: Path, settings: EngineSettings) -> None:
-        if not lmdeploy_available():
-            raise SettingsError(
-                "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
-                "use BACKEND=transformers or auto"
-            )
-        from lmdeploy import ChatTemplateConfig, pipeline
-
+    def __init__(self, model_dir: Path, settings: EngineSettings, pipe: Any | None = None) -> None:
+        self.pipe = open_pipeline(model_dir, settings) if pipe is None else pipe
         self.settings = settings
         self.max_concurrency = settings.max_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir))
-        self._stop_words = [END_OF_TURN] if token_id(self.tokenizer, END_OF_TURN) is not None else []
-        # Our requests carry their own ids; the 'hf' template (the tokenizer's own) is only what LMDeploy
-        # keeps for anything else. 0.18 has no 'internlm2' template name.
-        self.pipe = pipeline(
-            str(model_dir),
-            backend_config=turbomind_config(settings),
-            chat_template_config=ChatTemplateConfig(model_name="hf", model_path=str(model_dir)),
-            trust_remote_code=True,
-        )
         self._loop = self.pipe.internal_thread.loop
         self._lock = threading.Lock()
         # page session id -> (its LMDeploy session, the future of its request)
@@ -144,17 +149,12 @@ class LMDeployEngine:
             params: sampling values for this reply.
             session_id: the page asking; a new reply for the same page aborts the one still running.
         """
-        if not isinstance(params, GenerationParams):
-            raise SettingsError(f"params must be GenerationParams, got {type(params).__name__}")
-        prompt = trim_messages(
-            self.tokenizer, normalise_messages(messages), params.max_new_tokens, self.settings.session_len
-        )
-        gen_config = generation_config(params, self.stop_ids, self._stop_words)
+        prompt = prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
+        gen_config = generation_config(params, self.stop_ids)
         outputs: queue.Queue = queue.Queue()
-        session = self.pipe.session()
         engine = self.pipe.async_engine
 
-        async def run() -> None:
+        async def run(session: Any) -> None:
             try:
                 request = await engine.preprocess(
                     messages=None, session_id=session, gen_config=gen_config, input_ids=prompt.input_ids
@@ -165,56 +165,63 @@ class LMDeployEngine:
                 logger.exception("session {}: LMDeploy request failed", session_id)
                 outputs.put(("error", exc))
 
-        def finished(_: Any) -> None:  # also runs for a task cancelled before it ever started
-            self._loop.call_soon_threadsafe(self.pipe.session_mgr.remove, session)  # idempotent
-            outputs.put(("done", None))
-
         with self._lock:
             if self._closed:
                 raise GenerationError("the engine is closed")
+            if not self._loop_alive():
+                raise GenerationError("LMDeploy's event loop has stopped (see the log); restart the app")
             self._abort_locked(session_id)
-            future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+            session = self.pipe.session()
+
+            def finished(_: Any) -> None:  # also runs for a task cancelled before it ever started
+                outputs.put(("done", None))  # first: the consumer must hear of the end whatever happens next
+                with contextlib.suppress(RuntimeError):  # the loop is already closed (engine closing)
+                    self._loop.call_soon_threadsafe(self.pipe.session_mgr.remove, session)  # idempotent
+
+            future = asyncio.run_coroutine_threadsafe(run(session), self._loop)
             future.add_done_callback(finished)
             self._running[session_id] = (session, future)
-        stream = ChatStream(
-            deltas=iter(()),
+        return ChatStream(
+            updates=self._updates(outputs, session_id, len(prompt.input_ids)),
             prompt_tokens=len(prompt.input_ids),
             dropped_messages=prompt.dropped_messages,
             cancel=lambda: self._cancel(session_id, future),
         )
-        stream.deltas = self._deltas(outputs, stream, session_id, future)
-        return stream
 
-    def _deltas(
-        self, outputs: queue.Queue, stream: ChatStream, session_id: str, future: Any
-    ) -> Generator[str, None, None]:
-        started = time.perf_counter()
+    def _loop_alive(self) -> bool:
+        return self.pipe.internal_thread.thread.is_alive()
+
+    def _updates(
+        self, outputs: queue.Queue, session_id: str, prompt_tokens: int
+    ) -> Generator[Update, None, None]:
+        started, tokens, reason = time.perf_counter(), 0, None
         try:
             while True:
-                kind, value = outputs.get()
+                try:
+                    kind, value = outputs.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not self._loop_alive():
+                        reason = "error"
+                        raise GenerationError("LMDeploy's event loop has stopped") from None
+                    continue
                 if kind == "out":
-                    stream.completion_tokens = value.generate_token_len
-                    if value.finish_reason:
-                        stream.finish_reason = value.finish_reason
-                    if value.response:
-                        yield value.response
+                    tokens, reason = value.generate_token_len, value.finish_reason or reason
+                    # the last output of a reply cut by max_new_tokens may end in half a character
+                    text = value.response.rstrip("\ufffd") if value.finish_reason else value.response
+                    yield Update(text, tokens, value.finish_reason)
                 elif kind == "error":
-                    stream.finish_reason = "error"
+                    reason = "error"
                     raise GenerationError(f"generation failed: {value}") from value
                 else:
                     return
         finally:
-            self._cancel(session_id, future)  # the consumer went away early: end the generation too
-            if stream.finish_reason is None:
-                stream.finish_reason = "abort"
-            elapsed = time.perf_counter() - started
             logger.info(
                 "session {}: {} ({} prompt + {} new tokens, {:.2f} s)",
                 session_id,
-                stream.finish_reason,
-                stream.prompt_tokens,
-                stream.completion_tokens,
-                elapsed,
+                reason or "abort",
+                prompt_tokens,
+                tokens,
+                time.perf_counter() - started,
             )
 
     def _cancel(self, session_id: str, future: Any) -> None:
@@ -230,7 +237,8 @@ class LMDeployEngine:
         session, future = running
         if not future.done():
             # Cancel inside TurboMind (a running request), and cancel the task (one still waiting for a slot).
-            asyncio.run_coroutine_threadsafe(session.async_abort(), self._loop)
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: the task is gone with it
+                asyncio.run_coroutine_threadsafe(session.async_abort(), self._loop)
             future.cancel()
 
     def abort(self, session_id: str) -> None:

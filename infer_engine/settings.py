@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
 QUANT_POLICIES = (0, 4, 8)
+MAX_NEW_TOKENS = 2048  # the most tokens one reply may ask for
+MIN_PROMPT_TOKENS = 32  # what a session keeps for the prompt at least (a short question in the chat format)
 
 
 class SettingsError(ValueError):
@@ -60,7 +62,8 @@ class GenerationParams:
     """Sampling values for one reply.
 
     Args:
-        max_new_tokens: most tokens the reply may have (1-2048).
+        max_new_tokens: most tokens the reply may have (1-2048; the engine's ``max_reply_tokens`` bounds it
+            further).
         temperature: sampling temperature (0.01-2); ignored when ``do_sample`` is False.
         top_p: nucleus sampling mass (0.01-1).
         top_k: sample among the k most likely tokens (1-100).
@@ -74,7 +77,7 @@ class GenerationParams:
     do_sample: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, 1, 2048)
+        _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         object.__setattr__(self, "temperature", _check_float("temperature", self.temperature, 0.01, 2.0))
         object.__setattr__(self, "top_p", _check_float("top_p", self.top_p, 0.01, 1.0))
         _check_int("top_k", self.top_k, 1, 100)
@@ -96,6 +99,9 @@ class EngineSettings:
         tp: LMDeploy tensor-parallel GPU count (1, 2, 4 or 8).
         enable_prefix_caching: LMDeploy: reuse the KV cache of a shared prompt prefix (the resent transcript).
         device: transformers backend device: ``auto``, ``cpu`` or ``cuda``.
+        torch_threads: transformers backend: torch's intra-op threads for the whole process (0 = on a CPU
+            one per core but one, 1 to 4, leaving a core to the web server; torch's default on a GPU; else
+            1-256). See ``hf_engine.torch_threads``.
     """
 
     backend: str = "auto"
@@ -106,6 +112,7 @@ class EngineSettings:
     tp: int = 1
     enable_prefix_caching: bool = True
     device: str = "auto"
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -122,6 +129,19 @@ class EngineSettings:
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}"
             )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_int("torch_threads", self.torch_threads, 0, 256)
+
+    @property
+    def max_reply_tokens(self) -> int:
+        """The most ``max_new_tokens`` a reply may ask for: ``session_len`` keeps ``MIN_PROMPT_TOKENS`` for
+        the prompt (bigger values could never be answered; ``session_len`` >= 64 leaves at least 32)."""
+        return min(MAX_NEW_TOKENS, self.session_len - MIN_PROMPT_TOKENS)
+
+    def default_params(self) -> GenerationParams:
+        """``GenerationParams()`` with ``max_new_tokens`` lowered to ``max_reply_tokens`` when the session is
+        too short for the default: what the UI and the ``/chat`` API start from."""
+        defaults = GenerationParams()
+        return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, self.max_reply_tokens))
 
 
 @dataclass(frozen=True)

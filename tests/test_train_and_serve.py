@@ -35,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """Run the one training command with --publish; return (name, work dir, bare published repo)."""
     root = tmp_path_factory.mktemp("train")
     name, work, bare = _fresh_name(), root / "work", root / "published.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(bare)], check=True)
     result = subprocess.run(
         ["bash", "training/run.sh", "--preset", "tiny", "--name", name, "--work-dir", str(work),
          "--publish", f"file://{bare}"],

@@ -4,7 +4,8 @@
 the embedded demo model. A trained tiny model ends every answer within a few tokens, so tests that stop a
 long reply use ``rambling_app``: the same shapes and tokenizer with random weights, whose greedy replies run
 long. One server of each per test session; tests read the log (token counts, finish reasons) to see that a
-reply was really aborted.
+reply was really aborted. The model fixtures (``served_model_dir``, ``rambling_model_dir``) are in
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from bench.bench_serving import random_weights_copy, serve_app
-from infer_engine.model_source import resolve_model
+from bench.bench_serving import serve_app
 
 
 @dataclass
@@ -52,18 +52,6 @@ class RunningApp:
                     f"{pattern!r} not in the app log within {timeout_s}s; log tail:\n{self.log()[-3000:]}"
                 )
             time.sleep(0.1)
-
-
-@pytest.fixture(scope="session")
-def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model dir the app serves (``MODEL_SOURCE`` or the embedded demo model), for in-process tests."""
-    return resolve_model(os.environ.get("MODEL_SOURCE") or None, tmp_path_factory.mktemp("model-cache"))
-
-
-@pytest.fixture(scope="session")
-def rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The served model's shapes and tokenizer with random weights: greedy replies run long (to test Stop)."""
-    return random_weights_copy(served_model_dir, tmp_path_factory.mktemp("rambling") / "model")
 
 
 def _run_app(model_source: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:

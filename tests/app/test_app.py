@@ -7,16 +7,21 @@ Run: python -m pytest tests/app/test_app.py
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from loguru import logger
 
 import app
 from infer_engine.model_source import DEMO_MODEL_DIR
+from infer_engine.ui import UI_THREADS
 
 GREEDY = {"do_sample": False, "api_name": "/chat"}
 REPLY_LOG = r"reply (api-\w+): prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
@@ -101,6 +106,7 @@ def test_history_in_gradio_parts_form_means_the_same_as_plain_text(client: Clien
         ({"max_new_tokens": 1.5}, "max_new_tokens must be an integer"),
         ({"history": [{"role": "robot", "content": "hi"}]}, "role"),
         ({"message": "   "}, "Type a message first"),
+        ({"system_prompt": None}, "system_prompt must be text"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(
@@ -142,3 +148,47 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
 def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
     assert app.main(["--port", "70000"]) == 2
     assert "port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_the_app_serves_with_more_threads_than_its_concurrency(app_server) -> None:
+    started = re.search(r"concurrency (\d+), queue size \d+, (\d+) server threads", app_server.log())
+    assert started, "no start line in the app log"
+    assert int(started[2]) == int(started[1]) + UI_THREADS
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--backend", "lmdeploy"], {}, "BACKEND=lmdeploy needs a CUDA GPU"),
+        (["--backend", "transformers"], {"DEVICE": "cuda"}, "device=cuda was asked for, but no CUDA GPU"),
+    ],
+)
+def test_settings_that_need_a_gpu_fail_clearly_without_one(
+    argv: list[str], env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert app.main(["--model", "", *argv]) == 2  # the demo model: nothing to download
+    err = capsys.readouterr().err
+    assert "app.py: invalid setting:" in err and message in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def loguru_messages() -> Iterator[list[str]]:
+    messages: list[str] = []
+    handler = logger.add(lambda message: messages.append(str(message)), format="{level} {message}")
+    yield messages
+    logger.remove(handler)
+    root = logging.getLogger()
+    for stdlib_handler in [h for h in root.handlers if isinstance(h, app.InterceptHandler)]:
+        root.removeHandler(stdlib_handler)
+
+
+def test_stdlib_logging_of_the_model_source_reaches_the_app_log(loguru_messages: list[str]) -> None:
+    app.route_std_logging()
+    app.route_std_logging()  # idempotent: still one copy of each message
+    logging.getLogger("infer_engine.model_source").info("model %s: using cache %s (no network)", "m", "/c")
+    logging.getLogger("some.library").warning("careful")
+    logging.getLogger("some.library").info("chatter")  # libraries' info stays out
+    assert loguru_messages == ["INFO model m: using cache /c (no network)\n", "WARNING careful\n"]

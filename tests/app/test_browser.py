@@ -160,15 +160,33 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     assert len(messages(page, "bot")) == 3
     page.screenshot(path=tmp_path / "chat.png", full_page=True)
 
+    # Undo while a long answer streams: the turn goes, the engine stops, and no late text brings it back.
+    greedy(page, LONG)
+    offset = len(app_server.log())
+    send(page, LONG_PROMPT)
+    wait_until_streaming(page, bots=4)
+    page.click("#undo")
+    tokens, finish = wait_for_reply(app_server, page, offset)
+    assert (finish, tokens < LONG) == ("abort", True)
+    time.sleep(1.5)
+    assert messages(page, "user") == ["你是谁？", LONG_PROMPT, "你是谁？"]
+    assert len(messages(page, "bot")) == 3
+    assert textbox.input_value() == LONG_PROMPT
+
     # Undo removes the last turn and puts its question back in the textbox.
     page.click("#undo")
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 2")
     assert messages(page, "user") == ["你是谁？", LONG_PROMPT]
     assert textbox.input_value() == "你是谁？"
 
-    # Clear empties the chat.
+    # Clear while a long answer streams empties the chat for good.
+    offset = len(app_server.log())
+    send(page, LONG_PROMPT)
+    wait_until_streaming(page, bots=3)
     page.click("#clear")
-    page.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
+    tokens, finish = wait_for_reply(app_server, page, offset)
+    assert (finish, tokens < LONG) == ("abort", True)
+    time.sleep(1.5)
     assert messages(page, "user") == messages(page, "bot") == []
     assert errors == []
 

@@ -1,29 +1,31 @@
-"""Engine-layer fixtures: the embedded tiny demo model (InternLM2 chat format, Llama layout), its tokenizer.
+"""Engine-layer fixtures: the demo model's tokenizer and the engine's log (the model fixtures are in
+tests/conftest.py).
 
 Run: .venv/bin/python -m pytest tests/infer_engine -q
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from log_capture import EngineLog
+from loguru import logger
 from transformers import AutoTokenizer
-
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "infer_engine" / "demo_model"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
-    """The embedded demo model directory (``infer_engine/demo_model``)."""
-    assert (DEMO_MODEL / "config.json").is_file(), (
-        f"no demo model in {DEMO_MODEL}: build it with `bash training/run.sh --preset tiny --name UbUb`"
-    )
-    return DEMO_MODEL
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir: Path) -> Any:
     """The demo model's tokenizer (byte-level BPE; <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4)."""
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def engine_log() -> Iterator[EngineLog]:
+    """Everything the engine logs during the test."""
+    log = EngineLog()
+    handler = logger.add(lambda message: log.messages.append(str(message)), format="{message}", level="INFO")
+    yield log
+    logger.remove(handler)

@@ -1,7 +1,10 @@
-"""Prompt building on the demo model's real tokenizer: validation, template fidelity, injection, trimming."""
+"""Prompt building on the demo model's real tokenizer: validation, template fidelity, injection (also from
+many threads at once), trimming."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +14,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from infer_engine.chat_format import (
     MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
     ChatInputError,
     encode_chat,
     normalise_messages,
+    plain_messages,
     stop_token_ids,
     token_id,
+    token_span,
     trim_messages,
 )
 
@@ -43,6 +49,37 @@ def template_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 def template_text(tokenizer: Any, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ---- plain_messages ----------------------------------------------------------------------------------------
+
+CHATBOT_VALUE = [  # what a Gradio 6 Chatbot preprocesses to, with the extra keys Gradio adds
+    {"role": role, "content": [{"type": "text", "text": text}], "metadata": None, "options": None}
+    for role, text in (("user", "你是谁？"), ("assistant", "我是UbUb"))
+]
+
+
+def test_plain_messages_takes_chatbot_values_and_api_histories_in_any_order() -> None:
+    assert plain_messages(CHATBOT_VALUE) == [user("你是谁？"), assistant("我是UbUb")]
+    assert plain_messages([assistant("a"), assistant("b")]) == [assistant("a"), assistant("b")]  # no order
+    assert plain_messages(None) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("hello", "must be a list"),
+        ([{"role": "user"}], "message 1 must be a dict with 'role' and 'content'"),
+        ([user("a"), {"role": "bot", "content": "x"}], "message 2: role must be one of"),
+        ([user([{"type": "file", "path": "/etc/passwd"}])], "only text"),
+        ([user(42)], "content must be text"),
+        ([user("x" * (MAX_MESSAGE_CHARS + 1))], "too long"),
+        ([user("x")] * (MAX_MESSAGES + 1), "too many messages"),
+    ],
+)
+def test_plain_messages_rejects_bad_shapes_with_a_readable_message(value: Any, match: str) -> None:
+    with pytest.raises(ChatInputError, match=match):
+        plain_messages(value)
 
 
 # ---- normalise_messages ------------------------------------------------------------------------------------
@@ -152,6 +189,34 @@ def test_user_text_never_becomes_control_tokens(tokenizer: Any, messages: list[d
     assert template_ids(tokenizer, messages).count(im_start) > len(messages) + 1
 
 
+def test_no_injection_when_many_threads_encode_at_once(tokenizer: Any) -> None:
+    """Gradio encodes each request in its own thread, and a fast tokenizer's ``split_special_tokens`` is one
+    switch on the shared Rust tokenizer: unguarded, about 3% of these prompts came out with real control ids.
+    """
+    injected = [user(INJECTION)]
+    plain = [system("Be kind."), user("hello, who are you?")]
+    im_start, im_end = token_id(tokenizer, "<|im_start|>"), token_id(tokenizer, "<|im_end|>")
+    expected = {  # (<|im_start|>, <|im_end|>) per conversation: one per message, plus the assistant header
+        id(conversation): (len(conversation) + 1, len(conversation)) for conversation in (injected, plain)
+    }
+    bad: list[list[int]] = []
+    start = threading.Barrier(6)
+
+    def encode_many(conversation: list[dict]) -> None:
+        start.wait()
+        for _ in range(150):
+            ids = encode_chat(tokenizer, conversation)
+            if (ids.count(im_start), ids.count(im_end)) != expected[id(conversation)]:
+                bad.append(ids)
+
+    threads = [threading.Thread(target=encode_many, args=([injected, plain][i % 2],)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not bad, f"{len(bad)} of 900 prompts have extra or missing control tokens"
+
+
 def test_a_marker_formed_across_a_content_boundary_is_not_trusted(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.add_special_tokens(
@@ -247,6 +312,28 @@ def test_trim_can_drop_all_history_but_the_last_question(tokenizer: Any) -> None
     prompt = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=alone + 10)
     assert prompt.messages == [messages[0], messages[-1]]
     assert prompt.dropped_messages == len(messages) - 2
+
+
+def test_token_span_bounds_the_characters_of_every_token(tokenizer: Any) -> None:
+    span = token_span(tokenizer)
+    assert max(len(tokenizer.decode([i])) for i in range(len(tokenizer))) <= span
+    text = "我是UbUb的小助手 hello world " * 50
+    assert len(tokenizer.encode(text, add_special_tokens=False)) >= len(text) / span
+
+
+def test_trim_of_a_huge_history_costs_about_what_fits(tokenizer: Any) -> None:
+    """The largest valid input: 1000 messages of 20000 characters (the limits) in a 4096-token session."""
+    turn = [user("请介绍一下你自己，" * 2000), assistant("我是UbUb的小助手。" * 2000)]
+    messages = turn * ((MAX_MESSAGES - 1) // 2) + [user("the last question")]
+    assert len(messages) == MAX_MESSAGES - 1 and len(turn[0]["content"]) == MAX_MESSAGE_CHARS - 2000
+    started = time.process_time()
+    prompt = trim_messages(tokenizer, messages, max_new_tokens=1024, session_len=4096)
+    cpu_s = time.process_time() - started
+    assert len(prompt.input_ids) + 1024 <= 4096
+    assert prompt.messages == messages[prompt.dropped_messages :]
+    one_more = messages[prompt.dropped_messages - 2 :]
+    assert len(encode_chat(tokenizer, one_more)) + 1024 > 4096  # as much history as fits is kept
+    assert cpu_s < 5.0, f"trimming took {cpu_s:.1f} s of CPU"  # unbounded, it encodes ~20M characters
 
 
 def test_trim_rejects_a_last_message_that_cannot_fit(tokenizer: Any) -> None:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from infer_engine import engine as engine_module
-from infer_engine.engine import create_engine, lmdeploy_available, pick_backend
+from infer_engine.engine import (
+    ChatStream,
+    GenerationError,
+    Update,
+    create_engine,
+    lmdeploy_available,
+    pick_backend,
+)
 from infer_engine.hf_engine import TransformersEngine
 from infer_engine.settings import EngineSettings, GenerationParams
 
@@ -52,3 +59,31 @@ def test_the_public_names_the_ui_imports_exist() -> None:
 def test_create_engine_with_lmdeploy_on_cpu_fails_clearly(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="BACKEND=lmdeploy needs a CUDA GPU"):
         create_engine(tiny_model_dir, EngineSettings(backend="lmdeploy"))
+
+
+def test_a_chat_stream_keeps_the_backends_counters_and_reports_failures() -> None:
+    def updates():
+        yield Update("我是", 2)
+        yield Update("", 3)  # a token that completes no character yet
+        yield Update("UbUb", 5, "stop")
+
+    stream = ChatStream(updates(), prompt_tokens=7)
+    assert list(stream) == ["我是", "UbUb"]
+    assert (stream.prompt_tokens, stream.completion_tokens, stream.finish_reason) == (7, 5, "stop")
+
+    def failing():
+        yield Update("a", 1)
+        raise GenerationError("boom")
+
+    broken = ChatStream(failing(), prompt_tokens=1)
+    with pytest.raises(GenerationError, match="boom"):
+        list(broken)
+    assert broken.finish_reason == "error"
+
+
+def test_closing_a_chat_stream_cancels_the_backend_even_before_it_started() -> None:
+    cancelled = []
+    updates = (Update("x", 1) for _ in range(3))
+    never_read = ChatStream(updates, prompt_tokens=1, cancel=lambda: cancelled.append(1))
+    never_read.close()
+    assert cancelled and never_read.finish_reason == "abort"

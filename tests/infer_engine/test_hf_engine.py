@@ -1,12 +1,16 @@
 """The transformers backend end to end on the tiny demo model: streaming, Stop, tab close, several users.
 
 Replies of the trained demo model end after a few dozen tokens, too soon to stop one reliably in the middle.
-The Stop tests therefore use an "endless" twin: the demo model's tokenizer and shape with fresh random
-weights, whose greedy reply provably runs to ``max_new_tokens`` (checked in its fixture).
+The Stop tests therefore use an "endless" engine on ``rambling_model_dir`` (tests/conftest.py): the served
+model's tokenizer and shape with random weights, whose greedy reply provably runs to ``max_new_tokens``
+(checked in its fixture). That a reply really ended in the engine is read from the decoder thread's own log
+line (``engine_log``), never from the stream's ``finish_reason`` after ``close()``, which the stream sets
+itself.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,17 +19,18 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from log_capture import EngineLog
 
 from infer_engine.chat_format import ChatInputError, encode_chat
 from infer_engine.engine import ChatStream, GenerationError
-from infer_engine.hf_engine import IncrementalDecoder, TransformersEngine, sample_rows
+from infer_engine.hf_engine import IncrementalDecoder, TransformersEngine, sample_rows, torch_threads
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
 GREEDY = GenerationParams(max_new_tokens=40, do_sample=False)
 LONG = GenerationParams(max_new_tokens=400, do_sample=False)  # the endless model's replies run this long
 PROMPTS = ["请介绍一下你自己", "Who are you?", "你可以做什么？", "Please introduce yourself", "hello world"]
 SETTINGS = EngineSettings(backend="transformers", device="cpu", session_len=512, max_batch_size=3)
+PROMPT_END_S = 0.3  # a stopped reply ends in the engine within one decode step: far less than this
 
 
 def ask(text: str) -> list[dict]:
@@ -51,14 +56,9 @@ def solo(engine: TransformersEngine) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def endless(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersEngine]:
-    """An engine on the demo model's shape with random weights: its greedy replies only stop at the limit."""
-    model_dir = tmp_path_factory.mktemp("endless-model")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
-    GenerationConfig.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
-    engine = TransformersEngine(model_dir, SETTINGS)
+def endless(rambling_model_dir: Path) -> Iterator[TransformersEngine]:
+    """An engine on the served model's shape with random weights: greedy replies only stop at the limit."""
+    engine = TransformersEngine(rambling_model_dir, SETTINGS)
     reply = engine.stream_chat(ask(PROMPTS[0]), LONG, "probe")
     "".join(reply)
     assert (reply.finish_reason, reply.completion_tokens) == ("length", LONG.max_new_tokens)
@@ -101,6 +101,14 @@ def run_together(streams: dict[str, ChatStream]) -> dict[str, dict[str, Any]]:
     return logs
 
 
+def long_reply_ids(engine: TransformersEngine, prompt: str) -> list[int]:
+    """The endless model's greedy reply ids (``model.generate``) to ``prompt``."""
+    ids = encode_chat(engine.tokenizer, ask(prompt))
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=200, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
 def cpu_seconds_while_idle(seconds: float) -> float:
     start = time.process_time()
     time.sleep(seconds)
@@ -120,6 +128,23 @@ def test_incremental_decoder_never_splits_a_character(tokenizer: Any) -> None:
     deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_flush_drops_a_partial_character_at_the_end(tokenizer: Any) -> None:
+    ids = tokenizer.encode("ok 😀", add_special_tokens=False)
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.push(i) for i in ids[:cut]) + decoder.flush()
+    assert text == tokenizer.decode(ids[:cut]).rstrip("\ufffd")
+    assert "\ufffd" not in text
+
+
+def test_torch_threads_come_from_the_settings_or_the_cores() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert torch_threads(EngineSettings(torch_threads=3), cpu) == 3
+    assert torch_threads(EngineSettings(torch_threads=3), cuda) == 3
+    cores = len(os.sched_getaffinity(0))
+    assert torch_threads(EngineSettings(), cpu) == max(1, min(cores - 1, 4))  # a core left to the server
 
 
 def test_sample_rows_honours_each_rows_settings() -> None:
@@ -171,6 +196,18 @@ def test_streaming_equals_plain_greedy_generate(engine: TransformersEngine, prom
     assert all(deltas), "no empty deltas"
 
 
+def test_a_reply_cut_by_max_new_tokens_never_ends_in_half_a_character(endless: TransformersEngine) -> None:
+    reply = long_reply_ids(endless, PROMPTS[0])
+    cuts = [k for k in range(1, len(reply)) if endless.tokenizer.decode(reply[:k]).endswith("\ufffd")]
+    assert cuts, "the rambling model's reply should split a character somewhere"
+    params = GenerationParams(max_new_tokens=cuts[0], do_sample=False)
+    stream = endless.stream_chat(ask(PROMPTS[0]), params, "cut")
+    text = "".join(stream)
+    assert (stream.finish_reason, stream.completion_tokens) == ("length", cuts[0])
+    assert text == endless.tokenizer.decode(reply[: cuts[0]], skip_special_tokens=True).rstrip("\ufffd")
+    assert not text.endswith("\ufffd")  # (random weights may also emit a stray byte inside the text)
+
+
 def test_sampled_reply_streams_and_respects_max_new_tokens(engine: TransformersEngine) -> None:
     stream = engine.stream_chat(
         ask("你是谁？"), GenerationParams(max_new_tokens=12, temperature=1.5), "sample"
@@ -206,15 +243,17 @@ def test_bad_input_is_refused_before_anything_is_queued(engine: TransformersEngi
 # ---- Stop, tab close, replacement --------------------------------------------------------------------------
 
 
-def test_stop_ends_the_generation_and_the_worker_goes_idle(endless: TransformersEngine) -> None:
+def test_stop_ends_the_generation_and_the_worker_goes_idle(
+    endless: TransformersEngine, engine_log: EngineLog
+) -> None:
     threads_before = threading.active_count()
     stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "stop")
     next(iter(stream))
     endless.abort("stop")
+    assert engine_log.reply_end("stop", PROMPT_END_S)[0] == "abort"
     "".join(stream)
-    assert stream.finish_reason == "abort"
+    assert stream.finish_reason == "abort"  # as the engine reported it: the stream was never closed
     assert stream.completion_tokens < LONG.max_new_tokens // 2
-    assert endless.wait_idle(timeout=5), "the decoder thread still has work after Stop"
     assert threading.active_count() == threads_before  # no thread per request, none left behind
     assert cpu_seconds_while_idle(0.5) < 0.1, "something keeps burning CPU after Stop"
 
@@ -228,22 +267,26 @@ def test_what_streamed_before_stop_is_the_start_of_the_reply(endless: Transforme
     assert full.startswith(partial)
 
 
-def test_closing_the_stream_aborts_it(endless: TransformersEngine) -> None:
+def test_closing_the_stream_aborts_it(endless: TransformersEngine, engine_log: EngineLog) -> None:
     stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "tab")
     next(iter(stream))
     stream.close()  # what Gradio does to the generator when the tab goes away
-    assert stream.finish_reason == "abort"
-    assert endless.wait_idle(timeout=5)
+    reason, tokens = engine_log.reply_end("tab", PROMPT_END_S)
+    assert reason == "abort"
+    assert tokens < LONG.max_new_tokens // 2
 
 
-def test_closing_an_unread_stream_aborts_it(endless: TransformersEngine) -> None:
+def test_closing_an_unread_stream_aborts_it(endless: TransformersEngine, engine_log: EngineLog) -> None:
     stream = endless.stream_chat(ask(PROMPTS[0]), LONG, "unread")
     stream.close()  # e.g. the UI failed before it started reading
-    assert stream.finish_reason == "abort"
-    assert endless.wait_idle(timeout=5)
+    reason, tokens = engine_log.reply_end("unread", PROMPT_END_S)
+    assert reason == "abort"
+    assert tokens < LONG.max_new_tokens // 2
 
 
-def test_stop_reaches_a_request_still_waiting_for_a_batch_slot(endless: TransformersEngine) -> None:
+def test_stop_reaches_a_request_still_waiting_for_a_batch_slot(
+    endless: TransformersEngine, engine_log: EngineLog
+) -> None:
     running = [
         endless.stream_chat(ask(PROMPTS[0]), LONG, f"busy-{i}") for i in range(SETTINGS.max_batch_size)
     ]
@@ -251,12 +294,12 @@ def test_stop_reaches_a_request_still_waiting_for_a_batch_slot(endless: Transfor
         next(iter(stream))  # every batch slot is taken, for 400 tokens
     waiting = endless.stream_chat(ask(PROMPTS[0]), LONG, "waiting")
     endless.abort("waiting")
+    assert engine_log.reply_end("waiting", PROMPT_END_S) == ("abort", 0)  # never decoded: it did not wait
     assert list(waiting) == []
     assert waiting.finish_reason == "abort"
-    assert waiting.completion_tokens == 0  # ended without ever being decoded: it did not wait for a slot
-    for stream in running:
+    for i, stream in enumerate(running):
         stream.close()
-    assert endless.wait_idle(timeout=5)
+        assert engine_log.reply_end(f"busy-{i}", PROMPT_END_S)[0] == "abort"
 
 
 def test_a_new_reply_for_the_same_page_replaces_the_running_one(endless: TransformersEngine) -> None:
@@ -295,6 +338,49 @@ def test_concurrent_sessions_all_make_progress(endless: TransformersEngine) -> N
     # Batched: every user sees text before any of them is done (a lock per request would serialise them).
     assert max(log["first"] for log in logs.values()) < min(log["end"] for log in logs.values())
     assert all(stream.completion_tokens == 100 for stream in streams.values())
+
+
+@pytest.mark.parametrize("part", ["_without_aborted", "_decode_step"])
+def test_a_failing_loop_step_fails_its_batch_and_the_engine_goes_on(
+    engine: TransformersEngine, solo: dict[str, tuple[str, int]], monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    original = getattr(engine, part)
+
+    def fails_once(*args: Any) -> Any:  # a fault no one row can be blamed for, once
+        monkeypatch.setattr(engine, part, original)
+        raise RuntimeError(f"injected failure in {part}")
+
+    monkeypatch.setattr(engine, part, fails_once)
+    failed = engine.stream_chat(ask(PROMPTS[0]), GREEDY, "failed")
+    with pytest.raises(GenerationError, match="injected failure"):
+        "".join(failed)
+    assert failed.finish_reason == "error"
+    after = engine.stream_chat(ask(PROMPTS[1]), GREEDY, "after-failure")
+    assert "".join(after) == solo[PROMPTS[1]][0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_a_dead_decoder_thread_is_reported_not_waited_for(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = TransformersEngine(tiny_model_dir, SETTINGS)
+    take_inbox = engine._take_inbox
+
+    def dies(*args: Any, **kwargs: Any) -> bool:  # what nothing should do: end the thread for good
+        monkeypatch.setattr(engine, "_take_inbox", take_inbox)
+        raise SystemExit
+
+    try:
+        stream = engine.stream_chat(ask(PROMPTS[0]), LONG, "orphan")
+        monkeypatch.setattr(engine, "_take_inbox", dies)  # taken on the thread's next round
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="decoder thread has stopped"):
+            "".join(stream)
+        assert time.monotonic() - started < 5  # noticed by the consumer's poll, not a hang
+        with pytest.raises(GenerationError, match="decoder thread has stopped"):
+            engine.stream_chat(ask("hi"), GREEDY, "late")
+    finally:
+        engine.close()
 
 
 def test_a_failing_request_does_not_break_the_others(

@@ -1,11 +1,13 @@
-"""History operations behind Retry, Undo and the ``/chat`` API, on Gradio 6's shapes (plain and parts)."""
+"""History operations behind Retry, Undo and the ``/chat`` API, on Gradio 6's shapes (plain and parts, made
+plain by ``chat_format.plain_messages``, whose own checks are in test_chat_format.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from infer_engine.chat_format import plain_messages
 from infer_engine.engine import ChatInputError
-from infer_engine.history import append_user, needs_answer, normalize, retry, undo, with_system_prompt
+from infer_engine.history import append_user, needs_answer, retry, undo, with_system_prompt
 
 
 def parts(text: str) -> list[dict]:
@@ -27,30 +29,10 @@ HISTORY = [
 ]
 
 
-def test_normalize_turns_parts_and_extra_keys_into_plain_messages() -> None:
-    assert normalize(CHATBOT_VALUE) == HISTORY
-    assert normalize(HISTORY) == HISTORY
-    assert normalize(None) == []
-
-
-def test_normalize_joins_several_text_parts() -> None:
+def test_a_chatbot_value_becomes_the_plain_history() -> None:
+    assert plain_messages(CHATBOT_VALUE) == HISTORY
     value = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert normalize(value) == [{"role": "user", "content": "a\nb"}]
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("hello", "must be a list"),
-        ([{"role": "user"}], r"history\[0\] must be a dict with 'role' and 'content'"),
-        ([{"role": "bot", "content": "x"}], "role 'bot'"),
-        ([{"role": "user", "content": [{"type": "file", "path": "/etc/passwd"}]}], "only text"),
-        ([{"role": "user", "content": 42}], "content must be text"),
-    ],
-)
-def test_normalize_rejects_bad_shapes_with_a_readable_message(value: object, message: str) -> None:
-    with pytest.raises(ChatInputError, match=message):
-        normalize(value)
+    assert plain_messages(value) == [{"role": "user", "content": "a\nb"}]
 
 
 def test_append_user_adds_the_question() -> None:
@@ -63,6 +45,12 @@ def test_append_user_refuses_a_blank_message(text: str) -> None:
         append_user(HISTORY, text)
 
 
+@pytest.mark.parametrize("text", [None, 42, ["hi"]])
+def test_append_user_refuses_a_message_that_is_not_text(text: object) -> None:
+    with pytest.raises(ChatInputError, match="the message must be text"):
+        append_user(HISTORY, text)  # type: ignore[arg-type]
+
+
 def test_append_user_after_an_unanswered_question_keeps_turns_alternating() -> None:
     stopped = [*HISTORY, {"role": "user", "content": "讲个故事"}]  # Stop came before the first token
     assert append_user(stopped, "算了") == [
@@ -73,7 +61,7 @@ def test_append_user_after_an_unanswered_question_keeps_turns_alternating() -> N
 
 
 def test_retry_drops_the_last_answer_and_returns_its_question() -> None:
-    history, question = retry(normalize(CHATBOT_VALUE))
+    history, question = retry(plain_messages(CHATBOT_VALUE))
     assert history == HISTORY[:3]
     assert question == "你可以做什么？"
     assert needs_answer(history)
@@ -85,7 +73,7 @@ def test_retry_of_an_unanswered_question_keeps_it() -> None:
 
 
 def test_undo_removes_the_last_turn_and_returns_the_question_for_the_textbox() -> None:
-    history, question = undo(normalize(CHATBOT_VALUE))
+    history, question = undo(plain_messages(CHATBOT_VALUE))
     assert history == HISTORY[:2]
     assert question == "你可以做什么？"
     assert not needs_answer(history)
@@ -114,3 +102,9 @@ def test_system_prompt_goes_first_and_only_once() -> None:
     assert with_system_prompt(HISTORY, "Be brief.") == [{"role": "system", "content": "Be brief."}, *HISTORY]
     with pytest.raises(ChatInputError, match="not both"):
         with_system_prompt([{"role": "system", "content": "x"}, *HISTORY], "Be brief.")
+
+
+@pytest.mark.parametrize("system_prompt", [None, 3, ["x"]])
+def test_a_system_prompt_that_is_not_text_is_refused(system_prompt: object) -> None:
+    with pytest.raises(ChatInputError, match="system_prompt must be text"):
+        with_system_prompt(HISTORY, system_prompt)  # type: ignore[arg-type]

@@ -87,6 +87,7 @@ def test_generation_params_store_floats() -> None:
         ("tp", [1, 2, 4, 8], [0, 3, 16]),
         ("enable_prefix_caching", [True, False], [1, "true", None]),
         ("device", ["auto", "cpu", "cuda"], ["gpu", "CUDA"]),
+        ("torch_threads", [0, 1, 256], [-1, 257, True]),
     ],
 )
 def test_engine_settings_bounds(field: str, good: list, bad: list) -> None:
@@ -114,6 +115,16 @@ def test_engine_settings_reject_bools_floats_and_nan(field: str, value: object) 
         EngineSettings(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("session_len", "most", "default"),
+    [(64, 32, 32), (512, 480, 480), (1056, 1024, 1024), (4096, 2048, 1024), (1_048_576, 2048, 1024)],
+)
+def test_a_short_session_lowers_the_reply_length(session_len: int, most: int, default: int) -> None:
+    settings = EngineSettings(session_len=session_len)
+    assert settings.max_reply_tokens == most
+    assert settings.default_params() == GenerationParams(max_new_tokens=default)
+
+
 def test_engine_settings_from_env_parses_every_type() -> None:
     env = {
         "BACKEND": "transformers",
@@ -124,6 +135,7 @@ def test_engine_settings_from_env_parses_every_type() -> None:
         "TP": "2",
         "ENABLE_PREFIX_CACHING": "off",
         "DEVICE": "cpu",
+        "TORCH_THREADS": "2",
         "UNRELATED": "ignored",
     }
     assert engine_settings_from_env(env) == EngineSettings(
@@ -135,6 +147,7 @@ def test_engine_settings_from_env_parses_every_type() -> None:
         tp=2,
         enable_prefix_caching=False,
         device="cpu",
+        torch_threads=2,
     )
     assert engine_settings_from_env({}) == EngineSettings()
     assert engine_settings_from_env({"SESSION_LEN": "  "}) == EngineSettings()  # blank = unset

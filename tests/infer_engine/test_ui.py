@@ -1,21 +1,38 @@
 """The UI layer in process, on the real transformers engine: throttled streaming, early close, the
-dropped-turns notice, and how build_ui wires events to the queue. The model is the served one with random
-weights (see conftest), so greedy replies are long and deterministic."""
+dropped-turns notice, how build_ui wires events to the queue, the ``/chat`` function's input checks, and
+``launch_options`` serving more streams than Gradio's default 40 threads. The model is the served one with
+random weights (``rambling_model_dir``), so greedy replies are long and deterministic."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gradio as gr
 import pytest
+from gradio_client import Client
+from log_capture import EngineLog
 
+from bench.bench_serving import free_port
 from infer_engine.engine import ChatEngine, create_engine
+from infer_engine.hf_engine import TransformersEngine
 from infer_engine.settings import EngineSettings, GenerationParams, ServerSettings
-from infer_engine.ui import GENERATION_POOL, ModelInfo, build_ui, dropped_notice, stream_reply
+from infer_engine.ui import (
+    GENERATION_POOL,
+    UI_THREADS,
+    ModelInfo,
+    build_ui,
+    dropped_notice,
+    launch_options,
+    stream_reply,
+)
 
 QUESTION = [{"role": "user", "content": "请介绍一下你自己"}]
 GREEDY = GenerationParams(max_new_tokens=48, do_sample=False)
 SESSION_LEN = 256
+INFO = ModelInfo(name="tiny", source="test", is_demo=True)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +42,12 @@ def engine(rambling_model_dir: Path) -> Iterator[ChatEngine]:
     )
     yield engine
     engine.close()
+
+
+def api_function(demo: gr.Blocks) -> Callable[..., Iterator[str]]:
+    """The function behind the public ``/chat`` endpoint."""
+    (chat,) = [fn.fn for fn in demo.fns.values() if fn.api_name == "chat"]
+    return chat
 
 
 def test_unthrottled_stream_yields_every_delta_and_throttled_yields_first_and_final(
@@ -40,13 +63,16 @@ def test_unthrottled_stream_yields_every_delta_and_throttled_yields_first_and_fi
     assert list(texts) == ([every[0], every[-1]] if len(every) > 1 else every)
 
 
-def test_closing_the_texts_early_aborts_the_reply(engine: ChatEngine) -> None:
+def test_closing_the_texts_early_aborts_the_reply_in_the_engine(
+    engine: ChatEngine, engine_log: EngineLog
+) -> None:
     long_reply = GenerationParams(max_new_tokens=200, do_sample=False)
     stream, texts = stream_reply(engine, QUESTION, long_reply, "ui-test-3")
     next(texts)
     texts.close()
-    assert stream.finish_reason == "abort"
-    assert stream.completion_tokens < long_reply.max_new_tokens
+    reason, tokens = engine_log.reply_end("ui-test-3", timeout_s=0.3)  # the decoder thread ended it
+    assert reason == "abort"
+    assert tokens < long_reply.max_new_tokens // 2
 
 
 def test_oldest_turns_are_dropped_to_fit_and_the_notice_says_how_many(engine: ChatEngine) -> None:
@@ -67,7 +93,7 @@ def test_oldest_turns_are_dropped_to_fit_and_the_notice_says_how_many(engine: Ch
 def test_generation_shares_one_pool_sized_to_the_engine_and_ui_events_skip_the_queue(
     engine: ChatEngine,
 ) -> None:
-    demo = build_ui(engine, ServerSettings(queue_size=7), ModelInfo(name="tiny", source="test", is_demo=True))
+    demo = build_ui(engine, ServerSettings(queue_size=7), INFO)
     functions = list(demo.fns.values())
     generating = [fn for fn in functions if fn.concurrency_id == GENERATION_POOL]
     assert sorted(fn.name for fn in generating) == ["answer", "answer", "chat"]
@@ -76,3 +102,110 @@ def test_generation_shares_one_pool_sized_to_the_engine_and_ui_events_skip_the_q
     assert clicks and not any(fn.queue for fn in clicks)
     assert [fn.api_name for fn in functions if fn.api_visibility == "public"] == ["chat"]
     assert demo._queue.max_size == 7
+    # Stop, Undo and Clear abort the reply and cancel it on screen (Gradio adds a cancel-only event on the
+    # same triggers); Undo and Clear change the chat only once that is done.
+    answers = {fn._id for fn in generating if fn.name == "answer"}
+    stops = [fn for fn in functions if fn.name == "stop_reply" and fn.targets[0][1] != "unload"]
+    assert sorted(len(fn.targets) for fn in stops) == [1, 2, 2]  # Stop; Undo button + icon; Clear + icon
+    for fn in stops:
+        (cancelling,) = [f for f in functions if f.is_cancel_function and f.targets == fn.targets]
+        assert set(cancelling.cancels) >= answers
+    after_stop = {fn.name for fn in functions if fn.trigger_after in {stop._id for stop in stops}}
+    assert after_stop == {"undo_turn", "<lambda>"}
+
+
+def test_a_stopped_answer_no_longer_updates_the_chat(engine: ChatEngine, engine_log: EngineLog) -> None:
+    """After Stop / Undo / Clear the chat belongs to them: the answer event yields nothing that changes it
+    (Gradio would deliver it, and repeat the event's last output on completion, after their update)."""
+    demo = build_ui(engine, ServerSettings(), INFO)
+    (answer,) = {fn.fn for fn in demo.fns.values() if fn.name == "answer"}
+    stop = next(fn.fn for fn in demo.fns.values() if fn.name == "stop_reply")
+    request = gr.Request(session_hash="page-under-test")
+    updates = answer([{"role": "user", "content": "请介绍一下你自己"}], "", 200, 0.8, 0.8, 1, request)
+    chat, _ = next(updates)
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"]
+    stop(request)
+    rest = list(updates)
+    assert rest == [(gr.skip(), gr.skip())]  # no update: the chat stays as Stop / Undo / Clear left it
+    assert engine_log.wait_for(r"^session page-\w+ request \d+: abort", timeout_s=0.3)
+
+
+def test_the_reply_length_fits_the_engines_session(engine: ChatEngine) -> None:
+    demo = build_ui(engine, ServerSettings(), INFO)
+    (slider,) = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Max new tokens"]
+    assert (slider.maximum, slider.value) == (SESSION_LEN - 32, SESSION_LEN - 32)  # not 2048 / 1024
+    default = inspect.signature(api_function(demo)).parameters["max_new_tokens"].default
+    assert default == SESSION_LEN - 32
+    assert GenerationParams().max_new_tokens > SESSION_LEN  # what the defaults would have been
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"system_prompt": None}, "system_prompt must be text"),
+        ({"message": None}, "the message must be text"),
+        ({"history": "hello"}, "must be a list"),
+        ({"do_sample": "yes"}, "do_sample must be true or false"),
+        ({"max_new_tokens": SESSION_LEN}, "leaves no room for the prompt"),
+    ],
+)
+def test_chat_api_refuses_bad_values_with_a_message(engine: ChatEngine, bad: dict, message: str) -> None:
+    chat = api_function(build_ui(engine, ServerSettings(), INFO))
+    with pytest.raises(gr.Error, match=message):
+        list(chat(**{"message": "hi", **bad}))
+
+
+def test_a_failure_while_streaming_is_shown_as_a_gradio_error(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = TransformersEngine(tiny_model_dir, EngineSettings(backend="transformers", max_batch_size=2))
+
+    def broken_prefill(*args: object) -> None:
+        raise RuntimeError("injected prefill failure")
+
+    monkeypatch.setattr(engine, "_prefill", broken_prefill)
+    try:
+        chat = api_function(build_ui(engine, ServerSettings(), INFO))
+        with pytest.raises(gr.Error, match="The model failed to answer: .*injected prefill failure"):
+            list(chat("你是谁？", do_sample=False))
+    finally:
+        engine.close()
+
+
+def test_launch_options_serve_more_streams_than_gradios_default_40_threads(rambling_model_dir: Path) -> None:
+    """Every one of 44 streams (> Gradio's default ``max_threads`` of 40) is generating at the same time."""
+    streams = 44
+    engine = TransformersEngine(
+        rambling_model_dir, EngineSettings(backend="transformers", session_len=512, max_batch_size=streams)
+    )
+    settings = ServerSettings(port=free_port())
+    options = launch_options(engine, settings)
+    assert options["max_threads"] == streams + UI_THREADS
+    demo = build_ui(engine, settings, INFO)
+    try:
+        demo.launch(**options, prevent_thread_lock=True, quiet=True)
+        client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False, max_workers=2 * streams)
+        jobs = [
+            client.submit(f"question {i}", max_new_tokens=400, do_sample=False, api_name="/chat")
+            for i in range(streams)
+        ]
+        first: dict[int, float] = {}
+        done: dict[int, float] = {}
+        deadline = time.monotonic() + 300
+        while len(done) < streams and time.monotonic() < deadline:
+            now = time.monotonic()
+            for i, job in enumerate(jobs):
+                if i not in first and job.outputs():
+                    first[i] = now
+                if i not in done and job.done():
+                    done[i] = now
+            time.sleep(0.02)
+        assert len(done) == streams, f"only {len(done)} of {streams} replies finished"
+        assert all(job.exception() is None for job in jobs)
+        assert len(first) == streams
+        # With 40 threads, 4 streams would only start once others had ended.
+        assert max(first.values()) < min(done.values()), "not every stream was generating at once"
+        client.close()
+    finally:
+        demo.close()
+        engine.close()
