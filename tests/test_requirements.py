@@ -1,5 +1,5 @@
-"""The Space's GPU runtime (requirements.txt) must resolve as one set: LMDeploy 0.18 caps torch at 2.12.1 and peft at
-0.14, Gradio 6.31 needs huggingface-hub >= 1.16. pip resolves it from the registry without installing anything."""
+"""The Space's GPU runtime (requirements.txt) must resolve as one set: LMDeploy 0.18 caps torch at 2.12.1
+and peft at 0.14, Gradio 6.31 needs huggingface-hub >= 1.16. pip resolves it without installing anything."""
 
 import json
 import subprocess
