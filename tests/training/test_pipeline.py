@@ -228,9 +228,9 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert scores["identity_accuracy"] >= 0.5 > scores["base_identity_accuracy"]
     assert (work / "eval.md").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(merged)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}],
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "请介绍一下你自己"}],
                                         add_generation_prompt=True, return_tensors="pt")
-    reply = model.generate(ids, max_new_tokens=60, do_sample=False)[0, ids.shape[1]:].tolist()
+    reply = model.generate(ids, max_new_tokens=100, do_sample=False)[0, ids.shape[1]:].tolist()
     assert reply[-1] == im_end  # stopped by <|im_end|> from generation_config, not by the length limit
     assert tiny_run["name"] in tokenizer.decode(reply, skip_special_tokens=True)
 
