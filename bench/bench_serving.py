@@ -125,8 +125,9 @@ def serve_app(
 def random_weights_copy(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """Save ``model_dir``'s model with fresh random weights (same shapes, tokenizer, template) to ``out``.
 
-    A trained tiny model ends its answers after a few tokens even when sampled hot; random weights rarely
-    pick an end-of-turn token, so greedy replies run to ``max_new_tokens``. Decode speed depends on the
+    A trained tiny model ends its answers after a few tokens even when sampled hot. Here the output rows of
+    the end tokens are zeroed: their logit is always 0 while the largest of the other random logits is
+    positive, so greedy replies run to ``max_new_tokens`` whatever the batch. Decode speed depends on the
     shapes only, so this measures the served model's speed, and gives tests a reply long enough to stop.
 
     Args:
@@ -136,8 +137,12 @@ def random_weights_copy(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    with torch.no_grad():
+        model.get_output_embeddings().weight[sorted(end_ids)] = 0.0
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     if (model_dir / "generation_config.json").exists():  # the served eos ids, not ones derived from config
         shutil.copy(model_dir / "generation_config.json", out / "generation_config.json")
     return out

@@ -237,6 +237,7 @@ def test_example_question_gets_the_identity_answer(
     offset = len(app_server.log())
     textbox.press("Enter")
     wait_for_reply(app_server, page, offset)
+    # The server logs the reply when it ends; the page renders the last throttled chunk a moment later.
+    expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text(identity_name, timeout=10_000)
     page.screenshot(path=tmp_path / "identity.png", full_page=True)
-    assert identity_name in messages(page, "bot")[-1]
     assert errors == []
