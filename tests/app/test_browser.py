@@ -215,8 +215,15 @@ def test_other_pages_stay_responsive_and_closing_a_tab_aborts_its_reply(
     other.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
     assert time.monotonic() - started < 5
 
+    # A tab closed in the middle of a reply aborts it (a fresh one: the first may have ended meanwhile).
+    busy.close()  # its reply, if still running, ends within a decode step: keep its log line before `offset`
+    time.sleep(1)
+    closing = open_page(browser, app_server.url, errors)
+    greedy(closing, LONG)
     offset = len(app_server.log())
-    busy.close()
+    send(closing, LONG_PROMPT)
+    wait_until_streaming(closing, bots=1)
+    closing.close()
     _, finish = wait_for_reply(app_server, other, offset)
     assert finish == "abort"
     assert errors == []
