@@ -76,6 +76,7 @@ def stream_reply(
         min_interval_s: shortest time between two yields.
     """
     started = time.perf_counter()
+    logger.info("reply {}: sampling {}", session_id, params)  # tests read back what a page really sent
     stream = engine.stream_chat(messages, params, session_id)  # ChatInputError surfaces here, not mid-stream
 
     def texts() -> Iterator[str]:

@@ -1,5 +1,6 @@
 """Model fixtures shared by tests/infer_engine and tests/app: the embedded demo model, the model the app
-serves, and a "rambling" twin of it with random weights whose greedy replies run long (to test Stop).
+serves, a "rambling" twin of it with random weights whose greedy replies run long (to test Stop), and a slow
+rambling one (the app tests' model) whose long reply surely outlasts what a test does meanwhile.
 
 Run: .venv/bin/python -m pytest tests -q --ignore=tests/training
 tests/training runs in the training venv, which has neither gradio nor the serving stack: everything heavy is
@@ -8,7 +9,9 @@ imported inside the fixtures, never at module level here.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,21 @@ def rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPath
     from bench.bench_serving import random_weights_copy
 
     return random_weights_copy(served_model_dir, tmp_path_factory.mktemp("rambling") / "model")
+
+
+SLOW_DEPTH = 8  # the slow rambling model has this many times the served model's layers
+
+
+@pytest.fixture(scope="session")
+def slow_rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rambling model ``SLOW_DEPTH`` times as deep (so as slow): on a 2-core machine the served tiny model
+    decodes its longest reply (2048 tokens) in about 4 s, less than a browser test needs to open another
+    page and get an answer there; tests that must stop or outlast a reply still running use this one."""
+    from bench.bench_serving import random_weights_copy
+
+    deep = tmp_path_factory.mktemp("slow-rambling") / "config"
+    shutil.copytree(served_model_dir, deep, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt"))
+    config = json.loads((deep / "config.json").read_text())
+    config["num_hidden_layers"] *= SLOW_DEPTH
+    (deep / "config.json").write_text(json.dumps(config, indent=2))
+    return random_weights_copy(deep, deep.parent / "model")

@@ -2,9 +2,10 @@
 
 ``app_server`` serves what a user gets: ``MODEL_SOURCE`` when set (e.g. a tiny model built elsewhere), else
 the embedded demo model. A trained tiny model ends every answer within a few tokens, so tests that stop a
-long reply use ``rambling_app``: the same shapes and tokenizer with random weights, whose greedy replies run
-long. One server of each per test session; tests read the log (token counts, finish reasons) to see that a
-reply was really aborted. The model fixtures (``served_model_dir``, ``rambling_model_dir``) are in
+long reply use ``rambling_app``: the tokenizer and a deeper stack of random weights, whose greedy replies run
+long, and slowly enough (``slow_rambling_model_dir``) that a test surely acts while one still runs. One server
+of each per test session; tests read the log (token counts, finish reasons) to see that a
+reply was really aborted. The model fixtures (``served_model_dir``, ``slow_rambling_model_dir``) are in
 tests/conftest.py.
 """
 
@@ -67,9 +68,11 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]
 
 
 @pytest.fixture(scope="session")
-def rambling_app(rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    """``python app.py`` serving the rambling model, for tests that stop a long reply."""
-    yield from _run_app(str(rambling_model_dir), tmp_path_factory)
+def rambling_app(
+    slow_rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    """``python app.py`` serving the slow rambling model, for tests that stop or outlast a long reply."""
+    yield from _run_app(str(slow_rambling_model_dir), tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

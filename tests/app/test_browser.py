@@ -2,15 +2,19 @@
 
 Needs `apt-get install -y chromium fonts-noto-cjk` (no `playwright install`: the system Chromium is used).
 Run: python -m pytest -m browser tests/app/test_browser.py
-It runs against ``rambling_app`` (see conftest), whose greedy replies are long enough to stop; the app log
-tells when a reply really ended and why ("finish abort" = the engine stopped it).
+It runs against ``rambling_app`` (see conftest), whose greedy replies are long enough to stop. The app log
+is the ground truth the tests wait on, never a fixed time: a reply's first line tells which page session it
+belongs to and the sampling values the page really sent; its last line when it ended and why ("finish abort"
+= the engine stopped it).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,10 +35,15 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PAGE_REPLY_LOG = r"reply page-\w+: prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
+REPLY_STARTED_LOG = (
+    r"reply (page-\w+): sampling GenerationParams\(max_new_tokens=(\d+), temperature=[\d.]+, top_p=[\d.]+, "
+    r"top_k=(\d+), do_sample=\w+\)"
+)
+REPLY_ENDED_LOG = r"reply {session}: prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
 LONG_PROMPT = "Tell me a very long story about the sea."
 TIMEOUT_MS = 60_000
 SHORT, LONG = 64, 2048  # max new tokens: a reply that ends by itself soon, and one long enough to stop
+QUIET_S = 1.5  # after a stopped reply has ended: how long the page must then stay unchanged
 ANY_MESSAGE = '#chatbot [data-testid="user"], #chatbot [data-testid="bot"]'
 
 
@@ -61,11 +70,25 @@ def open_page(browser: Browser, url: str, errors: list[str]) -> Page:
     return page
 
 
-def set_option(page: Page, label: str, value: float) -> None:
-    """Type a value into a slider's number box (the value takes effect when the box loses focus)."""
+def set_option(page: Page, label: str, value: int) -> None:
+    """Type a value into a slider's number box until the slider itself holds it (the value an event sends).
+
+    Two races lose a typed value: the box hands it to the slider only when it loses focus, a moment later,
+    and the accordion's sliders, mounted when it opens, can reset the box while a busy browser is still
+    mounting them. So the value is typed again until the slider shows it.
+    """
     box = page.locator(f'input[aria-label="number input for {label}"]')
-    box.fill(str(value))
-    box.press("Tab")
+    slider = page.locator(f'[data-testid="range-input"][aria-label="range slider for {label}"]')
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def greedy(page: Page, max_new_tokens: int) -> None:
@@ -102,11 +125,45 @@ def wait_until_settled(page: Page) -> None:
         time.sleep(0.3)
 
 
-def wait_for_reply(app_server, page: Page, offset: int) -> tuple[int, str]:
-    """Wait for the page's reply to end (per the app log, read past ``offset``); return (tokens, finish)."""
-    finished = app_server.wait_for_log(PAGE_REPLY_LOG, after=offset)
+@dataclass(frozen=True)
+class Reply:
+    """A reply the app started, as its log tells: the page session and the sampling values it got."""
+
+    session: str
+    max_new_tokens: int
+    top_k: int
+    logged_at: int  # log offset of its first line: its last line comes after
+
+
+def reply_started(app_server, offset: int) -> Reply:
+    """Wait for the first reply the app starts past log offset ``offset``; return what it was asked for."""
+    started = app_server.wait_for_log(REPLY_STARTED_LOG, after=offset)
+    return Reply(
+        session=started.group(1),
+        max_new_tokens=int(started.group(2)),
+        top_k=int(started.group(3)),
+        logged_at=started.end(),
+    )
+
+
+def greedy_reply_started(app_server, offset: int, max_new_tokens: int) -> Reply:
+    """``reply_started``, checking that the page's greedy options really reached the engine."""
+    reply = reply_started(app_server, offset)
+    assert (reply.top_k, reply.max_new_tokens) == (1, max_new_tokens), reply
+    return reply
+
+
+def wait_for_reply(app_server, page: Page, reply: Reply) -> tuple[int, str]:
+    """Wait for ``reply`` to end (per the app log) and the page to settle; return (tokens, finish)."""
+    finished = app_server.wait_for_log(REPLY_ENDED_LOG.format(session=reply.session), after=reply.logged_at)
     wait_until_settled(page)
     return int(finished.group(1)), finished.group(2)
+
+
+def has_ended(app_server, reply: Reply) -> bool:
+    """Whether the app has logged the end of ``reply``."""
+    ended = re.compile(REPLY_ENDED_LOG.format(session=reply.session))
+    return ended.search(app_server.log(), reply.logged_at) is not None
 
 
 def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Path) -> None:
@@ -124,7 +181,8 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     assert messages(page, "user") == []
     offset = len(app_server.log())
     send(page, "你是谁？")
-    _, finish = wait_for_reply(app_server, page, offset)
+    reply = greedy_reply_started(app_server, offset, SHORT)
+    _, finish = wait_for_reply(app_server, page, reply)
     assert finish in ("stop", "length")
     assert messages(page, "user") == ["你是谁？"]
     assert textbox.input_value() == ""
@@ -133,28 +191,43 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     # Retry generates the last answer again (the same one: decoding is greedy).
     offset = len(app_server.log())
     page.click("#retry")
-    wait_for_reply(app_server, page, offset)
+    retried = greedy_reply_started(app_server, offset, SHORT)
+    assert retried.session == reply.session
+    wait_for_reply(app_server, page, retried)
     assert messages(page, "user") == ["你是谁？"]
     assert messages(page, "bot") == [first_answer]
+
+    # The Send button sends too.
+    offset = len(app_server.log())
+    textbox.fill("你可以做什么？")
+    page.click("#send")
+    _, finish = wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT))
+    assert finish in ("stop", "length")
+    assert messages(page, "user") == ["你是谁？", "你可以做什么？"]
+    assert len(messages(page, "bot")) == 2 and textbox.input_value() == ""
+    page.click("#undo")
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"user\"]').length === 1")
+    textbox.fill("")
 
     # Stop ends a long answer in the engine, not only on screen.
     greedy(page, LONG)
     offset = len(app_server.log())
     send(page, LONG_PROMPT)
+    long_reply = greedy_reply_started(app_server, offset, LONG)
     wait_until_streaming(page, bots=2)
     page.click("#stop")
-    tokens, finish = wait_for_reply(app_server, page, offset)
+    tokens, finish = wait_for_reply(app_server, page, long_reply)
     assert finish == "abort"
     assert tokens < LONG
     stopped_answer = messages(page, "bot")[-1]
-    time.sleep(1.0)
+    time.sleep(QUIET_S)
     assert messages(page, "bot")[-1] == stopped_answer
 
     # The app still answers after a Stop.
     greedy(page, SHORT)
     offset = len(app_server.log())
     send(page, "你是谁？")
-    _, finish = wait_for_reply(app_server, page, offset)
+    _, finish = wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT))
     assert finish in ("stop", "length")
     assert messages(page, "user") == ["你是谁？", LONG_PROMPT, "你是谁？"]
     assert len(messages(page, "bot")) == 3
@@ -164,14 +237,15 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     greedy(page, LONG)
     offset = len(app_server.log())
     send(page, LONG_PROMPT)
+    long_reply = greedy_reply_started(app_server, offset, LONG)
     wait_until_streaming(page, bots=4)
     page.click("#undo")
-    tokens, finish = wait_for_reply(app_server, page, offset)
+    tokens, finish = wait_for_reply(app_server, page, long_reply)
     assert (finish, tokens < LONG) == ("abort", True)
-    time.sleep(1.5)
+    expect(textbox).to_have_value(LONG_PROMPT)
+    time.sleep(QUIET_S)
     assert messages(page, "user") == ["你是谁？", LONG_PROMPT, "你是谁？"]
     assert len(messages(page, "bot")) == 3
-    assert textbox.input_value() == LONG_PROMPT
 
     # Undo removes the last turn and puts its question back in the textbox.
     page.click("#undo")
@@ -182,11 +256,13 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     # Clear while a long answer streams empties the chat for good.
     offset = len(app_server.log())
     send(page, LONG_PROMPT)
+    long_reply = greedy_reply_started(app_server, offset, LONG)
     wait_until_streaming(page, bots=3)
     page.click("#clear")
-    tokens, finish = wait_for_reply(app_server, page, offset)
+    tokens, finish = wait_for_reply(app_server, page, long_reply)
     assert (finish, tokens < LONG) == ("abort", True)
-    time.sleep(1.5)
+    page.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
+    time.sleep(QUIET_S)
     assert messages(page, "user") == messages(page, "bot") == []
     assert errors == []
 
@@ -200,31 +276,34 @@ def test_other_pages_stay_responsive_and_closing_a_tab_aborts_its_reply(
     greedy(busy, LONG)
     offset = len(app_server.log())
     send(busy, LONG_PROMPT)
+    busy_reply = greedy_reply_started(app_server, offset, LONG)
     wait_until_streaming(busy, bots=1)
 
-    # Another user is answered while the first reply is still being generated.
+    # Another user is answered, and served a UI-only event, while the first reply is still being generated.
     other = open_page(browser, app_server.url, errors)
     greedy(other, SHORT)
+    offset = len(app_server.log())
     send(other, "你是谁？")
-    _, finish = wait_for_reply(app_server, other, offset)
+    other_reply = greedy_reply_started(app_server, offset, SHORT)
+    assert other_reply.session != busy_reply.session
+    _, finish = wait_for_reply(app_server, other, other_reply)
     assert finish in ("stop", "length")
     assert messages(other, "user") == ["你是谁？"]
     assert len(messages(other, "bot")) == 1
-    started = time.monotonic()
     other.click("#clear")  # a UI-only event: it does not wait behind generations
     other.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
-    assert time.monotonic() - started < 5
+    assert not has_ended(app_server, busy_reply), "the long reply ended first: nothing was checked"
 
-    # A tab closed in the middle of a reply aborts it (a fresh one: the first may have ended meanwhile).
-    busy.close()  # its reply, if still running, ends within a decode step: keep its log line before `offset`
-    time.sleep(1)
+    # A tab closed in the middle of a reply aborts it (a fresh one: the first may be near its end by now).
+    busy.close()
     closing = open_page(browser, app_server.url, errors)
     greedy(closing, LONG)
     offset = len(app_server.log())
     send(closing, LONG_PROMPT)
+    closing_reply = greedy_reply_started(app_server, offset, LONG)
     wait_until_streaming(closing, bots=1)
     closing.close()
-    _, finish = wait_for_reply(app_server, other, offset)
+    _, finish = wait_for_reply(app_server, other, closing_reply)
     assert finish == "abort"
     assert errors == []
 
@@ -243,7 +322,7 @@ def test_example_question_gets_the_identity_answer(
     expect(textbox).to_have_value("你是谁？")
     offset = len(app_server.log())
     textbox.press("Enter")
-    wait_for_reply(app_server, page, offset)
+    wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT))
     # The server logs the reply when it ends; the page renders the last throttled chunk a moment later.
     expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text(identity_name, timeout=10_000)
     page.screenshot(path=tmp_path / "identity.png", full_page=True)
