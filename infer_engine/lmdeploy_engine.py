@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def turbomind_config(settings: EngineSettings) -> Any:
         quant_policy=settings.quant_policy,
         tp=settings.tp,
         enable_prefix_caching=settings.enable_prefix_caching,
+        enable_metrics=False,  # on by default in 0.18: per-step bookkeeping nobody reads here
     )
 
 
@@ -62,9 +64,10 @@ def generation_config(params: GenerationParams, stop_ids: Sequence[int]) -> Any:
     """LMDeploy ``GenerationConfig`` for one reply.
 
     LMDeploy >= 0.6 decodes greedily unless ``do_sample=True`` (temperature and top-p are then silently
-    ignored), so ``do_sample`` is always set explicitly. The stop ids (``<|im_end|>`` among them) replace the
-    chat template's stop words; no ``stop_words``: LMDeploy 0.18 turns each into ids by scanning the whole
-    vocabulary per request (``GenerationConfig.convert_stop_bad_words_to_ids``).
+    ignored), so ``do_sample`` is always set explicitly. The reply ends on token ids (``<|im_end|>`` among
+    them), never on ``stop_words``: LMDeploy resolves a stop word to every vocabulary entry that contains it
+    (``Tokenizer.indexes_containing_token``), so a word would also stop the reply on any token that merely
+    contains it.
 
     Args:
         params: the validated sampling values.
@@ -83,8 +86,39 @@ def generation_config(params: GenerationParams, stop_ids: Sequence[int]) -> Any:
     )
 
 
+def check_turbomind_supports(model_dir: Path) -> None:
+    """Refuse (``SettingsError``) a model TurboMind does not serve (LMDeploy would use its PyTorch engine).
+
+    Args:
+        model_dir: a Hugging Face model directory.
+    """
+    from lmdeploy.archs import get_model_arch
+    from lmdeploy.turbomind.supported_models import is_supported
+
+    if not is_supported(str(model_dir), trust_remote_code=True):
+        arch, _ = get_model_arch(str(model_dir), trust_remote_code=True)
+        raise SettingsError(
+            f"LMDeploy's TurboMind does not serve this model ({arch}); LMDeploy would fall back to its "
+            "PyTorch engine, which this app does not drive: use BACKEND=transformers"
+        )
+
+
+def check_turbomind_serves(pipe: Any) -> None:
+    """Refuse (``SettingsError``) an opened pipeline that runs anything but TurboMind.
+
+    Args:
+        pipe: an opened LMDeploy pipeline.
+    """
+    backend = pipe.async_engine.backend
+    if backend != "turbomind":
+        raise SettingsError(
+            f"LMDeploy serves this model with its {backend} engine, not TurboMind: use BACKEND=transformers"
+        )
+
+
 def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
-    """An LMDeploy TurboMind pipeline on ``model_dir``; ``SettingsError`` without a CUDA GPU and TurboMind.
+    """An LMDeploy TurboMind pipeline on ``model_dir``; ``SettingsError`` without a CUDA GPU and TurboMind, or
+    for a model TurboMind does not serve.
 
     Args:
         model_dir: a Hugging Face model directory.
@@ -95,6 +129,7 @@ def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
             "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
             "use BACKEND=transformers or auto"
         )
+    check_turbomind_supports(model_dir)
     from lmdeploy import ChatTemplateConfig, pipeline
 
     # Our requests carry their own ids; the 'hf' template (the tokenizer's own) is only what LMDeploy keeps
@@ -115,6 +150,25 @@ def _generation_eos(model_dir: Path) -> int | list[int] | None:
         return None
 
 
+@dataclass(eq=False)
+class _Request:
+    """One reply in flight: its LMDeploy session and the future of its task on LMDeploy's loop.
+
+    Args:
+        session: the LMDeploy session of this request.
+        future: the request's task, as a ``concurrent.futures.Future``.
+        streaming: set once LMDeploy yielded an output: the request holds a batch slot, and TurboMind's
+            session abort reaches it.
+        aborted: set when this wrapper stopped it (Stop, replacement, close): an end without a finish reason
+            is then an abort, not a failure.
+    """
+
+    session: Any
+    future: Any
+    streaming: bool = False
+    aborted: bool = False
+
+
 class LMDeployEngine:
     """LMDeploy TurboMind backend (CUDA only).
 
@@ -128,14 +182,19 @@ class LMDeployEngine:
 
     def __init__(self, model_dir: Path, settings: EngineSettings, pipe: Any | None = None) -> None:
         self.pipe = open_pipeline(model_dir, settings) if pipe is None else pipe
+        try:
+            check_turbomind_serves(self.pipe)
+        except SettingsError:
+            self.pipe.close()
+            raise
         self.settings = settings
         self.max_concurrency = settings.max_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir))
         self._loop = self.pipe.internal_thread.loop
         self._lock = threading.Lock()
-        # page session id -> (its LMDeploy session, the future of its request)
-        self._running: dict[str, tuple[Any, Any]] = {}
+        self._running: dict[str, _Request] = {}  # page session id -> its reply in flight
+        self._aborting: set[asyncio.Task] = set()  # TurboMind aborts under way (touched on the loop only)
         self._closed = False
         logger.info("LMDeploy engine: {}, stop ids {}", self.pipe.backend_config, self.stop_ids)
 
@@ -152,14 +211,15 @@ class LMDeployEngine:
         prompt = prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
         gen_config = generation_config(params, self.stop_ids)
         outputs: queue.Queue = queue.Queue()
-        engine = self.pipe.async_engine
+        engine, ids = self.pipe.async_engine, prompt.input_ids
 
-        async def run(session: Any) -> None:
+        async def run(request: _Request) -> None:
             try:
-                request = await engine.preprocess(
-                    messages=None, session_id=session, gen_config=gen_config, input_ids=prompt.input_ids
+                prepared = await engine.preprocess(
+                    messages=None, session_id=request.session, gen_config=gen_config, input_ids=ids
                 )
-                async for out in engine.generate(request, stream_response=True):
+                async for out in engine.generate(prepared, stream_response=True):
+                    request.streaming = True
                     outputs.put(("out", out))
             except Exception as exc:  # RequestError (e.g. context too long) or an engine failure
                 logger.exception("session {}: LMDeploy request failed", session_id)
@@ -172,27 +232,28 @@ class LMDeployEngine:
                 raise GenerationError("LMDeploy's event loop has stopped (see the log); restart the app")
             self._abort_locked(session_id)
             session = self.pipe.session()
+            request = _Request(session, future=None)
 
             def finished(_: Any) -> None:  # also runs for a task cancelled before it ever started
                 outputs.put(("done", None))  # first: the consumer must hear of the end whatever happens next
                 with contextlib.suppress(RuntimeError):  # the loop is already closed (engine closing)
                     self._loop.call_soon_threadsafe(self.pipe.session_mgr.remove, session)  # idempotent
 
-            future = asyncio.run_coroutine_threadsafe(run(session), self._loop)
-            future.add_done_callback(finished)
-            self._running[session_id] = (session, future)
+            request.future = asyncio.run_coroutine_threadsafe(run(request), self._loop)
+            request.future.add_done_callback(finished)
+            self._running[session_id] = request
         return ChatStream(
-            updates=self._updates(outputs, session_id, len(prompt.input_ids)),
+            updates=self._updates(outputs, session_id, request, len(prompt.input_ids)),
             prompt_tokens=len(prompt.input_ids),
             dropped_messages=prompt.dropped_messages,
-            cancel=lambda: self._cancel(session_id, future),
+            cancel=lambda: self._cancel(session_id, request),
         )
 
     def _loop_alive(self) -> bool:
         return self.pipe.internal_thread.thread.is_alive()
 
     def _updates(
-        self, outputs: queue.Queue, session_id: str, prompt_tokens: int
+        self, outputs: queue.Queue, session_id: str, request: _Request, prompt_tokens: int
     ) -> Generator[Update, None, None]:
         started, tokens, reason = time.perf_counter(), 0, None
         try:
@@ -206,12 +267,18 @@ class LMDeployEngine:
                     continue
                 if kind == "out":
                     tokens, reason = value.generate_token_len, value.finish_reason or reason
-                    # the last output of a reply cut by max_new_tokens may end in half a character
-                    text = value.response.rstrip("\ufffd") if value.finish_reason else value.response
-                    yield Update(text, tokens, value.finish_reason)
+                    # The final output (the one with a finish reason) carries no new text: LMDeploy 0.18 sends
+                    # '' there, or the previous output's text again when that ends in U+FFFD. Partial
+                    # characters never reach us: its incremental detokenizer holds them back.
+                    yield Update("" if value.finish_reason else value.response, tokens, value.finish_reason)
                 elif kind == "error":
                     reason = "error"
                     raise GenerationError(f"generation failed: {value}") from value
+                elif reason is None and not request.aborted:
+                    # LMDeploy ends a request without a result only when its task was cancelled: not by us,
+                    # so by its event loop shutting down under it.
+                    reason = "error"
+                    raise GenerationError("LMDeploy ended the reply without a result (did its loop stop?)")
                 else:
                     return
         finally:
@@ -224,22 +291,29 @@ class LMDeployEngine:
                 time.perf_counter() - started,
             )
 
-    def _cancel(self, session_id: str, future: Any) -> None:
+    def _cancel(self, session_id: str, request: _Request) -> None:
         """Abort this request only (a newer one of the same page may have replaced it)."""
         with self._lock:
-            if self._running.get(session_id, (None, None))[1] is future:
+            if self._running.get(session_id) is request:
                 self._abort_locked(session_id)
 
     def _abort_locked(self, session_id: str) -> None:
-        running = self._running.pop(session_id, None)
-        if running is None:
+        request = self._running.pop(session_id, None)
+        if request is None or request.future.done():
             return
-        session, future = running
-        if not future.done():
-            # Cancel inside TurboMind (a running request), and cancel the task (one still waiting for a slot).
-            with contextlib.suppress(RuntimeError):  # the loop is already closed: the task is gone with it
-                asyncio.run_coroutine_threadsafe(session.async_abort(), self._loop)
-            future.cancel()
+        request.aborted = True
+        # TurboMind ends a request that holds a slot (it answers with an 'abort' output); the coroutine is
+        # created on the loop itself, so a loop already closed leaves no coroutine that is never awaited.
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: the task is gone with it
+            self._loop.call_soon_threadsafe(self._abort_session, request.session)
+        if not request.streaming:  # maybe still waiting for a slot, where the session abort cannot reach it
+            request.future.cancel()
+
+    def _abort_session(self, session: Any) -> None:
+        """Runs on LMDeploy's loop: start TurboMind's abort of ``session``."""
+        task = self._loop.create_task(session.async_abort())
+        self._aborting.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._aborting.discard)
 
     def abort(self, session_id: str) -> None:
         """Stop the reply now being generated for ``session_id`` (no-op when there is none).
