@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -199,22 +200,21 @@ def test_no_injection_when_many_threads_encode_at_once(tokenizer: Any) -> None:
     expected = {  # (<|im_start|>, <|im_end|>) per conversation: one per message, plus the assistant header
         id(conversation): (len(conversation) + 1, len(conversation)) for conversation in (injected, plain)
     }
-    bad: list[list[int]] = []
     start = threading.Barrier(6)
 
-    def encode_many(conversation: list[dict]) -> None:
+    def encode_many(conversation: list[dict]) -> int:
+        """Encode ``conversation`` 150 times; return how many came out with the wrong control tokens."""
         start.wait()
+        bad = 0
         for _ in range(150):
             ids = encode_chat(tokenizer, conversation)
-            if (ids.count(im_start), ids.count(im_end)) != expected[id(conversation)]:
-                bad.append(ids)
+            bad += (ids.count(im_start), ids.count(im_end)) != expected[id(conversation)]
+        return bad
 
-    threads = [threading.Thread(target=encode_many, args=([injected, plain][i % 2],)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not bad, f"{len(bad)} of 900 prompts have extra or missing control tokens"
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [pool.submit(encode_many, [injected, plain][i % 2]) for i in range(6)]
+        bad = sum(job.result() for job in jobs)  # result() re-raises what a thread raised
+    assert bad == 0, f"{bad} of 900 prompts have extra or missing control tokens"
 
 
 def test_a_marker_formed_across_a_content_boundary_is_not_trusted(tiny_model_dir: Path) -> None:

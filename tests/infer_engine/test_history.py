@@ -29,12 +29,6 @@ HISTORY = [
 ]
 
 
-def test_a_chatbot_value_becomes_the_plain_history() -> None:
-    assert plain_messages(CHATBOT_VALUE) == HISTORY
-    value = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert plain_messages(value) == [{"role": "user", "content": "a\nb"}]
-
-
 def test_append_user_adds_the_question() -> None:
     assert append_user(HISTORY, "再见") == [*HISTORY, {"role": "user", "content": "再见"}]
 

@@ -1,14 +1,17 @@
-"""The UI layer in process, on the real transformers engine: throttled streaming, early close, the
-dropped-turns notice, how build_ui wires events to the queue, the ``/chat`` function's input checks, and
+"""The UI layer in process, on the real transformers engine: throttled streaming, Stop, the dropped-turns
+notice, what the page and ``/chat`` send to the engine (options, system prompt, ``SYSTEM_PROMPT``), how
+build_ui wires events to the queue, the ``/chat`` function's input checks, and
 ``launch_options`` serving more streams than Gradio's default 40 threads. The model is the served one with
 random weights (``rambling_model_dir``), so greedy replies are long and deterministic."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pytest
@@ -18,14 +21,14 @@ from log_capture import EngineLog
 from bench.bench_serving import free_port
 from infer_engine.engine import ChatEngine, create_engine
 from infer_engine.hf_engine import TransformersEngine
-from infer_engine.settings import EngineSettings, GenerationParams, ServerSettings
+from infer_engine.settings import EngineSettings, GenerationParams, ServerSettings, server_settings_from_env
 from infer_engine.ui import (
     GENERATION_POOL,
     UI_THREADS,
     ModelInfo,
     build_ui,
-    dropped_notice,
     launch_options,
+    page_session,
     stream_reply,
 )
 
@@ -42,6 +45,13 @@ def engine(rambling_model_dir: Path) -> Iterator[ChatEngine]:
     )
     yield engine
     engine.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
 
 
 def api_function(demo: gr.Blocks) -> Callable[..., Iterator[str]]:
@@ -63,31 +73,74 @@ def test_unthrottled_stream_yields_every_delta_and_throttled_yields_first_and_fi
     assert list(texts) == ([every[0], every[-1]] if len(every) > 1 else every)
 
 
-def test_closing_the_texts_early_aborts_the_reply_in_the_engine(
-    engine: ChatEngine, engine_log: EngineLog
-) -> None:
-    long_reply = GenerationParams(max_new_tokens=200, do_sample=False)
-    stream, texts = stream_reply(engine, QUESTION, long_reply, "ui-test-3")
-    next(texts)
-    texts.close()
-    reason, tokens = engine_log.reply_end("ui-test-3", timeout_s=0.3)  # the decoder thread ended it
-    assert reason == "abort"
-    assert tokens < long_reply.max_new_tokens // 2
+def page_handlers(demo: gr.Blocks) -> tuple[Callable[..., Iterator], Callable[[gr.Request], None]]:
+    """The page's ``answer`` event function and its ``stop_reply`` (Stop / Undo / Clear / tab close)."""
+    (answer,) = {fn.fn for fn in demo.fns.values() if fn.name == "answer"}
+    stop = next(fn.fn for fn in demo.fns.values() if fn.name == "stop_reply")
+    return answer, stop
 
 
-def test_oldest_turns_are_dropped_to_fit_and_the_notice_says_how_many(engine: ChatEngine) -> None:
+class RecordingEngine:
+    """The real engine, noting what each ``stream_chat`` was asked (to see what the page and API send)."""
+
+    def __init__(self, engine: ChatEngine) -> None:
+        self.engine, self.name, self.settings = engine, engine.name, engine.settings
+        self.max_concurrency = engine.max_concurrency
+        self.asked: list[tuple[list[dict], GenerationParams]] = []
+
+    def stream_chat(self, messages: Any, params: GenerationParams, session_id: str) -> Any:
+        self.asked.append((list(messages), params))
+        return self.engine.stream_chat(messages, params, session_id)
+
+    def abort(self, session_id: str) -> None:
+        self.engine.abort(session_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def test_the_page_shows_the_dropped_turns_notice(engine: ChatEngine) -> None:
+    answer, _ = page_handlers(build_ui(engine, ServerSettings(), INFO))
     turn = [
         {"role": "user", "content": "请介绍一下你自己，越详细越好。"},
         {"role": "assistant", "content": "我是一个小助手，可以回答问题。" * 3},
     ]
-    stream, texts = stream_reply(engine, turn * 10 + QUESTION, GREEDY, "ui-test-4")
-    list(texts)
-    assert stream.dropped_messages > 0
-    assert stream.prompt_tokens + GREEDY.max_new_tokens <= SESSION_LEN
-    assert f"The {stream.dropped_messages} oldest message(s) were left out" in dropped_notice(
-        stream.dropped_messages
-    )
-    assert dropped_notice(0) == ""
+    request = gr.Request(session_hash="page-dropping")
+    *_, (chat, notice) = answer(turn * 10 + QUESTION, "", 48, 0.8, 0.8, 1, request)
+    dropped = int(re.search(r"The (\d+) oldest message\(s\) were left out", notice)[1])
+    assert dropped > 0 and dropped % 2 == 0
+    assert chat[-1]["role"] == "assistant" and len(chat) == len(turn) * 10 + 2  # the page keeps them all
+    *_, (_, notice) = answer(QUESTION, "", 48, 0.8, 0.8, 1, request)
+    assert notice == ""  # nothing dropped, no notice
+
+
+def test_the_page_sends_its_options_and_system_prompt_to_the_engine(engine: ChatEngine) -> None:
+    recording = RecordingEngine(engine)
+    answer, _ = page_handlers(build_ui(recording, ServerSettings(), INFO))
+    list(answer(QUESTION, "You are Zed.", 7, 0.3, 0.6, 5, gr.Request(session_hash="page-options")))
+    ((messages, params),) = recording.asked
+    assert messages == [{"role": "system", "content": "You are Zed."}, *QUESTION]
+    assert params == GenerationParams(max_new_tokens=7, temperature=0.3, top_p=0.6, top_k=5)
+
+
+def test_system_prompt_setting_is_the_default_of_the_page_and_the_api(
+    engine: ChatEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYSTEM_PROMPT", "You are Zed.")
+    recording = RecordingEngine(engine)
+    demo = build_ui(recording, server_settings_from_env(), INFO)
+    (box,) = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "System prompt"]
+    assert box.value == "You are Zed."  # what the page sends unless the user edits it
+    chat = api_function(demo)
+    list(chat("你是谁？", max_new_tokens=4, do_sample=False))
+    list(chat("你是谁？", system_prompt="You are Amy.", max_new_tokens=4, do_sample=False))
+    list(chat("你是谁？", system_prompt="", max_new_tokens=4, do_sample=False))
+    sent = [messages[0] for messages, _ in recording.asked]
+    assert sent == [
+        {"role": "system", "content": "You are Zed."},
+        {"role": "system", "content": "You are Amy."},
+        {"role": "user", "content": "你是谁？"},  # blank: no system message
+    ]
 
 
 def test_generation_shares_one_pool_sized_to_the_engine_and_ui_events_skip_the_queue(
@@ -114,20 +167,25 @@ def test_generation_shares_one_pool_sized_to_the_engine_and_ui_events_skip_the_q
     assert after_stop == {"undo_turn", "<lambda>"}
 
 
-def test_a_stopped_answer_no_longer_updates_the_chat(engine: ChatEngine, engine_log: EngineLog) -> None:
-    """After Stop / Undo / Clear the chat belongs to them: the answer event yields nothing that changes it
+def test_stop_ends_the_reply_in_the_engine_and_it_no_longer_updates_the_chat(
+    engine: ChatEngine, engine_log: EngineLog
+) -> None:
+    """Stop aborts the reply in the engine at once (not when Gradio next resumes the answer event), and
+    after Stop / Undo / Clear the chat belongs to them: the answer event yields nothing that changes it
     (Gradio would deliver it, and repeat the event's last output on completion, after their update)."""
-    demo = build_ui(engine, ServerSettings(), INFO)
-    (answer,) = {fn.fn for fn in demo.fns.values() if fn.name == "answer"}
-    stop = next(fn.fn for fn in demo.fns.values() if fn.name == "stop_reply")
+    answer, stop = page_handlers(build_ui(engine, ServerSettings(), INFO))
     request = gr.Request(session_hash="page-under-test")
+    session = page_session(request)
     updates = answer([{"role": "user", "content": "请介绍一下你自己"}], "", 200, 0.8, 0.8, 1, request)
     chat, _ = next(updates)
     assert chat[-1]["role"] == "assistant" and chat[-1]["content"]
+    running = engine._by_session[session]  # the transformers engine's own record of the reply
+    wait_until(lambda: running.generated >= 5)  # text the answer event has not shown yet is waiting
     stop(request)
+    reason, tokens = engine_log.reply_end(session, timeout_s=60)  # while the answer event is still paused
+    assert (reason, tokens < 200) == ("abort", True)
     rest = list(updates)
     assert rest == [(gr.skip(), gr.skip())]  # no update: the chat stays as Stop / Undo / Clear left it
-    assert engine_log.wait_for(r"^session page-\w+ request \d+: abort", timeout_s=0.3)
 
 
 def test_the_reply_length_fits_the_engines_session(engine: ChatEngine) -> None:
@@ -147,6 +205,13 @@ def test_the_reply_length_fits_the_engines_session(engine: ChatEngine) -> None:
         ({"history": "hello"}, "must be a list"),
         ({"do_sample": "yes"}, "do_sample must be true or false"),
         ({"max_new_tokens": SESSION_LEN}, "leaves no room for the prompt"),
+        ({"temperature": 5.0}, "temperature must be between"),
+        ({"top_p": 0.0}, "top_p must be between"),
+        ({"top_k": 0}, "top_k must be between"),
+        ({"max_new_tokens": 4096}, "max_new_tokens must be between"),
+        ({"max_new_tokens": 1.5}, "max_new_tokens must be an integer"),
+        ({"history": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"message": "   "}, "Type a message first"),
     ],
 )
 def test_chat_api_refuses_bad_values_with_a_message(engine: ChatEngine, bad: dict, message: str) -> None:
