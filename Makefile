@@ -1,12 +1,14 @@
 # make demo   — build the CPU app environment if missing, then serve the chat page (http://127.0.0.1:7860)
 # make test   — build every environment the tests need, then run the whole suite (what CI runs)
 # make bench  — serving speed on this machine: raw generate vs engine vs HTTP, 1/4/8 concurrent clients
+# make mutate — mutation testing (mutmut) of the serving logic: the code changes no test notices (not in CI)
+#               MUTANTS='infer_engine.chat_format*' limits a run to some modules; `mutmut browse` shows them
 # make demo-model — rebuild infer_engine/demo_model with the project's own training pipeline (tiny preset)
 VENV := .venv
 TRAIN_VENV := .venv-train
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test bench lint env dev-env train-env system-deps demo-model
+.PHONY: demo test bench lint env dev-env train-env system-deps demo-model mutate
 
 env:
 	@bash scripts/make_app_env.sh $(VENV)
@@ -33,6 +35,11 @@ test: dev-env train-env system-deps lint
 
 bench: env
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m bench.bench_serving
+
+mutate: dev-env
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 demo-model: train-env
 	bash training/run.sh --preset tiny --name UbUb --work-dir .work/demo-model --from data

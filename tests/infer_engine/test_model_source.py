@@ -1,6 +1,6 @@
 # Model source tests: .venv/bin/python -m pytest tests/infer_engine/test_model_source.py -q
 # Real git + git-lfs repositories over file:// and a tiny real HF model; no hub is contacted (HF_HUB_OFFLINE,
-# and a dead local proxy for the network-failure cases).
+# a dead local proxy for the network-failure cases, and a local server answering as the Hub for hf:).
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,77 @@ def test_openxlab_unreachable_is_retried_then_clear_error(
     with pytest.raises(ModelSourceError, match=r"could not fetch openxlab:me/ubub after 3 attempt\(s\)"):
         resolve_model("openxlab:me/ubub", cache_dir=tmp_path / "cache", retry=FAST)
     assert cache_entries(tmp_path / "cache") == []
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face Hub routes ``snapshot_download`` (huggingface_hub 2.4) uses, serving one model repo
+    from a directory: ``/api/models/OWNER/NAME/revision/REV`` (the commit), ``.../tree/REV`` (the files) and
+    ``/OWNER/NAME/resolve/REV/FILE``."""
+
+    repo_id = ""
+    files: Path = Path()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        info = f"/api/models/{self.repo_id}/revision/"
+        tree = f"/api/models/{self.repo_id}/tree/"
+        resolve = f"/{self.repo_id}/resolve/"
+        path = self.path.split("?")[0]
+        files = sorted(p for p in self.files.rglob("*") if p.is_file())
+        if path.startswith(info):
+            siblings = [{"rfilename": str(p.relative_to(self.files))} for p in files]
+            body = json.dumps({"id": self.repo_id, "sha": self.commit, "siblings": siblings})
+            self._send(200, body.encode(), {"Content-Type": "application/json"})
+        elif path.startswith(tree):
+            entries = [
+                {"type": "file", "path": str(p.relative_to(self.files)), "size": p.stat().st_size, "oid": "0"}
+                for p in files
+            ]
+            self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"})
+        elif path.startswith(resolve) and (self.files / path[len(resolve):].split("/", 1)[1]).is_file():
+            file = self.files / path[len(resolve):].split("/", 1)[1]
+            headers = {"X-Repo-Commit": self.commit, "ETag": f'"{sha256(file)}"'}
+            self._send(200, file.read_bytes(), headers)
+        else:
+            self._send(404, b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"})
+
+    do_HEAD = do_GET
+
+
+@pytest.fixture
+def fake_hub(tiny_model: Path) -> Iterator[str]:
+    """A local HTTP server that answers as the Hugging Face Hub for ``someone/ubub`` (the tiny model)."""
+    handler = type("Handler", (FakeHubHandler,), {"repo_id": "someone/ubub", "files": tiny_model})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hf_download_through_the_real_client_then_served_offline(
+    fake_hub: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_ENDPOINT": fake_hub, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    downloaded = run_cli(["hf:someone/ubub@main", "--cache-dir", str(cache)], env)
+    assert downloaded.returncode == 0, downloaded.stderr
+    model_dir = Path(downloaded.stdout.strip())
+    assert model_dir == cache / parse_source("hf:someone/ubub@main").cache_key
+    for file in tiny_model.iterdir():
+        assert sha256(model_dir / file.name) == sha256(file), file.name
+    assert not (model_dir / ".cache").exists()  # the hub client's bookkeeping is not part of the model
+    offline = run_cli(["hf:someone/ubub@main", "--cache-dir", str(cache)], {**env, "HF_HUB_OFFLINE": "1"})
+    assert (offline.returncode, offline.stdout) == (0, downloaded.stdout)
