@@ -10,7 +10,9 @@ itself.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -434,5 +436,61 @@ def test_the_engine_serves_on_a_gpu(tiny_model_dir: Path, solo: dict[str, tuple[
     try:
         assert engine.device.type == "cuda"
         assert "".join(engine.stream_chat(ask(PROMPTS[0]), GREEDY, "gpu")) == solo[PROMPTS[0]][0]
+    finally:
+        engine.close()
+
+
+REMOTE_MODELING = '''
+"""A model with its own modelling code and the older interface of e.g. InternLM2's remote code: the KV cache
+is ``past_key_values`` and every position's logits come back (no ``logits_to_keep``)."""
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "remote_tiny"
+
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=past_key_values, use_cache=use_cache)
+'''
+
+
+@pytest.fixture(scope="module")
+def remote_code_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's weights and tokenizer behind its own modelling file (``auto_map``)."""
+    model_dir = tmp_path_factory.mktemp("remote-code") / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "modeling_remote.py").write_text(REMOTE_MODELING)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(
+        model_type="remote_tiny",
+        architectures=["RemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": "modeling_remote.RemoteConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM",
+        },
+    )
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir
+
+
+def test_a_model_with_its_own_modelling_code_serves_the_same_replies(
+    remote_code_model_dir: Path, solo: dict[str, tuple[str, int]]
+) -> None:
+    """The ``past_key_values`` / all-logits path (InternLM2's remote code) decodes what the Llama path does,
+    alone and batched."""
+    engine = TransformersEngine(remote_code_model_dir, SETTINGS)
+    try:
+        assert type(engine.model).__name__ == "RemoteForCausalLM"
+        assert (engine._cache_arg, engine._last_logits) == ("past_key_values", {})
+        streams = {p: engine.stream_chat(ask(p), GREEDY, f"remote-{i}") for i, p in enumerate(PROMPTS[:4])}
+        logs = run_together(streams)
+        for prompt in PROMPTS[:4]:
+            assert logs[prompt].get("text", "") == solo[prompt][0], prompt
     finally:
         engine.close()
