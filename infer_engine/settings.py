@@ -22,6 +22,13 @@ BACKENDS = ("auto", "lmdeploy", "transformers")
 QUANT_POLICIES = (0, 4, 8)
 MAX_NEW_TOKENS = 2048  # the most tokens one reply may ask for
 MIN_PROMPT_TOKENS = 32  # what a session keeps for the prompt at least (a short question in the chat format)
+# Input limits of every event and API call (checked by ``chat_format.checked_text`` / ``check_history_size``
+# and ``ui.BodySizeLimit``): what one request can make the server parse and scan. A session of 4096 tokens
+# holds about 16 000 characters, so these stay far above any conversation a model can read.
+MAX_MESSAGE_CHARS = 20_000  # one message, or the system prompt
+MAX_MESSAGES = 500  # messages in one history
+MAX_HISTORY_CHARS = 200_000  # all messages of one history together
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # one HTTP request body (a full history JSON-escaped as \uXXXX fits)
 
 
 class SettingsError(ValueError):
