@@ -173,7 +173,7 @@ def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message
             raise ChatInputError(f"{where} must be a dict with 'role' and 'content'")
         role = message["role"]
         if not isinstance(role, str) or role not in ROLES:
-            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}"[:300])
+            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}")  # no echo of the value
         out.append({"role": role, "content": content_text(message["content"], where)})
     check_history_size(out)
     return out

@@ -66,6 +66,6 @@ def test_huge_part_lists_and_odd_roles_are_refused_briefly() -> None:
         plain_messages([user(["x"] * (MAX_MESSAGES + 1))])
     with pytest.raises(ChatInputError, match="role must be one of") as caught:
         plain_messages([{"role": "r" * 100_000, "content": "x"}])
-    assert len(str(caught.value)) <= 300  # the error does not echo a huge value back
+    assert len(str(caught.value)) < 100  # the error does not echo a huge value back
     with pytest.raises(ChatInputError, match="role must be one of"):
         plain_messages([{"role": ["user"], "content": "x"}])
