@@ -106,6 +106,9 @@ class EngineSettings:
         tp: LMDeploy tensor-parallel GPU count (1, 2, 4 or 8).
         enable_prefix_caching: LMDeploy: reuse the KV cache of a shared prompt prefix (the resent transcript).
         device: transformers backend device: ``auto``, ``cpu`` or ``cuda``.
+        prefill_chunk_tokens: transformers backend: most prompt tokens prefilled between two decode steps
+            (16-1048576): a long prompt is prefilled in chunks that take turns with the running streams and
+            the other prompts, so it cannot freeze them (a value above ``session_len`` turns chunking off).
         torch_threads: transformers backend: torch's intra-op threads for the whole process (0 = on a CPU
             one per core but one, 1 to 4, leaving a core to the web server; torch's default on a GPU; else
             1-256). See ``hf_engine.torch_threads``.
@@ -119,6 +122,7 @@ class EngineSettings:
     tp: int = 1
     enable_prefix_caching: bool = True
     device: str = "auto"
+    prefill_chunk_tokens: int = 512
     torch_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -136,6 +140,7 @@ class EngineSettings:
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}"
             )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 16, 1_048_576)
         _check_int("torch_threads", self.torch_threads, 0, 256)
 
     @property
