@@ -74,6 +74,27 @@ class TrimmedPrompt:
     dropped_messages: int
 
 
+def kind_of(value: Any) -> str:
+    """What a JSON client sent, in its words (``a number``, ``null``...), for error messages.
+
+    Args:
+        value: a value decoded from JSON.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, str | bytes):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "a value of another kind"
+
+
 def checked_text(text: Any, where: str) -> str:
     """``text`` if it is text a tokenizer can take: a string of at most ``MAX_MESSAGE_CHARS`` characters
     without a lone UTF-16 surrogate (JSON can carry ``"\\ud800"``; tokenizers fail on it with a
@@ -84,7 +105,7 @@ def checked_text(text: Any, where: str) -> str:
         where: how to name it in an error (e.g. ``message 3``, ``system_prompt``).
     """
     if not isinstance(text, str):
-        raise ChatInputError(f"{where} must be text, got {type(text).__name__}")
+        raise ChatInputError(f"{where} must be text, got {kind_of(text)}")
     if len(text) > MAX_MESSAGE_CHARS:
         raise ChatInputError(
             f"{where} is too long ({len(text)} characters); the limit is {MAX_MESSAGE_CHARS} characters"
@@ -129,7 +150,7 @@ def content_text(content: Any, where: str) -> str:
         return checked_text(content, where)
     parts = [content] if isinstance(content, Mapping) else content
     if not isinstance(parts, list | tuple):
-        raise ChatInputError(f"{where}: content must be text, got {type(content).__name__}")
+        raise ChatInputError(f"{where}: content must be text, got {kind_of(content)}")
     if len(parts) > MAX_MESSAGES:
         raise ChatInputError(f"{where} has too many parts ({len(parts)}); the limit is {MAX_MESSAGES}")
     texts = []
@@ -143,8 +164,10 @@ def content_text(content: Any, where: str) -> str:
         ):
             texts.append(part["text"])
         else:
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
+            if isinstance(part, Mapping):
+                kind = str(part.get("type"))[:20]
+                raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
+            raise ChatInputError(f"{where}: only text is supported, got {kind_of(part)} as a part")
     return checked_text("\n".join(texts), where)  # joined the way LMDeploy merges text parts
 
 
@@ -162,7 +185,7 @@ def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message
         return []
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ChatInputError(
-            f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}"
+            f"messages must be a list of {{role, content}} dicts, got {kind_of(messages)}"
         )
     if len(messages) > MAX_MESSAGES:  # before looking at each one
         check_history_size(messages)
