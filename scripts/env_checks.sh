@@ -1,4 +1,5 @@
-# Version checks shared by the env scripts (sourced, not run): version_lt A B, require_python PYTHON MIN BELOW WHY.
+# Version checks shared by the env scripts (sourced, not run):
+#   version_lt A B, require_python PYTHON MIN BELOW WHY.
 # Each fails with one line on stderr before anything is created or downloaded.
 
 # True when dotted version A sorts before B ("3.10" < "3.11", "470.82.01" < "525.60.13").

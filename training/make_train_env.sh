@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create the XTuner training environment: bash training/make_train_env.sh [VENV_DIR] [--check]
-#   CUDA build (training/requirements-cuda.txt) when nvidia-smi sees a GPU, else CPU (training/requirements.txt);
-#   TRAIN_ENV=cpu|cuda overrides the choice. PYTHON=python3.X picks the interpreter (3.11 or 3.12; default python3).
+#   CUDA build (training/requirements-cuda.txt) when nvidia-smi sees a GPU, else CPU
+#   (training/requirements.txt);
+#   TRAIN_ENV=cpu|cuda overrides the choice. PYTHON=python3.X picks the interpreter (3.11 or 3.12; default
+#   python3).
 #   --check: run the Python and driver checks, print what would be built, build nothing.
 # Idempotent (stamp file). Called by training/run.sh and `make test`.
 set -euo pipefail
@@ -17,15 +19,18 @@ case $kind in
   cuda)
     reqs=training/requirements-cuda.txt
     # requirements-cuda.txt's torch is a CUDA 12.4 build. CUDA 12 minor-version compatibility runs it on any
-    # driver >= 525.60.13 (full CUDA 12.4 support: >= 550.54.15); the 4-bit check below proves the kernels run.
+    # driver >= 525.60.13 (full CUDA 12.4 support: >= 550.54.15); the 4-bit check below proves the kernels
+    # run.
     torch_cuda=12.4; min_driver=525.60.13
     driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1) || driver=""
     if ! [[ $driver =~ ^[0-9]+(\.[0-9]+)+$ ]]; then
-      echo "error: the CUDA env needs an NVIDIA driver, but nvidia-smi reports none; install one or use TRAIN_ENV=cpu" >&2
+      echo "error: the CUDA env needs an NVIDIA driver, but nvidia-smi reports none;" \
+           "install one or use TRAIN_ENV=cpu" >&2
       exit 1
     fi
     if version_lt "$driver" "$min_driver"; then
-      echo "error: NVIDIA driver $driver is too old for the CUDA $torch_cuda torch of $reqs (needs >= $min_driver);" \
+      echo "error: NVIDIA driver $driver is too old for the CUDA $torch_cuda torch of $reqs" \
+           "(needs >= $min_driver);" \
            "update the driver or use TRAIN_ENV=cpu" >&2
       exit 1
     fi
@@ -54,10 +59,12 @@ x = torch.randn(4096, device="cuda", dtype=torch.float16)
 packed, state = F.quantize_4bit(x, quant_type="nf4")
 error = ((F.dequantize_4bit(packed, state) - x).abs().mean() / x.abs().mean()).item()
 assert error < 0.2, f"4-bit round trip is off by {error:.0%}"
-print(f"bitsandbytes 4-bit on {torch.cuda.get_device_name()}: ok (torch {torch.__version__}, CUDA {torch.version.cuda})")
+print(f"bitsandbytes 4-bit on {torch.cuda.get_device_name()}: ok",
+      f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
 PY
   then
-    echo "error: bitsandbytes cannot quantize on this GPU (see above); the training env at $venv is not usable" >&2
+    echo "error: bitsandbytes cannot quantize on this GPU (see above); the training env at $venv" \
+         "is not usable" >&2
     exit 1
   fi
 else
