@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Create the XTuner training environment: bash training/make_train_env.sh [VENV_DIR] [--check]
-#   CUDA build (training/requirements-cuda.txt) when nvidia-smi sees a GPU, else CPU
-#   (training/requirements.txt);
-#   TRAIN_ENV=cpu|cuda overrides the choice. PYTHON=python3.X picks the interpreter (3.11 or 3.12; default
-#   python3).
-#   --check: run the Python and driver checks, print what would be built, build nothing.
+#   The CUDA build (training/requirements-cuda.txt) when nvidia-smi lists a GPU, else the CPU one
+#   (training/requirements.txt); TRAIN_ENV=cpu|cuda overrides. PYTHON=python3.X picks the interpreter (3.11
+#   or 3.12; default python3). --check: run the Python and driver checks, print what would be built, exit.
 # Idempotent (stamp file). Called by training/run.sh and `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env_checks.sh
 venv=${1:-.venv-train}; check=${2:-}
+if [ -n "$check" ] && [ "$check" != --check ]; then
+  echo "error: unknown option '$check' (usage: bash training/make_train_env.sh [VENV_DIR] [--check])" >&2
+  exit 1
+fi
 python=${PYTHON:-python3}
 require_python "$python" 3.11 3.13 "the training env (XTuner 0.2.0: < 3.13; the pipeline: >= 3.11)"
 
@@ -18,9 +20,9 @@ case $kind in
   cpu) reqs=training/requirements.txt; plan="cpu: $reqs" ;;
   cuda)
     reqs=training/requirements-cuda.txt
-    # requirements-cuda.txt's torch is a CUDA 12.4 build. CUDA 12 minor-version compatibility runs it on any
-    # driver >= 525.60.13 (full CUDA 12.4 support: >= 550.54.15); the 4-bit check below proves the kernels
-    # run.
+    # requirements-cuda.txt's torch is a CUDA 12.4 build. CUDA 12 minor-version compatibility runs it on
+    # any driver >= 525.60.13 (full CUDA 12.4 support: >= 550.54.15); the 4-bit check below proves that
+    # the kernels run on this one.
     torch_cuda=12.4; min_driver=525.60.13
     driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1) || driver=""
     if ! [[ $driver =~ ^[0-9]+(\.[0-9]+)+$ ]]; then
@@ -37,7 +39,7 @@ case $kind in
     plan="cuda: $reqs (torch CUDA $torch_cuda, NVIDIA driver $driver >= $min_driver)" ;;
   *) echo "error: TRAIN_ENV must be cpu or cuda, not '$kind'" >&2; exit 1 ;;
 esac
-if [ "$check" = "--check" ]; then
+if [ -n "$check" ]; then
   echo "$venv <- $plan"
   exit 0
 fi
