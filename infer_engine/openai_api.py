@@ -40,6 +40,7 @@ from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, Generati
 from infer_engine.settings import GenerationParams, ServerSettings, SettingsError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # bounded memory per request; room for a long history (the engine trims it)
+EVENT_INTERVAL_S = 0.02  # streamed text: at most ~50 events a second after the first (a person sees no gap)
 MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
 MAX_STOP_CHARS = 256
 # OpenAI fields this server cannot honour: accepted only when absent or at their "off" value
@@ -270,58 +271,84 @@ class Reply:
     """One engine reply, read from the event loop: a thread starts and iterates the engine's stream and
     hands the text to the loop, which takes everything decoded so far in one piece.
 
+    The first text goes out at once; after that the loop takes text at most every ``min_interval_s`` (the
+    end at once): one wake-up, event and client parse per interval instead of per token, which on a small
+    CPU leaves the decoder its time.
+
     Args:
         engine: the engine to ask.
         chat: the validated request.
         session_id: the engine session of this request (named in the log, aborted on disconnect).
+        min_interval_s: shortest time between two pieces of text after the first.
     """
 
-    def __init__(self, engine: ChatEngine, chat: ChatRequest, session_id: str) -> None:
-        self.engine, self.session_id = engine, session_id
+    def __init__(
+        self, engine: ChatEngine, chat: ChatRequest, session_id: str, min_interval_s: float = EVENT_INTERVAL_S
+    ) -> None:
+        self.engine, self.session_id, self.min_interval_s = engine, session_id, min_interval_s
         self.stream: ChatStream | None = None
         self.ended = False
         self.first_text_s: float | None = None
         self.started = time.perf_counter()
         self._loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[object] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._buffer: list[object] = []  # what the thread handed over and the loop has not taken yet
+        self._woken = False  # a wake-up is on its way to the loop for what is in the buffer
+        self._ready, self._over = asyncio.Event(), asyncio.Event()
+        self._pending: list[object] = []
         thread = threading.Thread(target=self._pump, args=(chat,), name=f"reply-{session_id}", daemon=True)
         thread.start()
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: object, last: bool = False) -> None:
+        with self._lock:
+            self._buffer.append(item)
+            if self._woken and not last:
+                return
+            self._woken = True
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutting down): nobody waits for this
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._wake, last)
+
+    def _wake(self, last: bool) -> None:
+        self._ready.set()
+        if last:
+            self._over.set()
 
     def _pump(self, chat: ChatRequest) -> None:
         try:
             stream = self.engine.stream_chat(chat.messages, chat.params, self.session_id)
         except Exception as exc:  # ChatInputError and friends: answered as an HTTP error by the loop
-            self._put(exc)
+            self._put(exc, last=True)
             return
         self._put(stream)
         try:
             for delta in stream:
                 self._put(delta)
-            self._put(_END)
+            self._put(_END, last=True)
         except Exception as exc:  # GenerationError: reported to the client, the server goes on
-            self._put(exc)
+            self._put(exc, last=True)
+
+    async def _take(self) -> list[object]:
+        await self._ready.wait()
+        self._ready.clear()
+        with self._lock:
+            items, self._buffer, self._woken = self._buffer, [], False
+        return items
 
     async def start(self) -> ChatStream:
         """Wait until the engine took the request; raises what ``stream_chat`` raised."""
-        item = await self._items.get()
-        if isinstance(item, Exception):
+        first, *self._pending = await self._take()
+        if isinstance(first, Exception):
             self.ended = True
-            raise item
-        self.stream = item
-        return item
+            raise first
+        self.stream = first
+        return first
 
     async def texts(self) -> AsyncIterator[str]:
         """The reply's text as it is decoded (raises ``GenerationError`` when the engine fails midway)."""
+        items, self._pending = self._pending, []
         while not self.ended:
-            items = [await self._items.get()]
-            while not self._items.empty():
-                items.append(self._items.get_nowait())
             pieces = []
-            for item in items:
+            for item in items or await self._take():
                 if item is _END:
                     self.ended = True
                 elif isinstance(item, Exception):
@@ -329,10 +356,14 @@ class Reply:
                     raise item
                 else:
                     pieces.append(item)
+            items = []
             if pieces:
                 if self.first_text_s is None:
                     self.first_text_s = time.perf_counter() - self.started
                 yield "".join(pieces)
+            if not self.ended and self.min_interval_s > 0:  # let text gather; the end cuts the wait short
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._over.wait(), self.min_interval_s)
 
     def abort(self) -> None:
         """Stop the reply in the engine now (a no-op once it has ended)."""
