@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
@@ -168,6 +168,7 @@ class ServerSettings:
         port: TCP port to listen on (1-65535).
         queue_size: most requests waiting in Gradio's queue before new ones are refused (1-10000).
         system_prompt: default system prompt shown in the UI ("" = none, as the identity data was trained).
+        api_keys: bearer keys the OpenAI-compatible API (``/v1``) accepts (none = open); kept out of reprs.
     """
 
     model_source: str = ""
@@ -176,6 +177,7 @@ class ServerSettings:
     port: int = 7860
     queue_size: int = 64
     system_prompt: str = ""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check_int("port", self.port, 1, 65535)
@@ -186,6 +188,13 @@ class ServerSettings:
             raise SettingsError(f"cache_dir must be a path, got {self.cache_dir!r}")
         if not _check_str("host", self.host).strip():
             raise SettingsError("host must not be empty")
+        if not isinstance(self.api_keys, tuple):
+            raise SettingsError("api_keys must be a tuple of keys")
+        for number, key in enumerate(self.api_keys, 1):  # the message never shows a key
+            if not isinstance(key, str) or not key.isascii() or not key.isprintable() or not key.strip():
+                raise SettingsError(f"API key {number} must be printable ASCII text (an HTTP header value)")
+            if any(c.isspace() or c == "," for c in key):
+                raise SettingsError(f"API key {number} must not contain spaces or commas")
 
 
 def _parse(kind: type, raw: str, name: str) -> object:
@@ -222,7 +231,7 @@ def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSetti
 
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
-    ``QUEUE_SIZE`` and ``SYSTEM_PROMPT``.
+    ``QUEUE_SIZE``, ``SYSTEM_PROMPT`` and ``API_KEYS`` (comma-separated).
 
     Args:
         env: the environment to read (defaults to the process environment).
@@ -237,4 +246,5 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
         port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,
         system_prompt=env.get("SYSTEM_PROMPT", ""),
+        api_keys=tuple(key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()),
     )
