@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo = build_ui(engine, server, info)
         options = launch_options(engine, server)
         # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes
-        options["app_kwargs"] = {"routes": openai_routes(engine, server, model_id(info.name))}
+        options["app_kwargs"]["routes"] = openai_routes(engine, server, model_id(info.name))
         logger.info(
             "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, {} server threads, "
             "model loaded in {:.1f}s",
