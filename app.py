@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
     args = parser.parse_args(argv)
 
+    # Tracebacks in the log without local variable values: they can hold user text, keys or tokens.
+    logger.remove()
+    logger.add(sys.stderr, diagnose=False)
     route_std_logging()
     try:
         server = server_settings_from_env()
