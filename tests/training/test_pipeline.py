@@ -479,3 +479,31 @@ def test_rehearse_runs_every_stage_on_a_random_model_of_the_presets_shapes(tmp_p
         assert "serving not measured: LMDeploy TurboMind needs a CUDA GPU" in table
     else:
         assert serve["engine"]["1"]["tokens_per_s"] > 0 and serve["raw"]["32"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_and_node_0_finishes(tiny_run, tmp_path):
+    # Two "machines" on this one: torchrun's NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT, one process each,
+    # each node with its own copy of the work dir (base and data done).
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = {}
+    for rank in (0, 1):
+        work, args = copy_run(tiny_run, tmp_path / f"node{rank}")
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        cmd = ["bash", str(RUN_SH), *args, "--from", "sft", "--max-iters", "6"]
+        procs[rank] = (work, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=env))
+    out = {rank: proc.communicate(timeout=1200) for rank, (_, proc) in procs.items()}
+    for rank, (work, proc) in procs.items():
+        assert proc.returncode == 0, out[rank]
+        assert "--nnodes=2" in (work / "logs" / "sft.log").read_text()
+    (work0, _), (work1, _) = procs[0], procs[1]
+    assert json.loads((work0 / "stages" / "sft.json").read_text())["plan"]["schedule"]["world_size"] == 2
+    assert "[pipeline] evaluate: done in" in out[0][0] and (work0 / "sft" / "train" / "iter_6.pth").is_file()
+    assert "[pipeline] node 1: training done; node 0 keeps the checkpoint" in out[1][0]
+    assert "[pipeline] pth_to_hf" not in out[1][0] and not (work1 / "stages" / "sft.json").exists()
