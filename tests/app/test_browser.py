@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 import app
 
@@ -67,34 +67,49 @@ def open_page(browser: Browser, url: str, errors: list[str]) -> Page:
     page.goto(url)
     page.wait_for_selector("#msg textarea")
     page.get_by_text("Advanced options").click()
+    expect(slider(page, "Top-k")).to_be_visible()
     return page
 
 
-def set_option(page: Page, label: str, value: int) -> None:
-    """Type a value into a slider's number box until the slider itself holds it (the value an event sends).
+def set_options(page: Page, options: dict[str, int]) -> None:
+    """Type values into sliders' number boxes until every slider holds its value (what an event sends).
 
     Two races lose a typed value: the box hands it to the slider only when it loses focus, a moment later,
-    and the accordion's sliders, mounted when it opens, can reset the box while a busy browser is still
-    mounting them. So the value is typed again until the slider shows it.
+    and a page still settling after load can put a slider back to its default (seen under load: Top-k back
+    at 40 while Max new tokens, typed after it, kept its value). So the values are typed again until all of
+    them hold at once; the reply's log line then shows what the engine really got.
+
+    Args:
+        page: the chat page, its advanced options open.
+        options: slider label -> value.
     """
-    box = page.locator(f'input[aria-label="number input for {label}"]')
-    slider = page.locator(f'[data-testid="range-input"][aria-label="range slider for {label}"]')
     deadline = time.monotonic() + TIMEOUT_MS / 1000
     while True:
-        box.fill(str(value))
-        box.press("Tab")
+        for label, value in options.items():
+            if slider(page, label).input_value() != str(value):
+                box = page.locator(f'input[aria-label="number input for {label}"]')
+                box.fill(str(value))
+                box.press("Tab")
         try:
-            expect(slider).to_have_value(str(value), timeout=2_000)
+            for label, value in options.items():
+                expect(slider(page, label)).to_have_value(str(value), timeout=2_000)
             return
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
 
 
+def slider(page: Page, label: str) -> Locator:
+    return page.locator(f'[data-testid="range-input"][aria-label="range slider for {label}"]')
+
+
+OPTIONS: dict[Page, dict[str, int]] = {}  # page -> the options its tests rely on (checked again on each send)
+
+
 def greedy(page: Page, max_new_tokens: int) -> None:
     """top_k=1 always takes the likeliest token: replies are deterministic."""
-    set_option(page, "Top-k", 1)
-    set_option(page, "Max new tokens", max_new_tokens)
+    OPTIONS[page] = {"Top-k": 1, "Max new tokens": max_new_tokens}
+    set_options(page, OPTIONS[page])
 
 
 def messages(page: Page, role: str) -> list[str]:
@@ -102,6 +117,7 @@ def messages(page: Page, role: str) -> list[str]:
 
 
 def send(page: Page, text: str) -> None:
+    set_options(page, OPTIONS.get(page, {}))  # still in place: typed again if the page lost one
     textbox = page.locator("#msg textarea")
     textbox.fill(text)
     textbox.press("Enter")
@@ -190,6 +206,7 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
 
     # Retry generates the last answer again (the same one: decoding is greedy).
     offset = len(app_server.log())
+    set_options(page, OPTIONS[page])
     page.click("#retry")
     retried = greedy_reply_started(app_server, offset, SHORT)
     assert retried.session == reply.session
@@ -200,6 +217,7 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     # The Send button sends too.
     offset = len(app_server.log())
     textbox.fill("你可以做什么？")
+    set_options(page, OPTIONS[page])
     page.click("#send")
     _, finish = wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT))
     assert finish in ("stop", "length")
@@ -321,6 +339,7 @@ def test_example_question_gets_the_identity_answer(
     textbox = page.locator("#msg textarea")
     expect(textbox).to_have_value("你是谁？")
     offset = len(app_server.log())
+    set_options(page, OPTIONS[page])
     textbox.press("Enter")
     wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT))
     # The server logs the reply when it ends; the page renders the last throttled chunk a moment later.
