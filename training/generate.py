@@ -1,8 +1,9 @@
 # Greedy batched chat generation with a model dir's own chat template (used for replay data and evaluation).
 # Run from the repo root, e.g.:
 #   python -m training.generate --model work/merged --prompt "你是谁？" --prompt "What is 2 plus 3?"
-# Works in .venv-train (transformers 4.48) and .venv (transformers 5.x); trust_remote_code=True lets it load
-# real InternLM2 dirs. Greedy decoding makes answers reproducible, so base-vs-fine-tune comparisons are fair.
+# Works in .venv-train (transformers 4.48) and .venv (transformers 5.x). A model that ships its own Python
+# code (real InternLM2 dirs) loads only with TRUST_REMOTE_CODE=1 (training/run.sh sets it for a trusted base).
+# Greedy decoding makes answers reproducible, so base-vs-fine-tune comparisons are fair.
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from infer_engine.model_source import check_remote_code
+from infer_engine.settings import trust_remote_code_from_env
 
 # The InternLM2 end-of-turn token: chat models stop here, and must, or they run on into a new turn.
 IM_END = "<|im_end|>"
@@ -63,16 +67,19 @@ def _stop_ids(
     return sorted(ids)
 
 
-def load_chat_model(model_dir: str | Path) -> ChatModel:
+def load_chat_model(model_dir: str | Path, trust_remote_code: bool | None = None) -> ChatModel:
     """Load a HF model dir for greedy chat generation (GPU in bf16 when there is one, else CPU in fp32).
 
     Args:
         model_dir: a HF model dir with tokenizer files and a chat template.
+        trust_remote_code: let a model that ships Python code run it; None: ``$TRUST_REMOTE_CODE``.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model dir (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    trust = trust_remote_code_from_env() if trust_remote_code is None else trust_remote_code
+    check_remote_code(model_dir, trust, "TRUST_REMOTE_CODE=1 (training/run.sh: --trust-remote-code)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     if not tokenizer.chat_template:
         raise ValueError(f"{model_dir} has no chat template; the answers would not be chat answers")
     tokenizer.padding_side = "left"
@@ -82,7 +89,7 @@ def load_chat_model(model_dir: str | Path) -> ChatModel:
     dtype = torch.bfloat16 if cuda else torch.float32
     # transformers 5 renamed torch_dtype to dtype; 4.48 (the XTuner env) only knows torch_dtype.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **{dtype_kw: dtype})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust, **{dtype_kw: dtype})
     model.to("cuda" if cuda else "cpu").eval()
     return ChatModel(model, tokenizer, _stop_ids(tokenizer, model))
 

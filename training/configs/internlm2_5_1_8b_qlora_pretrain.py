@@ -32,6 +32,9 @@ from xtuner.model import SupervisedFinetune
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "internlm/internlm2_5-1_8b-chat"
+# Whether the model may run Python code it ships (auto_map): the official InternLM2.5 base needs its own
+# modeling code; the pipeline sets this per run (allowed for the preset's base or with --trust-remote-code).
+trust_remote_code = True
 data_path = "corpus.json"  # [{"text": ...}], from training/make_corpus.py
 max_length = 2048
 pack_to_max_length = True
@@ -61,7 +64,7 @@ evaluation_inputs = ["上海是", "Shanghai is"]  # plain continuations: no chat
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -71,7 +74,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.bfloat16,
         quantization_config=dict(
             type=BitsAndBytesConfig,

@@ -32,6 +32,9 @@ from xtuner.utils import PROMPT_TEMPLATE
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "internlm/internlm2_5-1_8b-chat"
+# Whether the model may run Python code it ships (auto_map): the official InternLM2.5 base needs its own
+# modeling code; the pipeline sets this per run (allowed for the preset's base or with --trust-remote-code).
+trust_remote_code = True
 data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
 # The chat model's own format; XTuner's `default` template would teach another one (the "parrot" complaints).
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
@@ -63,7 +66,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -73,7 +76,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.float16,
         quantization_config=dict(
             type=BitsAndBytesConfig,

@@ -34,6 +34,9 @@ from xtuner.model import SupervisedFinetune
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "tiny-base"
+# Whether the model may run Python code it ships (auto_map): the tiny base is plain Llama with no code
+# of its own; the pipeline sets this per run (--trust-remote-code).
+trust_remote_code = False
 data_path = "corpus.json"  # [{"text": ...}], from training/make_corpus.py
 max_length = 256
 pack_to_max_length = True
@@ -65,7 +68,7 @@ evaluation_inputs = ["上海是", "Shanghai is"]  # plain continuations: no chat
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -76,7 +79,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.float32,
     ),
     lora=dict(

@@ -34,6 +34,9 @@ from xtuner.utils import PROMPT_TEMPLATE
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "tiny-base"
+# Whether the model may run Python code it ships (auto_map): the tiny base is plain Llama with no code
+# of its own; the pipeline sets this per run (--trust-remote-code).
+trust_remote_code = False
 data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
 # The InternLM2 chat format the model is served with; XTuner's `default` template would teach another one.
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
@@ -67,7 +70,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -78,7 +81,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.float32,
     ),
     lora=dict(
