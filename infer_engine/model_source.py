@@ -85,9 +85,11 @@ _HELPER_TRANSPORT = re.compile(r"[A-Za-z][\w+.-]*::")  # git's <transport>::<add
 _HOST = re.compile(r"[A-Za-z0-9][\w.-]*|\[[0-9A-Fa-f:.]+\]")
 _SCP_LIKE = re.compile(r"([^\s/@:]+(?::[^\s/]*)?)@([A-Za-z0-9][\w.-]*):(?!//)(\S+)")  # user@host:path
 # Redaction: the userinfo of a URL (greedy to the last "@", so "u:p@ss@host" and "u:p/ss@host" go whole);
-# the userinfo of an scp-like address; every query or fragment parameter value; Hugging Face tokens.
+# a URL's whole query and fragment; the userinfo of an scp-like address; every other "?key=value" or
+# "&key=value" value; Hugging Face tokens.
 _REDACT = (
     (re.compile(r"(?<=://)[^\s'\"<>]*@"), "***@"),
+    (re.compile(r"(://[^\s'\"<>?#]*)[?#][^\s'\"<>]*"), r"\1?***"),
     (re.compile(r"(?<![^\s'\"(<=,;])[^\s/'\"]+@(?=[A-Za-z0-9][\w.-]*:(?!//|\d+\b))"), "***@"),
     (re.compile(r"(?<=[?&#;])([^\s=&#;'\"]+)=[^\s&#;'\"]*"), r"\1=***"),
     (re.compile(r"\bhf_[A-Za-z0-9]{16,}"), "***"),
