@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from training.pipeline import (
+from training.config_render import ConfigRenderError, render_config
+from training.presets import (
+    PUBLISH_MAX_LEAKAGE_RATE,
+    PUBLISH_MIN_IDENTITY_ACCURACY,
     REPO_ROOT,
     STAGES,
-    ConfigRenderError,
     RunConfig,
     RunConfigError,
-    failure_reason,
-    render_config,
     slug,
 )
+from training.runner import failure_reason
+from training.stages import publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -96,6 +98,8 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
         (dict(name="x", preset="tiny", epochs=1), "trains by iterations: use --max-iters"),
         (dict(name="x", lr=2.0), "--lr must be between 0 and 1"),
+        (dict(name="x", publish_anyway=True), "--publish-anyway needs --publish"),
+        (dict(name="x", rehearse=True, base="hf:a/b", max_iters=3), "drop --base, --max-iters"),
     ],
 )
 def test_bad_run_settings_are_clear_errors(kwargs, message):
@@ -147,8 +151,51 @@ def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: preset internlm2_5-1_8b trains 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, "
-        "and this machine has none; use --preset tiny on CPU"]
+        "and this machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)"]
     assert not (tmp_path / "logs").exists()
+
+
+def test_dry_run_of_the_real_preset_plans_at_least_150_steps_without_gpu_or_model(tmp_path):
+    work = tmp_path / "w"
+    proc = run_sh("--name", "Alice", "--dry-run", "--work-dir", str(work), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for stage in RUN_STAGES:
+        assert re.search(rf"^\[plan\] {stage}: ", out, re.M), out
+    # Not packed: one sample per row; 3 epochs of batch 1 x accumulation 4 on one GPU.
+    sft = json.loads((work / "stages" / "sft.json").read_text())
+    assert sft["status"] == "planned" and sft["plan"]["config"] == str(work / "sft" / "sft_config.py")
+    plan = sft["plan"]["schedule"]
+    assert plan["optimizer_steps"] >= 150 and not sft["plan"]["packed"]
+    assert plan["max_iters"] == 3 * plan["samples"] and plan["optimizer_steps"] == -(-plan["max_iters"] // 4)
+    assert 1 <= plan["warmup_iters"] < plan["max_iters"]
+    assert f"{plan['optimizer_steps']} optimizer steps" in out and "precision bfloat16 if" in out
+    data = json.loads((work / "stages" / "data.json").read_text())["plan"]
+    assert data["rows"] == plan["samples"] and data["rows_exact"] is False
+    assert sorted(p.name for p in work.iterdir()) == [".lock", "stages"]  # nothing downloaded or trained
+    # Two GPUs halve the iterations (DefaultSampler splits the rows), and the plan says so.
+    two = run_sh("--name", "Alice", "--dry-run", "--gpus", "2", "--work-dir", str(work), timeout=300)
+    plan2 = json.loads((work / "stages" / "sft.json").read_text())["plan"]["schedule"]
+    assert two.returncode == 0 and plan2["world_size"] == 2
+    assert plan2["max_iters"] == 3 * -(-plan["samples"] // 2)
+
+
+@pytest.mark.parametrize(
+    ("scores", "refused"),
+    [
+        (dict(identity_accuracy=PUBLISH_MIN_IDENTITY_ACCURACY, leakage_rate=PUBLISH_MAX_LEAKAGE_RATE), None),
+        (dict(identity_accuracy=0.79, leakage_rate=0.0), "identity_accuracy 0.790 < 0.8"),
+        (dict(identity_accuracy=1.0, leakage_rate=0.444), "leakage_rate 0.444 > 0.1"),
+        (dict(identity_accuracy=0.5, leakage_rate=0.5),
+         "identity_accuracy 0.500 < 0.8, leakage_rate 0.500 > 0.1"),
+    ],
+)
+def test_publish_gate_thresholds(scores, refused, tmp_path):
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(scores))
+    assert publish_gate(eval_json) == refused
+    eval_json.write_text(json.dumps({"leakage_rate": 0.0}))
+    assert publish_gate(eval_json) == f"{eval_json} has no identity_accuracy and leakage_rate numbers"
 
 
 def test_failure_reason_is_the_last_exception_line(tmp_path):
