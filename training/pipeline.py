@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infer_engine.model_source import redact
 from training import convert_merge, launcher, rehearse
 from training.config_render import ConfigRenderError
 from training.presets import (
@@ -234,8 +235,8 @@ def summary(run: Run) -> str:
         lines.append("[pipeline] eval: " + ", ".join(f"{k} {scores[k]}" for k in keys if k in scores)
                      + f" (table: {run.work / 'eval.md'})")
     if run.cfg.publish:
-        lines.append(f"[pipeline] published to {run.cfg.publish}" + (" (dry run)" if run.cfg.publish_dry_run
-                                                                      else ""))
+        dry = " (dry run)" if run.cfg.publish_dry_run else ""
+        lines.append(f"[pipeline] published to {redact(run.cfg.publish)}{dry}")
     return "\n".join(lines)
 
 
@@ -328,6 +329,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--deepspeed", choices=DEEPSPEED, help="train under DeepSpeed ZeRO-2 or ZeRO-3")
     p.add_argument("--publish-anyway", action="store_true",
                    help="publish even if eval.json misses the publish gate's thresholds")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a --base that ships its own Python code (auto_map) run it: only for code you "
+                   "have read or a publisher you trust (the preset's default base needs no flag)")
     p.add_argument("--rehearse", action="store_true",
                    help="run every stage on a random model of the preset's shapes for a few iterations, then "
                    "measure serving (nothing downloaded)")

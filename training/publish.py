@@ -183,38 +183,38 @@ def load_card_info(
         name=name or heads["name"] or model_dir.resolve().name,
         base_model=base if base is None or _HUB_REPO_ID.fullmatch(base) else public_source(base),
         identity=heads["identity"],
-        settings=public_json({**data, **nested}, model_dir),
-        eval_md=public_text(eval_path.read_text(encoding="utf-8"), model_dir) if eval_path else None,
+        settings=public_json({**data, **nested}, model_dir.resolve().parent),
+        eval_md=public_text(eval_path.read_text(encoding="utf-8"), model_dir.resolve().parent) if eval_path
+        else None,
         remote_code=tuple(remote_code_files(model_dir)),
     )
 
 
-def public_text(text: str, model_dir: Path) -> str:
+def public_text(text: str, work_dir: Path) -> str:
     """``text`` as it may be published: credentials redacted, and absolute paths of this machine shortened
-    (inside the work dir, the model dir's parent: relative; other paths: the last part).
+    (inside ``work_dir``: relative to it; other paths: their last part).
 
     Args:
         text: e.g. eval.md, or a value of training_meta.json.
-        model_dir: the model being published.
+        work_dir: the run's work dir (run.sh's; for a model dir, its parent).
     """
-    work = str(model_dir.resolve().parent)
-    text = text.replace(work + "/", "")
+    text = text.replace(str(work_dir.resolve()) + "/", "")
     return _ABS_PATH.sub(lambda m: m[1], redact(text))
 
 
-def public_json(value: object, model_dir: Path) -> object:
+def public_json(value: object, work_dir: Path) -> object:
     """A JSON value with public_text applied to every string in it.
 
     Args:
         value: parsed JSON (training_meta.json).
-        model_dir: the model being published.
+        work_dir: the run's work dir.
     """
     if isinstance(value, str):
-        return public_text(value, model_dir)
+        return public_text(value, work_dir)
     if isinstance(value, list):
-        return [public_json(v, model_dir) for v in value]
+        return [public_json(v, work_dir) for v in value]
     if isinstance(value, dict):
-        return {k: public_json(v, model_dir) for k, v in value.items()}
+        return {k: public_json(v, work_dir) for k, v in value.items()}
     return value
 
 
@@ -453,7 +453,8 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
     for f in files:
         (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
         if f.path == META_FILE:  # published without this machine's paths or any credential
-            meta = public_json(json.loads((model_dir / f.path).read_text(encoding="utf-8")), model_dir)
+            meta = json.loads((model_dir / f.path).read_text(encoding="utf-8"))
+            meta = public_json(meta, model_dir.resolve().parent)
             text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
             (dest / f.path).write_text(text, encoding="utf-8")
             continue

@@ -149,3 +149,125 @@ def test_hostile_corpus_files(files: dict[str, bytes], outcome: str | None, tmp_
     else:
         with pytest.raises(CorpusError, match=outcome):
             build_corpus(corpus)
+
+
+# ---- the pipeline (training/run.sh): --base and --publish values, records, logs, command lines, resume
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--base", "-ux@x:;touch {mark};#", "--base: bad model source"),
+    ("--base", "ext::sh -c touch% {mark}", "remote-helper transports"),
+    ("--base", "ssh://-oProxyCommand=touch%20{mark}/r.git", "host name is not valid"),
+    ("--base", f"https://host/base.git?token={SECRET}", "no query or fragment"),
+    ("--base", "hf:internlm/..", "--base: bad source"),
+    ("--publish", "--upload-pack=touch {mark}", "--publish: bad target"),
+    ("--publish", "ext::sh -c touch% {mark}", "remote-helper transports"),
+])
+def test_hostile_run_values_are_refused_before_any_work(
+    option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.pipeline import main
+
+    mark, work = tmp_path / "pwned", tmp_path / "work"
+    rc = main(["--preset", "tiny", "--name", "Ada", f"{option}={value.format(mark=mark)}", "--work-dir",
+               str(work)])
+    out = capsys.readouterr()
+    assert rc == 2 and out.err.startswith("error: ") and message in out.err and "Traceback" not in out.err
+    assert SECRET not in out.out + out.err and not mark.exists() and not work.exists()
+
+
+def test_base_with_code_is_refused_unless_allowed(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.pipeline import main
+    from training.presets import RunConfig
+    from training.runner import child_env
+
+    mark = tmp_path / "pwned"
+    evil = add_remote_code(shutil.copytree(tiny_model, tmp_path / "evil"), mark)
+    rc = main(["--preset", "tiny", "--name", "Ada", "--base", str(evil), "--work-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "stage base failed: model local directory evil ships its own Python code" in err
+    assert "configuration_evil.py, modeling_evil.py" in err and "--trust-remote-code" in err
+    assert not mark.exists()
+    # Who may run code: the flag, or the preset's own official base (pinned or not); never anything else.
+    official = "internlm2_5-1_8b"
+    cases = [("tiny", str(evil), False), ("tiny", str(evil), True), ("tiny", None, False),
+             (official, None, False), (official, "hf:internlm/internlm2_5-1_8b-chat@0a1b", False),
+             (official, "hf:someone/internlm2_5-1_8b-chat", False)]
+    allowed = [RunConfig("Ada", preset=p, base=b, trust_remote_code=f).remote_code_allowed
+               for p, b, f in cases]
+    assert allowed == [False, True, False, True, True, False]
+    assert child_env(RunConfig("Ada", preset="tiny"))["TRUST_REMOTE_CODE"] == "0"
+    assert child_env(RunConfig("Ada"))["TRUST_REMOTE_CODE"] == "1"
+
+
+def test_url_token_in_base_and_publish_reaches_no_log_record_or_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import http.server
+    import threading
+
+    from training.pipeline import main
+    from training.presets import RunConfig
+    from training.runner import run_logged
+    from training.stages import PIPELINE, Run, plan_publish
+
+    argv_log = tmp_path / "git-argv.log"
+    monkeypatch.setenv("PATH", git_argv_recorder(tmp_path / "bin", argv_log)["PATH"])
+    empty = tmp_path / "srv"
+    empty.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # every path answers 404: no such repo
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(empty), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://alice:{SECRET}@127.0.0.1:{server.server_port}/base.git"
+    publish_to = f"https://ada:{SECRET}@code.openxlab.org.cn/ada/ada.git"
+    work = tmp_path / "w"
+    try:
+        rc = main(["--preset", "tiny", "--name", "Ada", "--base", base, "--publish", publish_to,
+                   "--work-dir", str(work)])
+    finally:
+        server.shutdown()
+    out = capsys.readouterr()
+    assert rc == 1 and "stage base failed: infer_engine.model_source exited with status 1" in out.err
+    assert "clone --quiet -- http://127.0.0.1:" in argv_log.read_text()  # git ran, without the token
+    written = [p.read_text() for p in work.rglob("*") if p.is_file()]
+    for text in (out.out, out.err, argv_log.read_text(), *written):
+        assert SECRET not in text
+    # The publish stage's record, plan line and command line: the target without its token.
+    run = Run(RunConfig("Ada", preset="tiny", publish=publish_to, work_dir=work), {})
+    assert PIPELINE[-1].inputs(run)["target"] == "https://***@code.openxlab.org.cn/ada/ada.git"
+    assert SECRET not in plan_publish(run)["summary"]
+    log = tmp_path / "echo.log"
+    run_logged(["echo", "--target", publish_to], log, dict(os.environ))  # any command line that has one
+    assert SECRET not in log.read_text().splitlines()[0] and log.read_text().startswith("$ echo --target")
+
+
+def test_resume_after_a_kill_between_rename_and_record(tiny_model: Path, tmp_path: Path) -> None:
+    from training.pipeline import _write_record, execute, plan_run
+    from training.presets import RunConfig
+    from training.runner import child_env
+    from training.stages import PIPELINE, Run, base_inputs
+
+    cfg = RunConfig("Ada", preset="tiny", recipe="seed", base=str(tiny_model), work_dir=tmp_path / "w")
+    run = Run(cfg, child_env(cfg))
+    _write_record(run.record_path("base"), {"status": "done", "inputs": base_inputs(run),
+                                            "result": {"model_dir": str(tiny_model)}})
+    run.results["base"] = {"model_dir": tiny_model}
+    data = PIPELINE[1]
+    _write_record(run.record_path("data"), {"status": "running", "inputs": data.inputs(run)})
+    (run.work / "data").mkdir()  # renamed into place, then killed before the record said "done"
+    (run.work / "data" / "train.json").write_text("[]")
+    plan = plan_run(run)
+    assert plan.resume and plan.todo[0].name == "data"
+    plan.todo = plan.todo[:1]  # only the interrupted stage
+    execute(run, plan)
+    assert json.loads(run.record_path("data").read_text())["status"] == "done"
+    assert json.loads((run.work / "data" / "train.json").read_text())  # rebuilt, not the stale one
