@@ -289,6 +289,7 @@ def describe_plan(target: Target, files: list[PlannedFile], card: str) -> str:
     """
     if target.kind == "git":
         creds = f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} " + ("set" if os.environ.get(GIT_TOKEN_ENV) else "not set")
+        creds = "credentials from the URL" if target.credentials else creds
         head = f"target: git {target} (branch main, never forced; {creds})"
     else:
         head = f"target: {target} (huggingface_hub upload_folder; HF_TOKEN " + (
