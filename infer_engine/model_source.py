@@ -207,7 +207,7 @@ class ModelSource:
     @property
     def cache_key(self) -> str:
         """Directory name in the cache: a readable slug plus a hash of the credential-free source."""
-        bare = redact(self.location).replace("***@", "")
+        bare = re.sub(r"^([a-z]+://)?[^@/]*@", r"\1", self.location)  # an ssh login name (no secret is left)
         ident = f"{self.kind}|{bare}|{self.revision or ''}"
         tail = re.sub(r"^[a-z]+://", "", bare).removesuffix(".git")
         slug = re.sub(r"[^A-Za-z0-9._]+", "-", tail + (f"-{self.revision}" if self.revision else ""))
