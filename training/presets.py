@@ -30,8 +30,9 @@ DEEPSPEED = ("zero2", "zero3")
 # accuracy and at most this leakage before --publish pushes anything (--publish-anyway overrides).
 PUBLISH_MIN_IDENTITY_ACCURACY = 0.8
 PUBLISH_MAX_LEAKAGE_RATE = 0.1
-# --rehearse: SFT iterations on the random model, and a few short replay answers (a random model never stops).
-REHEARSE_ITERS = 8
+# --rehearse: SFT iterations on the random model (XTuner logs speed and memory every 10), and a few short
+# replay answers (a random model never stops).
+REHEARSE_ITERS = 10
 REHEARSE_REPLAY_PROMPTS = 8
 REHEARSE_REPLAY_TOKENS = 16
 # InternLM2.5-1.8B's shapes in Llama layout (../shared/notes/gpu-baseline.md): 1.89 B parameters.

@@ -21,7 +21,9 @@ from training.presets import PRESETS
 
 SERVE_RESULT = "rehearsal_serve.json"  # written by training/rehearse_serve.py into the work dir
 # mmengine's training log line: "Iter(train) [ 10/10]  ...  time: 0.2137  data_time: ...  memory: 5661  ..."
-ITER_LINE = re.compile(r"Iter\(train\).*?\btime: (?P<time>[0-9.]+).*?(?:\bmemory: (?P<memory>[0-9]+))?\s")
+# (`time` is the mean over the logging interval; `memory` is torch.cuda.max_memory_allocated in MiB).
+ITER_TIME = re.compile(r"\btime: ([0-9.]+)")
+ITER_MEMORY = re.compile(r"\bmemory: ([0-9]+)")
 
 
 def make_random_base(out: Path, shape: Mapping[str, int], seed: int = 0) -> Path:
@@ -70,10 +72,10 @@ def sft_measurements(train_dir: Path, data_dir: Path, base_dir: Path, world_size
 
     times, memory = [], []
     for log in sorted(train_dir.glob("*/*.log")):
-        for match in ITER_LINE.finditer(log.read_text(encoding="utf-8", errors="replace") + "\n"):
-            times.append(float(match["time"]))
-            if match["memory"]:
-                memory.append(int(match["memory"]))
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "Iter(train)" in line and (time := ITER_TIME.search(line)):
+                times.append(float(time[1]))
+                memory += [int(m[1]) for m in ITER_MEMORY.finditer(line)]
     if not times:
         return {}
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -100,7 +102,7 @@ def rehearsal_table(measured: Mapping[str, object], serve: Mapping[str, object])
     def fmt(value: object, unit: str = "") -> str:
         return f"{value:,.0f}{unit}" if isinstance(value, int | float) else "—"
 
-    rows = [("SFT tokens/s (4-bit QLoRA on a GPU)", fmt(measured.get("sft_tokens_per_s"))),
+    rows = [("SFT tokens/s", fmt(measured.get("sft_tokens_per_s"))),
             ("SFT peak GPU memory", fmt(measured.get("sft_peak_mib"), " MiB")),
             ("convert (pth_to_hf)", f"{measured.get('convert_s', '—')} s"),
             ("merge", f"{measured.get('merge_s', '—')} s")]

@@ -21,6 +21,7 @@ PACKER_BATCH_ROWS = 1000
 # token, plus the chat template's special tokens and role names around each turn.
 CHARS_PER_TOKEN_LATIN = 4
 TEMPLATE_TOKENS_PER_TURN = 10
+MIN_WARMUP_ITERS = 10  # shorter warm-ups peak below 90 % of lr in mmengine (see warmup_iters)
 CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 
@@ -61,14 +62,19 @@ class Schedule:
 
 
 def warmup_iters(max_iters: int, ratio: float) -> int:
-    """Warm-up length in iterations: `ratio` of training, at least 1, and short of the end so that the cosine
-    phase after it is never empty (mmengine refuses a scheduler whose end is not after its begin).
+    """Warm-up length in iterations: `ratio` of training when that is at least MIN_WARMUP_ITERS, else 1 (none:
+    the configs start a 1-iteration warm-up at the full lr); never 0, which mmengine refuses ("end should be
+    larger than begin"), and short of the end.
+
+    mmengine's LinearLR stops one step short of the full lr and its cosine continues from there, so a warm-up
+    of w iterations peaks at (w - 1) / w of lr: 90 % at the least.
 
     Args:
         max_iters: iterations in all.
         ratio: share of training spent warming up.
     """
-    return max(1, min(round(ratio * max_iters), max_iters - 1))
+    warmup = round(ratio * max_iters)
+    return min(warmup, max_iters - 1) if warmup >= MIN_WARMUP_ITERS else 1
 
 
 def plan_schedule(samples: int, *, batch_size: int, accumulative_counts: int, world_size: int,

@@ -145,9 +145,12 @@ optim_wrapper = dict(
 )
 
 # Linear warm-up, then cosine decay to 0, in iterations (an epoch-based 3 % rounds to 0 on small data).
+# mmengine's cosine decays from the lr the warm-up left, (warmup_iters - 1) / warmup_iters of lr: the pipeline
+# renders either a warm-up of 10+ iterations or 1, which starts at the full lr (see training/schedule.py).
+# max(): with max_iters == 1 the cosine phase is never reached but must not be empty.
 param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup_iters),
-    # (max(): with max_iters == 1 the warm-up is the whole run and the cosine phase is never reached.)
+    dict(type=LinearLR, start_factor=1e-5 if warmup_iters > 1 else 1.0, by_epoch=False, begin=0,
+         end=warmup_iters),
     dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters,
          end=max(max_iters, warmup_iters + 1)),
 ]

@@ -143,9 +143,12 @@ optim_wrapper = dict(
     accumulative_counts=accumulative_counts,
 )
 
+# mmengine's cosine decays from the lr the warm-up left, (warmup_iters - 1) / warmup_iters of lr: the pipeline
+# renders either a warm-up of 10+ iterations or 1, which starts at the full lr (see training/schedule.py).
+# max(): with max_iters == 1 the cosine phase is never reached but must not be empty.
 param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup_iters),
-    # (max(): with max_iters == 1 the warm-up is the whole run and the cosine phase is never reached.)
+    dict(type=LinearLR, start_factor=1e-5 if warmup_iters > 1 else 1.0, by_epoch=False, begin=0,
+         end=warmup_iters),
     dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters,
          end=max(max_iters, warmup_iters + 1)),
 ]
@@ -183,7 +186,7 @@ env_cfg = dict(
     dist_cfg=dict(backend="gloo"),
 )
 # Only used with several processes: CPU modules take no device_ids (mmengine's default passes LOCAL_RANK).
-model_wrapper_cfg = dict(type="MMDistributedDataParallel")
+model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
 
 visualizer = None
 log_level = "INFO"
