@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from hostile_inputs import SECRET, add_remote_code, git_argv_recorder
-from lfs_repo import build_tiny_model, git, make_bare_repo
+from lfs_repo import build_tiny_model, make_bare_repo, push_plain_repo
 
 from infer_engine import model_source
 from infer_engine.model_source import (
@@ -108,13 +108,8 @@ def test_hostile_source_is_refused_and_runs_nothing(source: str, message: str, t
 def test_url_token_reaches_git_only_through_the_credential_helper(tiny_model: Path, tmp_path: Path) -> None:
     # A real dumb-HTTP git server behind Basic auth; the password holds '@' and '/' and is percent-encoded.
     password = f"p@ss/{SECRET}"
-    bare = make_bare_repo(tmp_path / "srv" / "model.git")
-    work = shutil.copytree(tiny_model, tmp_path / "work")
-    git("init", "--quiet", "--initial-branch=main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "--quiet", "-m", "model", cwd=work)
-    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
-    git("update-server-info", cwd=bare)
+    push_plain_repo(shutil.copytree(tiny_model, tmp_path / "work"),
+                    make_bare_repo(tmp_path / "srv" / "model.git"))
     expected = "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()
     seen: list[str] = []
 
@@ -166,12 +161,8 @@ def _model_repo_with_links(tiny_model: Path, tmp_path: Path) -> Path:
 
 
 def test_fetched_repo_with_links_outside_is_refused(tiny_model: Path, tmp_path: Path) -> None:
-    work = _model_repo_with_links(tiny_model, tmp_path)
-    bare = make_bare_repo(tmp_path / "links.git")
-    git("init", "--quiet", "--initial-branch=main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "--quiet", "-m", "model", cwd=work)
-    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
+    bare = push_plain_repo(_model_repo_with_links(tiny_model, tmp_path),
+                           make_bare_repo(tmp_path / "links.git"))
     cache = tmp_path / "cache"
     with pytest.raises(ModelSourceError, match=r"link outside its directory: model\.safetensors -> /.*"
                                                r"tokenizer\.json -> /"):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir
+from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir, push_plain_repo
 
 from infer_engine.model_source import (
     DEMO_MODEL_DIR,
@@ -258,13 +258,8 @@ def test_killed_download_leaves_no_complete_looking_dir(remote: Path, tmp_path: 
 
 def test_transient_http_failure_is_retried_then_succeeds(tiny_model: Path, tmp_path: Path) -> None:
     # A real git HTTP server (dumb protocol, weights as plain blobs) that answers 503 to its first request.
-    bare = make_bare_repo(tmp_path / "srv" / "model.git")
-    work = shutil.copytree(tiny_model, tmp_path / "work")
-    git("init", "--quiet", "--initial-branch=main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "--quiet", "-m", "model", cwd=work)
-    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
-    git("update-server-info", cwd=bare)
+    push_plain_repo(shutil.copytree(tiny_model, tmp_path / "work"),
+                    make_bare_repo(tmp_path / "srv" / "model.git"))
     failures = [503]
 
     class FlakyHandler(http.server.SimpleHTTPRequestHandler):
