@@ -27,7 +27,8 @@ from xtuner.engine.hooks import EvaluateChatHook  # noqa: E402
 from xtuner.engine.runner import TrainLoop  # noqa: E402
 from xtuner.utils import PROMPT_TEMPLATE  # noqa: E402
 
-from training.pipeline import PRESETS, render_config  # noqa: E402
+from training.config_render import render_config  # noqa: E402
+from training.presets import PRESETS  # noqa: E402
 
 INTERNLM_MODULES = ["wqkv", "wo", "w1", "w2", "w3"]
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

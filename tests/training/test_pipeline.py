@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from training.pipeline import (
-    REPO_ROOT,
-    STAGES,
-    ConfigRenderError,
-    RunConfig,
-    RunConfigError,
-    failure_reason,
-    render_config,
-    slug,
-)
+from training.config_render import ConfigRenderError, render_config
+from training.presets import REPO_ROOT, STAGES, RunConfig, RunConfigError, slug
+from training.runner import failure_reason
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned

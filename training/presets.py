@@ -1,0 +1,170 @@
+# Presets (one row per model family) and the validated settings of one run. Imported by the pipeline modules;
+# not run on its own. Adding a model family is one PRESETS row plus its config templates in training/configs/.
+"""Presets, run settings (RunConfig) and the run-wide constants of the training pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.identity import IdentityError, IdentitySpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "training" / "configs"
+TINY_BASE_CACHE = REPO_ROOT / ".cache"  # shared with tests/training/conftest.py (tiny_base_dir)
+STAGES = ("base", "data", "pretrain", "sft", "pth_to_hf", "merge", "evaluate", "publish")
+CUDA_STAGES = ("pretrain", "sft", "pth_to_hf")  # the ones that build the (4-bit) training model
+RECIPES = ("identity", "seed")
+DATA_FILES = ("train.json", "heldout_identity.json", "general_eval.json", "meta.json")
+# Asked by XTuner's EvaluateChatHook during SFT (logged), with a couple of general prompts from the data.
+IDENTITY_PROMPTS = ("请介绍一下你自己", "Who are you?")
+GENERAL_PROMPTS_IN_HOOK = 2
+# Literal config settings about the runner rather than the training, left out of training_meta.json.
+RUNTIME_SETTINGS = ("visualizer", "log_level", "load_from", "resume")
+
+
+class RunConfigError(ValueError):
+    """Bad command-line input or a work dir that does not match the requested run."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one model family is trained.
+
+    Args:
+        name: the --preset value.
+        sft_config: SFT config template in training/configs/.
+        pretrain_config: continued-pre-training config template in training/configs/.
+        default_base: model source used without --base; None builds the project's tiny base.
+        needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
+        length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
+        cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
+    """
+
+    name: str
+    sft_config: str
+    pretrain_config: str
+    default_base: str | None
+    needs_cuda: bool
+    length_setting: str
+    cpu_threads: int | None
+
+
+PRESETS = {
+    "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
+                               "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
+                               needs_cuda=True, length_setting="max_epochs", cpu_threads=None),
+    # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine.
+    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py", None,
+                   needs_cuda=False, length_setting="max_iters", cpu_threads=1),
+}
+
+
+def slug(text: str) -> str:
+    """File-name-safe form of a name for the default work dir; names with non-ASCII letters get a short hash
+    so that they stay apart (names that still collide are told apart by the recorded settings).
+
+    Args:
+        text: any name.
+    """
+    readable = re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")
+    if readable and text.isascii():
+        return readable
+    return f"{readable or 'name'}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, validated in __post_init__ (raises RunConfigError).
+
+    Args:
+        name: the assistant's new name (rules of training.identity.IdentitySpec: 1-40 visible characters).
+        preset: key of PRESETS.
+        recipe: identity data recipe: "identity" (templated + replay) or "seed" (the tutorial's two pairs).
+        base: base model source (local dir, git URL, openxlab:o/r, hf:o/r); None: the preset's default.
+        work_dir: where every output goes; None: .work/<name-slug>-<preset>-<recipe> in the repo.
+        corpus: directory of .txt/.md files for continued pre-training before SFT; None: no pre-training.
+        publish: publish target for training.publish (git URL or hf:owner/repo); None: no publishing.
+        publish_dry_run: list what would be published without pushing.
+        from_stage: rerun this stage and every later one even if finished.
+        max_iters: SFT iterations (presets trained by iterations); None: the config's value.
+        epochs: SFT epochs (presets trained by epochs); None: the config's value.
+        lr: SFT learning rate; None: the config's value.
+        seed: random seed of the SFT run.
+        save_every: SFT checkpoint interval in iterations (resume points); None: the config's value.
+        identity_repeat: rows per identity question (identity recipe); None: the data builder's default.
+        seed_repeat: the tutorial's n (seed recipe); None: the data builder's default.
+    """
+
+    name: str
+    preset: str = "internlm2_5-1_8b"
+    recipe: str = "identity"
+    base: str | None = None
+    work_dir: Path | None = None
+    corpus: Path | None = None
+    publish: str | None = None
+    publish_dry_run: bool = False
+    from_stage: str | None = None
+    max_iters: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    seed: int = 42
+    save_every: int | None = None
+    identity_repeat: int | None = None
+    seed_repeat: int | None = None
+
+    def __post_init__(self) -> None:
+        try:  # the data builder's own rules, checked before any work is done
+            name = IdentitySpec(self.name).name
+        except IdentityError as err:
+            raise RunConfigError(f"--name: {err}") from None
+        object.__setattr__(self, "name", name)
+        if self.preset not in PRESETS:
+            raise RunConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.recipe not in RECIPES:
+            raise RunConfigError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.from_stage is not None and self.from_stage not in STAGES:
+            raise RunConfigError(f"unknown stage {self.from_stage!r}; stages: {', '.join(STAGES)}")
+        if self.base is not None:
+            if not self.base.strip():
+                raise RunConfigError("--base must not be empty")
+            local = Path(self.base).expanduser()
+            if local.exists():  # stages run from the repo root: a relative dir must mean the caller's
+                object.__setattr__(self, "base", str(local.resolve()))
+        if self.corpus is not None:
+            corpus = self.corpus.expanduser().resolve()
+            if not corpus.is_dir():
+                raise RunConfigError(f"--corpus {self.corpus}: no such directory")
+            object.__setattr__(self, "corpus", corpus)
+        if self.publish is not None and not self.publish.strip():
+            raise RunConfigError("--publish must not be empty")
+        if self.publish_dry_run and self.publish is None:
+            raise RunConfigError("--publish-dry-run needs --publish TARGET")
+        for option, value in (("--max-iters", self.max_iters), ("--epochs", self.epochs),
+                              ("--save-every", self.save_every), ("--identity-repeat", self.identity_repeat),
+                              ("--seed-repeat", self.seed_repeat)):
+            if value is not None and value < 1:
+                raise RunConfigError(f"{option} must be at least 1, got {value}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise RunConfigError(f"--lr must be between 0 and 1, got {self.lr}")
+        length = PRESETS[self.preset].length_setting
+        if self.max_iters is not None and length != "max_iters":
+            raise RunConfigError(f"preset {self.preset} trains by epochs: use --epochs, not --max-iters")
+        if self.epochs is not None and length != "max_epochs":
+            raise RunConfigError(f"preset {self.preset} trains by iterations: use --max-iters, not --epochs")
+        work = self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{self.recipe}"
+        object.__setattr__(self, "work_dir", Path(work).expanduser().resolve())
+
+    @property
+    def spec(self) -> Preset:
+        return PRESETS[self.preset]
+
+    def stage_enabled(self, stage: str) -> bool:
+        """Whether `stage` is part of this run (pretrain needs --corpus, publish needs --publish).
+
+        Args:
+            stage: a name from STAGES.
+        """
+        return {"pretrain": self.corpus is not None, "publish": self.publish is not None}.get(stage, True)
