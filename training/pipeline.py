@@ -33,7 +33,9 @@ from pathlib import Path
 
 from training import convert_merge
 from training.config_render import ConfigRenderError
+from training.plots import LOSS_PNG
 from training.presets import CUDA_STAGES, PRESETS, RECIPES, STAGES, RunConfig, RunConfigError
+from training.progress import watch_stage
 from training.runner import StageError, child_env, say
 from training.stages import PIPELINE, Run, Stage
 
@@ -169,7 +171,8 @@ def execute(run: Run, plan: Plan) -> None:
         say(f"[pipeline] {stage.name}: running (log: {log})")
         start = time.monotonic()
         try:
-            result = stage.run(run, log)
+            with watch_stage(stage.name, log, download_dir=stage.downloads(run) if stage.downloads else None):
+                result = stage.run(run, log)
         except (StageError, convert_merge.ConvertError, ConfigRenderError) as err:
             raise StageError(f"stage {stage.name} failed: {err} (log: {log})") from None
         except Exception as err:  # unexpected: keep the traceback in the log, one line on the console
@@ -200,6 +203,8 @@ def summary(run: Run) -> str:
         keys = ("identity_accuracy", "base_identity_accuracy", "leakage_rate", "general_agreement")
         lines.append("[pipeline] eval: " + ", ".join(f"{k} {scores[k]}" for k in keys if k in scores)
                      + f" (table: {run.work / 'eval.md'})")
+    if (run.work / LOSS_PNG).is_file():
+        lines.append(f"[pipeline] training curves: {run.work / LOSS_PNG}")
     if run.cfg.publish:
         lines.append(f"[pipeline] published to {run.cfg.publish}" + (" (dry run)" if run.cfg.publish_dry_run
                                                                       else ""))

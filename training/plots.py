@@ -9,8 +9,6 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from training.progress import read_metrics
-
 LOSS_PNG = "loss.png"
 EVAL_PNG = "eval.png"
 # training/evaluate.py's eval.json: (label, before key or the base's fixed value, after key).
@@ -113,6 +111,15 @@ def draw_eval_chart(bars: Sequence[tuple[str, float, float]], out: Path) -> Path
     return out
 
 
+def read_metrics(path: Path) -> list[dict[str, float | int]]:
+    """The records of a metrics.jsonl (training/progress.py's write_metrics).
+
+    Args:
+        path: the file.
+    """
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def figures_markdown(figures: Sequence[str]) -> str:
     """The markdown that shows the figures (file names relative to the report).
 
@@ -164,11 +171,13 @@ def add_figures(report_dir: Path, trainings: Mapping[str, Path]) -> list[str]:
 
 
 def linked_figures(report: Path) -> list[Path]:
-    """The image files a markdown report shows from its own folder (`![..](name.png)`), to publish with it.
+    """The PNG files a markdown report shows from its own folder (`![..](name.png)`), to publish with it;
+    links elsewhere, and symlinks, are left out.
 
     Args:
         report: a markdown file.
     """
     folder = report.parent
     names = dict.fromkeys(_IMAGE_LINK.findall(report.read_text(encoding="utf-8")))
-    return [folder / name for name in names if "/" not in name and (folder / name).is_file()]
+    return [folder / name for name in names if re.fullmatch(r"[\w.-]+\.png", name) and name[0] != "."
+            and (folder / name).is_file() and not (folder / name).is_symlink()]

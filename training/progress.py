@@ -434,11 +434,3 @@ def write_metrics(train_dir: Path, out: Path) -> int:
     os.replace(tmp, out)
     return len(records)
 
-
-def read_metrics(path: Path) -> list[dict[str, float | int]]:
-    """The records of a metrics.jsonl written by write_metrics.
-
-    Args:
-        path: the file.
-    """
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

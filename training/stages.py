@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infer_engine.model_source import ModelSourceError, default_cache_dir, parse_source
 from training import convert_merge
 from training.config_render import literal_settings, write_rendered_config
+from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     CONFIG_DIR,
     DATA_FILES,
@@ -27,6 +29,7 @@ from training.presets import (
     TINY_BASE_CACHE,
     RunConfig,
 )
+from training.progress import METRICS_FILE, write_metrics
 from training.runner import StageError, run_logged, say
 
 
@@ -116,7 +119,10 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
         # XTuner and mmengine torch.load() the checkpoint without weights_only=False, which torch >= 2.6
         # then refuses (it holds optimizer and message-hub state); it is this run's own checkpoint.
         env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    run_logged(cmd, log, env)
+    try:
+        run_logged(cmd, log, env)
+    finally:  # what was trained, also when it stopped early
+        write_metrics(train_dir, train_dir.parent / METRICS_FILE)
     checkpoint = latest_checkpoint(train_dir)
     if checkpoint is None:
         raise StageError(f"xtuner.tools.train exited 0 but left no checkpoint in {train_dir}")
@@ -139,6 +145,19 @@ def stage_base(run: Run, log: Path) -> dict[str, Path]:
     if not (model_dir / "config.json").is_file():
         raise StageError(f"base model dir {model_dir} has no config.json")
     return {"model_dir": model_dir}
+
+
+def download_dir(run: Run) -> Path | None:
+    """Where infer_engine.model_source writes the base model while it downloads it (its hidden
+    `.KEY.partial` cache dir), for the progress display; None when the base needs no download."""
+    source = run.cfg.base or run.cfg.spec.default_base
+    try:
+        parsed = parse_source(source) if source else None
+    except ModelSourceError:  # the stage itself reports it
+        return None
+    if parsed is None or parsed.kind == "local":
+        return None
+    return default_cache_dir() / f".{parsed.cache_key}.partial"
 
 
 def stage_data(run: Run, log: Path) -> dict[str, Path]:
@@ -276,6 +295,11 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
                 "--base", str(run.base_dir()), "--data", str(run.results["data"]["data_dir"]),
                 "--out-dir", str(partial)], log, run.env)
     _require_files(partial, ("eval.json", "eval.md"), "training.evaluate")
+    trainings = {"pre-training": run.work / "pretrain" / METRICS_FILE, "SFT": run.work / "sft" / METRICS_FILE}
+    if not run.cfg.stage_enabled("pretrain"):
+        del trainings["pre-training"]
+    for figure in add_figures(partial, trainings):  # loss.png, eval.png, shown in eval.md
+        os.replace(partial / figure, run.work / figure)
     os.replace(partial / "eval.md", run.work / "eval.md")
     os.replace(partial / "eval.json", run.work / "eval.json")
     partial.rmdir()
@@ -303,6 +327,7 @@ class Stage:
         inputs: the settings it depends on; a finished stage recorded with other inputs is not reused.
         outputs: work-dir paths it owns, removed before it reruns.
         rerun_on_change: rerun on changed inputs instead of refusing (for stages nothing depends on).
+        downloads: the directory it downloads into, if any (its progress is shown as bytes and files).
     """
 
     name: str
@@ -310,10 +335,12 @@ class Stage:
     inputs: Callable[[Run], dict[str, object]]
     outputs: tuple[str, ...]
     rerun_on_change: bool = False
+    downloads: Callable[[Run], Path | None] | None = None
 
 
 PIPELINE = (
-    Stage("base", stage_base, lambda r: {"preset": r.cfg.preset, "base": r.cfg.base}, ()),
+    Stage("base", stage_base, lambda r: {"preset": r.cfg.preset, "base": r.cfg.base}, (),
+          downloads=download_dir),
     Stage("data", stage_data,
           lambda r: {"name": r.cfg.name, "recipe": r.cfg.recipe, "base": str(r.base_dir()),
                      "identity_repeat": r.cfg.identity_repeat, "seed_repeat": r.cfg.seed_repeat},
@@ -325,7 +352,8 @@ PIPELINE = (
     Stage("sft", stage_sft, sft_inputs, ("sft",)),
     Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial")),
     Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial")),
-    Stage("evaluate", stage_evaluate, lambda r: {}, ("eval.json", "eval.md", "eval.partial")),
+    Stage("evaluate", stage_evaluate, lambda r: {},
+          ("eval.json", "eval.md", LOSS_PNG, EVAL_PNG, "eval.partial")),
     Stage("publish", stage_publish, lambda r: {"target": r.cfg.publish, "dry_run": r.cfg.publish_dry_run}, (),
           rerun_on_change=True),
 )
