@@ -97,8 +97,8 @@ class Status:
     Args:
         key: the kind of progress; a new key ends the previous one's line.
         text: the status after the stage name.
-        done: for the bar: units done (None: no bar).
-        total: for the bar: units in all.
+        done: units done: the bar's position, and what tells new progress from the same with a later time.
+        total: units in all (None: no bar).
         heartbeat: only says the stage is alive: plain output shows it at the interval, never as a last line.
     """
 
@@ -220,7 +220,7 @@ def download_status(directory: Path, elapsed_s: float) -> Status | None:
         return None
     rate = f"{_size(total / elapsed_s)}/s  " if elapsed_s >= 1 else ""
     text = f"downloaded {_size(total)} in {files} files  {rate}elapsed {clock_text(elapsed_s)}"
-    return Status("download", text)
+    return Status("download", text, done=total)
 
 
 class PlainDisplay:
@@ -245,7 +245,9 @@ class PlainDisplay:
         new_kind = self._current is None or status.key != self._current.key
         if new_kind:
             self._flush()
-        self._current, self._pending = status, True
+        # Only new progress is owed a last line; the same record with a later elapsed time is not.
+        self._pending = self._pending or new_kind or status.done != self._current.done
+        self._current = status
         # A new kind of record shows at once (a heartbeat waits), then one line per interval.
         if (new_kind and not status.heartbeat) or now - self._last_print >= self.interval_s:
             self._print(now)
@@ -308,15 +310,28 @@ class BarDisplay:
                 print(f"{self.prefix}: {self._current.text}", file=self.out, flush=True)
 
 
+def terminal_columns(out: TextIO) -> int:
+    """The width of the terminal `out` writes to; 0 when it is no terminal or one without a size.
+
+    Args:
+        out: a stream.
+    """
+    try:
+        return os.get_terminal_size(out.fileno()).columns if out.isatty() else 0
+    except (AttributeError, OSError, ValueError):  # no file descriptor (io.UnsupportedOperation: an OSError)
+        return 0
+
+
 def make_display(out: TextIO, prefix: str, interval_s: float = PLAIN_INTERVAL_S) -> PlainDisplay | BarDisplay:
-    """A bar on a terminal, plain lines anywhere else (or with TERM=dumb).
+    """A bar on a terminal, plain lines anywhere else (also with TERM=dumb, or on a pseudo-terminal without a
+    size, where tqdm would trim the bar to nothing).
 
     Args:
         out: the stream the pipeline prints to.
         prefix: put before every status ("[pipeline] sft").
         interval_s: plain output: least seconds between two lines.
     """
-    tty = out.isatty() and os.environ.get("TERM") != "dumb"
+    tty = terminal_columns(out) > 0 and os.environ.get("TERM") != "dumb"
     return BarDisplay(out, prefix) if tty else PlainDisplay(out, prefix, interval_s)
 
 

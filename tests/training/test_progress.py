@@ -2,11 +2,20 @@
 # killed at iteration 70 and resumed from its iteration-50 checkpoint (tests/training/data/README.md), the
 # plain (non-terminal) and tqdm displays, and the watcher following a log that grows. Run in the training env:
 #   .venv-train/bin/python -m pytest tests/training/test_progress.py -q
+import contextlib
+import fcntl
 import io
 import json
+import os
+import pty
 import re
+import select
+import struct
+import termios
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -48,9 +57,26 @@ class FakeClock:
         return self.now
 
 
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+@contextlib.contextmanager
+def terminal(columns: int) -> Iterator[tuple[TextIO, Callable[[], bytes]]]:
+    """A real pseudo-terminal of `columns` columns (0: one without a size): its stream, and a reader of what
+    was written to it."""
+    master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with os.fdopen(slave, "w", encoding="utf-8") as stream:
+
+        def written() -> bytes:
+            stream.flush()
+            data = b""
+            while select.select([master], [], [], 0)[0]:
+                data += os.read(master, 65536)
+            return data
+
+        try:
+            yield stream, written
+        finally:
+            os.close(master)
 
 
 def test_parses_every_training_record_of_a_killed_and_resumed_run():
@@ -152,23 +178,43 @@ def test_each_kind_of_progress_leaves_its_last_state():
     ]
 
 
+def test_a_record_already_shown_is_not_repeated_as_a_last_line():
+    clock, out = FakeClock(), io.StringIO()
+    display = PlainDisplay(out, "[pipeline] pretrain", interval_s=30, clock=clock)
+    last = recorded_steps()[-1]
+    display.show(describe(last, 1))  # shown at once
+    clock.now += 5
+    display.show(describe(last, 6))  # the same record, only later: nothing new to tell
+    display.show(describe(Command("xtuner.tools.model_converters.pth_to_hf"), 7))
+    display.finish()
+    assert out.getvalue() == ("[pipeline] pretrain: iter 100/100  loss 2.0680  lr 6.09e-07  1048 tok/s  "
+                              "elapsed 0:00:01  eta 0:00:00\n")
+
+
 def test_a_terminal_gets_a_tqdm_line_redrawn_in_place(monkeypatch):
     monkeypatch.setenv("TERM", "xterm")
-    term = Terminal()
-    display = make_display(term, "[pipeline] sft")
-    assert isinstance(display, BarDisplay)
     steps = recorded_steps()
-    for step in steps:
-        display.show(describe(step, 12))
-    display.finish()
-    text = term.getvalue()
-    assert text.count("\r") >= len(steps)  # redrawn in place, not one line per record
-    assert "iter 70/100  loss 2.2519" in text
-    last = text.rsplit("\n", 2)[-2]  # the bar is cleared; the last state stays as a plain line
-    assert last.endswith("[pipeline] sft: iter 100/100  loss 2.0680  lr 6.09e-07  1048 tok/s  "
-                         "elapsed 0:00:12  eta 0:00:00")
+    with terminal(120) as (term, written):
+        display = make_display(term, "[pipeline] sft")
+        assert isinstance(display, BarDisplay)
+        drawn = b""
+        for step in steps:
+            display.show(describe(step, 12))
+            drawn += written()  # read as we go: a full pty buffer would block the writer
+        display.finish()
+        drawn += written()
+    text = drawn.decode()
+    assert text.count("\r[pipeline] sft: ") >= len(steps)  # redrawn in place, not one line per record
+    assert re.search(r"\r\[pipeline\] sft: █{14} {7}iter 70/100  loss 2\.2519", text)  # 70 % of 20 blocks
+    assert all(len(line) <= 120 for line in re.split(r"[\r\n]", text))  # fitted to the terminal
+    last = text.rstrip("\r\n").rsplit("\r", 1)[-1]  # the bar is cleared; the last state stays as a plain line
+    assert last == ("[pipeline] sft: iter 100/100  loss 2.0680  lr 6.09e-07  1048 tok/s  elapsed 0:00:12  "
+                    "eta 0:00:00")
+    with terminal(0) as (term, _):  # a pseudo-terminal without a size (script(1) without a terminal, some CI)
+        assert isinstance(make_display(term, "x"), PlainDisplay)
     monkeypatch.setenv("TERM", "dumb")
-    assert isinstance(make_display(Terminal(), "x"), PlainDisplay)
+    with terminal(120) as (term, _):
+        assert isinstance(make_display(term, "x"), PlainDisplay)
     assert isinstance(make_display(io.StringIO(), "x"), PlainDisplay)
 
 
@@ -195,7 +241,8 @@ def test_the_watcher_follows_what_the_stage_appends_to_its_log(tmp_path):
             assert time.monotonic() < deadline, out.getvalue()
             time.sleep(0.01)
         fh.writelines(lines[upto[0] : upto[1]])
-        fh.write(lines[-1][:40])  # ... a half-written line waits for its end; the last state shows at the end
+        last = next(ln for ln in lines if "[100/100]" in ln)
+        fh.write(last[: last.index("time:")])  # ... a half-written record waits for its end
     printed = out.getvalue().splitlines()
     assert printed[0].startswith("[pipeline] sft: iter 10/100  loss 7.8907")
     assert printed[-1].startswith("[pipeline] sft: iter 30/100  loss 3.8441")  # the last state at the end
