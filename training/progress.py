@@ -46,7 +46,9 @@ _ITER = re.compile(r"Iter\(train\) \[\s*(\d+)/(\d+)\]\s+(.*)$")
 _FIELD = re.compile(r"(\w+): (\d+ days?, \d+:\d\d:\d\d|[^\s]+)")
 _ETA = re.compile(r"(\d+ days?, )?\d+:\d\d:\d\d")
 _COUNT = re.compile(r"^\[progress\] ([^\x00-\x1f]+?): (\d+)/(\d+) (\w+)$")
-_COMMAND = re.compile(r"^\$ (\S+)(?: -m (\S+))?")
+# run_logged's "$ cmd" line; its commands start with an absolute interpreter path (so "$ ls" in a sample
+# answer the trainer logs is no command).
+_COMMAND = re.compile(r"^\$ (/[^\s\x00-\x1f\x7f]+)(?: -m ([\w.]+))?")
 
 
 @dataclass(frozen=True)

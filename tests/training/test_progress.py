@@ -103,7 +103,7 @@ def test_parses_long_etas_gpu_fields_counts_and_commands():
     assert parse_line("$ /x/.venv-train/bin/python -m xtuner.tools.train cfg.py --work-dir w") == Command(
         "xtuner.tools.train")
     for other in ("11/30 17:23:15 - mmengine - INFO - Checkpoints will be saved to /tmp/zedr/sft/train.",
-                  "Iter(val) [ 10/100]  loss: 1.0", "[progress] broken 1/2", ""):
+                  "Iter(val) [ 10/100]  loss: 1.0", "[progress] broken 1/2", "$ ls -la", ""):
         assert parse_line(other) is None
 
 
