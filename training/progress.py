@@ -382,16 +382,17 @@ def watch_stage(stage: str, log: Path, out: TextIO | None = None, download_dir: 
     stop = threading.Event()
 
     def tick() -> None:
-        for line in follower.new_lines():
-            record = parse_line(line)
-            if record is not None:
-                latest[:] = [record]
+        records = [r for r in map(parse_line, follower.new_lines()) if r is not None]
+        latest[:] = records[-1:] or latest
         elapsed = time.monotonic() - start
-        status = download_status(download_dir, elapsed) if download_dir else None
-        if status is None:
-            status = describe(latest[0], elapsed) if latest else Status(
-                "idle", f"running  elapsed {clock_text(elapsed)}", heartbeat=True)
-        display.show(status)
+        download = download_status(download_dir, elapsed) if download_dir else None
+        if download is not None:
+            display.show(download)
+            return
+        for record in records[:-1]:  # each one, so that a kind ending within this look still shows its end
+            display.show(describe(record, elapsed))
+        display.show(describe(latest[0], elapsed) if latest else Status(
+            "idle", f"running  elapsed {clock_text(elapsed)}", heartbeat=True))
 
     def loop() -> None:
         while not stop.wait(poll_s):

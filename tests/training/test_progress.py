@@ -247,3 +247,16 @@ def test_the_watcher_follows_what_the_stage_appends_to_its_log(tmp_path):
     assert printed[0].startswith("[pipeline] sft: iter 10/100  loss 7.8907")
     assert printed[-1].startswith("[pipeline] sft: iter 30/100  loss 3.8441")  # the last state at the end
     assert "old" not in out.getvalue()
+
+
+def test_a_kind_that_ends_between_two_looks_still_shows_its_end(tmp_path):
+    log = tmp_path / "evaluate.log"
+    out = io.StringIO()
+    with watch_stage("evaluate", log, out=out, interval_s=3600, poll_s=3600):  # one look, at the end
+        log.write_text("".join(count_line(what, done, 96, "prompts") + "\n" for what, done in (
+            ("answers from merged", 16), ("answers from merged", 96), ("answers from base", 16))))
+    assert [line.split("  ")[0] for line in out.getvalue().splitlines()] == [
+        "[pipeline] evaluate: answers from merged 16/96 prompts",
+        "[pipeline] evaluate: answers from merged 96/96 prompts",
+        "[pipeline] evaluate: answers from base 16/96 prompts",
+    ]
