@@ -172,14 +172,6 @@ def clock_text(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
 def describe(record: TrainStep | Count | Command, elapsed_s: float) -> Status:
     """The status line for the latest record of a stage.
 
@@ -220,8 +212,9 @@ def download_status(directory: Path, elapsed_s: float) -> Status | None:
                 files += 1
     if files == 0 and not directory.is_dir():
         return None
-    rate = f"{_size(total / elapsed_s)}/s  " if elapsed_s >= 1 else ""
-    text = f"downloaded {_size(total)} in {files} files  {rate}elapsed {clock_text(elapsed_s)}"
+    size = tqdm.format_sizeof  # 1.50GB
+    rate = f"{size(total / elapsed_s, 'B')}/s  " if elapsed_s >= 1 else ""
+    text = f"downloaded {size(total, 'B')} in {files} files  {rate}elapsed {clock_text(elapsed_s)}"
     return Status("download", text, done=total)
 
 

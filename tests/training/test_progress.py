@@ -223,7 +223,7 @@ def test_download_progress_counts_bytes_and_files(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"x" * 1500)
     (tmp_path / "sub" / "b.json").write_bytes(b"y" * 500)
-    assert download_status(tmp_path, 2).text == "downloaded 2.0 kB in 2 files  1.0 kB/s  elapsed 0:00:02"
+    assert download_status(tmp_path, 2).text == "downloaded 2.00kB in 2 files  1.00kB/s  elapsed 0:00:02"
 
 
 def test_the_watcher_follows_what_the_stage_appends_to_its_log(tmp_path):
