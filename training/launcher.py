@@ -82,3 +82,14 @@ def gpu_precision(gpus: int) -> str | None:
     supported = all(torch.cuda.get_device_capability(i) >= BF16_MIN_CAPABILITY for i in used)
     return "bfloat16" if supported else "float16"
 
+
+def node_rank(env: Mapping[str, str]) -> int:
+    """This machine's NODE_RANK (0 unless several machines train together).
+
+    Args:
+        env: the environment.
+    """
+    try:
+        return int(env.get("NODE_RANK") or 0)
+    except ValueError:
+        raise RunConfigError(f"NODE_RANK must be a whole number, got {env['NODE_RANK']!r}") from None

@@ -47,7 +47,9 @@ from training.presets import (
 from training.progress import watch_stage
 from training.runner import StageError, child_env, run_logged, say
 from training.schedule import ScheduleError
-from training.stages import PIPELINE, Run, Stage
+from training.stages import PIPELINE, Run, Stage, WorkerNodeDone
+
+TRAINING_STAGES = ("sft",)  # the stage every node of a several-machine run takes part in
 
 
 def _load_record(path: Path) -> dict | None:
@@ -182,6 +184,11 @@ def execute(run: Run, plan: Plan) -> None:
         run: the run.
         plan: from plan_run.
     """
+    rank = launcher.node_rank(run.env)
+    if rank != 0 and plan.todo and plan.todo[0].name not in TRAINING_STAGES:
+        raise RunConfigError(
+            f"stage {plan.todo[0].name} runs on node 0 only; on node {rank} (NODE_RANK) use a copy of "
+            "node 0's work dir with base and data done, and --from sft")
     for stage in plan.reuse:
         say(f"[pipeline] {stage.name}: done earlier, skipped")
     # Everything from the first stage to run onwards is stale: drop it now so no old output is mistaken for
@@ -208,6 +215,10 @@ def execute(run: Run, plan: Plan) -> None:
                 result = stage.run(run, log)
         except (StageError, convert_merge.ConvertError, ConfigRenderError, ScheduleError) as err:
             raise StageError(f"stage {stage.name} failed: {err} (log: {log})") from None
+        except WorkerNodeDone as done:
+            _clear(run, stage)  # no checkpoint on this node: nothing here to reuse
+            say(f"[pipeline] {done}")
+            return
         except Exception as err:  # unexpected: keep the traceback in the log, one line on the console
             with log.open("a", encoding="utf-8") as fh:
                 traceback.print_exc(file=fh)
@@ -352,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(err, file=sys.stderr)
         return 1
-    if not cfg.dry_run:
+    if not cfg.dry_run and launcher.node_rank(os.environ) == 0:
         say(summary(run))
     return 0
 

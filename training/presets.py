@@ -45,7 +45,11 @@ class RunConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """How one model family is trained.
+    """How one model family is trained: one PRESETS row plus its two config templates.
+
+    Each template sets, as plain literals, what the pipeline reads and renders: max_length,
+    pack_to_max_length, batch_size, accumulative_counts, warmup_ratio, max_iters and warmup_iters (rendered
+    from the schedule), max_epochs when it trains by epochs, and dtype when it needs CUDA (rendered).
 
     Args:
         name: the --preset value.
@@ -55,7 +59,8 @@ class Preset:
         needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
         length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
-        rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base.
+        rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base (None:
+            the preset has no rehearsal).
     """
 
     name: str
@@ -65,7 +70,7 @@ class Preset:
     needs_cuda: bool
     length_setting: str
     cpu_threads: int | None
-    rehearse_shape: dict[str, int]
+    rehearse_shape: dict[str, int] | None = None
 
 
 PRESETS = {
@@ -183,6 +188,8 @@ class RunConfig:
             if not PRESETS[self.preset].needs_cuda:
                 raise RunConfigError(f"--deepspeed trains on CUDA GPUs; preset {self.preset} runs on the CPU")
         if self.rehearse:
+            if PRESETS[self.preset].rehearse_shape is None:
+                raise RunConfigError(f"preset {self.preset} has no rehearsal shapes")
             given = [flag for flag, value in (("--base", self.base), ("--corpus", self.corpus),
                                               ("--publish", self.publish), ("--epochs", self.epochs),
                                               ("--max-iters", self.max_iters)) if value is not None]

@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from infer_engine.model_source import ModelSourceError, default_cache_dir, parse_source
-from training import convert_merge, launcher, schedule
+from training import convert_merge, launcher, make_identity_data, schedule
 from training.config_render import literal_settings, write_rendered_config
+from training.general_chat import replay_prompts
+from training.identity import IdentitySpec
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     CONFIG_DIR,
@@ -39,6 +41,10 @@ from training.runner import StageError, run_logged, say
 
 # A replay answer's length before the base model has written it, for plans made before the data stage.
 UNKNOWN_REPLAY_ANSWER_TOKENS = 128
+
+
+class WorkerNodeDone(Exception):
+    """A node other than node 0 (NODE_RANK > 0) finished its share of training; node 0 does the rest."""
 
 
 @dataclass
@@ -133,6 +139,10 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
     finally:  # what was trained, also when it stopped early
         write_metrics(train_dir, train_dir.parent / METRICS_FILE)
     checkpoint = latest_checkpoint(train_dir)
+    if checkpoint is None and launcher.node_rank(run.env) != 0:
+        rank = launcher.node_rank(run.env)
+        raise WorkerNodeDone(f"node {rank}: training done; node 0 keeps the checkpoint and converts, merges "
+                             "and evaluates")
     if checkpoint is None:
         raise StageError(f"xtuner.tools.train exited 0 but left no checkpoint in {train_dir}")
     return checkpoint
@@ -294,15 +304,13 @@ def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
     if "data" in run.results:
         rows = json.loads((run.results["data"]["data_dir"] / "train.json").read_text(encoding="utf-8"))
         return [schedule.conversation_tokens(row) for row in rows], True
-    from training import make_identity_data as data
-    from training.general_chat import replay_prompts
-    from training.identity import IdentitySpec
-
     cfg, spec = run.cfg, IdentitySpec(run.cfg.name)
     if cfg.recipe == "seed":
-        pairs, replay = data.seed_pairs(spec, cfg.seed_repeat or data.SEED_REPEAT), []
+        replay = []
+        pairs = make_identity_data.seed_pairs(spec, cfg.seed_repeat or make_identity_data.SEED_REPEAT)
     else:
-        pairs = data.identity_pairs(spec, cfg.identity_repeat or data.IDENTITY_REPEAT)
+        pairs = make_identity_data.identity_pairs(
+            spec, cfg.identity_repeat or make_identity_data.IDENTITY_REPEAT)
         replay = replay_prompts()[:REHEARSE_REPLAY_PROMPTS] if cfg.rehearse else replay_prompts()
     rows = [{"conversation": [{"input": q, "output": a}]} for q, a in pairs]
     tokens = [schedule.conversation_tokens(row) for row in rows]

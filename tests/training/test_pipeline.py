@@ -26,7 +26,7 @@ from training.presets import (
     slug,
 )
 from training.runner import failure_reason
-from training.stages import publish_gate
+from training.stages import latest_checkpoint, publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -196,6 +196,17 @@ def test_publish_gate_thresholds(scores, refused, tmp_path):
     assert publish_gate(eval_json) == refused
     eval_json.write_text(json.dumps({"leakage_rate": 0.0}))
     assert publish_gate(eval_json) == f"{eval_json} has no identity_accuracy and leakage_rate numbers"
+
+
+def test_latest_checkpoint_is_a_file_or_a_deepspeed_directory(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "last_checkpoint").write_text("/elsewhere/train/iter_500.pth")  # found by name
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "iter_500.pth").mkdir()  # DeepSpeed: a directory of shards
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_500.pth"
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_9.pth"))
+    (tmp_path / "iter_9.pth").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_9.pth"
 
 
 def test_failure_reason_is_the_last_exception_line(tmp_path):
@@ -479,3 +490,31 @@ def test_rehearse_runs_every_stage_on_a_random_model_of_the_presets_shapes(tmp_p
         assert "serving not measured: LMDeploy TurboMind needs a CUDA GPU" in table
     else:
         assert serve["engine"]["1"]["tokens_per_s"] > 0 and serve["raw"]["32"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_and_node_0_finishes(tiny_run, tmp_path):
+    # Two "machines" on this one: torchrun's NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT, one process each,
+    # each node with its own copy of the work dir (base and data done).
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = {}
+    for rank in (0, 1):
+        work, args = copy_run(tiny_run, tmp_path / f"node{rank}")
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        cmd = ["bash", str(RUN_SH), *args, "--from", "sft", "--max-iters", "6"]
+        procs[rank] = (work, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=env))
+    out = {rank: proc.communicate(timeout=1200) for rank, (_, proc) in procs.items()}
+    for rank, (work, proc) in procs.items():
+        assert proc.returncode == 0, out[rank]
+        assert "--nnodes=2" in (work / "logs" / "sft.log").read_text()
+    (work0, _), (work1, _) = procs[0], procs[1]
+    assert json.loads((work0 / "stages" / "sft.json").read_text())["plan"]["schedule"]["world_size"] == 2
+    assert "[pipeline] evaluate: done in" in out[0][0] and (work0 / "sft" / "train" / "iter_6.pth").is_file()
+    assert "[pipeline] node 1: training done; node 0 keeps the checkpoint" in out[1][0]
+    assert "[pipeline] pth_to_hf" not in out[1][0] and not (work1 / "stages" / "sft.json").exists()
