@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
     args = parser.parse_args(argv)
 
+    # Tracebacks in the log without local variable values: they can hold user text, keys or tokens.
+    logger.remove()
+    logger.add(sys.stderr, diagnose=False)
     route_std_logging()
     try:
         server = server_settings_from_env()
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo = build_ui(engine, server, info)
         options = launch_options(engine, server)
         # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes
-        options["app_kwargs"] = {"routes": openai_routes(engine, server, model_id(info.name))}
+        options["app_kwargs"]["routes"] = openai_routes(engine, server, model_id(info.name))
         logger.info(
             "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, {} server threads, "
             "model loaded in {:.1f}s",

@@ -37,9 +37,8 @@ from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
-from infer_engine.settings import GenerationParams, ServerSettings, SettingsError
+from infer_engine.settings import MAX_REQUEST_BYTES, GenerationParams, ServerSettings, SettingsError
 
-MAX_BODY_BYTES = 8 * 1024 * 1024  # bounded memory per request; room for a long history (the engine trims it)
 EVENT_INTERVAL_S = 0.02  # streamed text: at most ~50 events a second after the first (a person sees no gap)
 MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
 MAX_STOP_CHARS = 256
@@ -216,15 +215,15 @@ def authorized(request: Request, keys: Sequence[str]) -> bool:
 
 
 async def read_json(request: Request) -> object:
-    """The request's JSON body, read up to ``MAX_BODY_BYTES`` (413 beyond, 400 when it is not JSON)."""
-    too_large = APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    """The request's JSON body, read up to ``MAX_REQUEST_BYTES`` (413 beyond, 400 when it is not JSON)."""
+    too_large = APIError(413, f"the request body is over {MAX_REQUEST_BYTES} bytes", code="body_too_large")
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
         raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) > MAX_REQUEST_BYTES:
             raise too_large
     try:
         return json.loads(body)

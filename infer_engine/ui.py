@@ -243,7 +243,11 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"The request is too large: the limit is {self.max_bytes} bytes."
-        await JSONResponse({"detail": message, "error": message}, status_code=413)(scope, receive, send)
+        body: dict[str, object] = {"detail": message, "error": message}
+        if scope.get("path", "").startswith("/v1/"):  # the OpenAI-compatible API: its own error object
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                              "code": "body_too_large"}}
+        await JSONResponse(body, status_code=413)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

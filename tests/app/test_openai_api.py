@@ -22,6 +22,7 @@ from gradio_client import Client
 from transformers import AutoTokenizer
 
 from infer_engine.chat_format import encode_chat
+from infer_engine.settings import MAX_REQUEST_BYTES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 QUESTION = [{"role": "user", "content": "你是谁？"}]
@@ -133,7 +134,8 @@ def test_raw_http_errors_are_openai_error_objects(app_server) -> None:
     url = app_server.url + "v1/chat/completions"
     not_json = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
     assert not_json.status_code == 400 and "must be JSON" in not_json.json()["error"]["message"]
-    huge = httpx.post(url, content=b"x" * (9 * 1024 * 1024), headers={"Content-Type": "application/json"})
+    too_big = b"x" * (MAX_REQUEST_BYTES + 1)
+    huge = httpx.post(url, content=too_big, headers={"Content-Type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     legacy = httpx.post(app_server.url + "v1/completions", json={"model": "m", "prompt": "hi"})
     assert legacy.status_code == 404 and "/v1/chat/completions" in legacy.json()["error"]["message"]
