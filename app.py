@@ -4,8 +4,8 @@
 #   python app.py --model hf:owner/repo    # or MODEL_SOURCE=...: a local dir, git URL, openxlab:owner/repo
 #   GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python app.py    # what a Space runs
 # Engine and server settings come from env vars (BACKEND, SESSION_LEN, MAX_BATCH_SIZE, QUANT_POLICY,
-# QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, API_KEYS, ...): see infer_engine/settings.py. Flags override
-# the env.
+# QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, API_KEYS, TRUST_REMOTE_CODE, ...): see infer_engine/settings.py.
+# Flags override the env. A model that ships its own Python code (InternLM2.5) needs TRUST_REMOTE_CODE=1.
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 from loguru import logger  # noqa: E402
 
 from infer_engine.engine import create_engine  # noqa: E402
-from infer_engine.model_source import DEMO_MODEL_DIR, redact, resolve_model  # noqa: E402
+from infer_engine.model_source import DEMO_MODEL_DIR, check_remote_code, redact, resolve_model  # noqa: E402
 from infer_engine.openai_api import model_id, openai_routes  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
     BACKENDS,
@@ -114,10 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         model_dir = resolve_model(server.model_source or None, server.cache_dir)
-    except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download (redacted)
+        info = model_info(server.model_source, model_dir)
+        check_remote_code(model_dir, engine_settings.trust_remote_code, "TRUST_REMOTE_CODE=1", info.name)
+    except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download, remote code
         print(f"app.py: cannot get the model: {exc}", file=sys.stderr)
         return 1
-    info = model_info(server.model_source, model_dir)
     logger.info("model: {} ({})", info.source, model_dir)
     try:
         engine = create_engine(model_dir, engine_settings)

@@ -254,8 +254,9 @@ class TransformersEngine:
         torch.set_num_threads(torch_threads(settings, self.device))
         # float32 on CPU (bf16 matmuls are slow there); the checkpoint's own dtype on a GPU
         dtype = torch.float32 if self.device.type == "cpu" else "auto"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=True)
+        trust = settings.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
         self.model = model.to(self.device).eval()
         # transformers 5 models take the KV cache as ``cache`` (``past_key_values`` is deprecated);
         # remote-code models such as InternLM2's own modeling file still name it ``past_key_values``.

@@ -138,7 +138,7 @@ def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
         str(model_dir),
         backend_config=turbomind_config(settings),
         chat_template_config=ChatTemplateConfig(model_name="hf", model_path=str(model_dir)),
-        trust_remote_code=True,
+        trust_remote_code=settings.trust_remote_code,
     )
 
 
@@ -189,7 +189,8 @@ class LMDeployEngine:
             raise
         self.settings = settings
         self.max_concurrency = settings.max_batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+        trust = settings.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         self.stop_ids = stop_token_ids(self.tokenizer, _generation_eos(model_dir))
         self._loop = self.pipe.internal_thread.loop
         self._lock = threading.Lock()

@@ -13,7 +13,14 @@ directory beside the target and are renamed into place only after validation, so
 leaves a directory that looks complete; a leftover partial directory is removed on the next try. Network
 failures are retried with exponential backoff. Git LFS pointer stubs in place of weights are reported,
 never returned.
-Credentials (``HF_TOKEN``, ``OPENXLAB_GIT_TOKEN``, ``user:token@`` in URLs) are redacted from every message.
+
+Sources are data, never options: a leading ``-``, remote-helper transports (``ext::``, ``fd::``) and URL
+schemes other than https, http, ssh, git and file are refused, git gets ``--`` before every positional and
+``GIT_ALLOW_PROTOCOL``, and a fetched or local model whose files link outside its directory is refused.
+Credentials (``HF_TOKEN``, ``OPENXLAB_GIT_TOKEN``, ``user:token@`` in URLs) never leave the process: a URL's
+credentials are split off when it is parsed and reach git only through a credential helper reading the
+environment; ``redact`` scrubs every message. A model that ships its own Python code (``auto_map``) is loaded
+only when the operator allows it (``check_remote_code``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 LFS_POINTER_PREFIXES = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
 LFS_POINTER_MAX_BYTES = 1024  # the LFS spec caps pointer files at 1024 bytes
 SOURCE_INFO_FILE = ".model_source.json"  # provenance written into each cached model dir
+GIT_SCHEMES = ("https", "http", "ssh", "git", "file")  # the only transports git may use (GIT_ALLOW_PROTOCOL)
+# Config files whose ``auto_map`` names Python modules that transformers imports with trust_remote_code=True.
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json",
+                       "preprocessor_config.json")
+# Where git's credential helper reads the user name and token (set only in git's own environment).
+_HELPER_USER, _HELPER_TOKEN = "UBUB_GIT_HELPER_USER", "UBUB_GIT_HELPER_TOKEN"
 # git-lfs's filter config, passed per command: without it (`git lfs install` never run on the machine)
 # `git lfs pull` downloads nothing and only warns "Git LFS is not installed for this repository".
 LFS_FILTER_CONFIG = {
@@ -62,9 +77,24 @@ OPENXLAB_INSTALL = (
 )
 
 SourceKind = Literal["local", "git", "openxlab", "hf"]
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_URL_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
-_GIT_URL = re.compile(r"(?:(?:https?|ssh|git|file)://|[\w.-]+@[\w.-]+:)")
+# Hub repo ids: OWNER/REPO, each part starting with a letter or digit, no "--" or ".." (the Hub's own rule).
+_REPO_ID = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w./-]{0,199}")
+_SCHEME = re.compile(r"([A-Za-z][\w+.-]*)://")
+_HELPER_TRANSPORT = re.compile(r"[A-Za-z][\w+.-]*::")  # git's <transport>::<address> (ext::, fd::, ...)
+_HOST = re.compile(r"[A-Za-z0-9][\w.-]*|\[[0-9A-Fa-f:.]+\]")
+_SCP_LIKE = re.compile(r"([^\s/@:]+(?::[^\s/]*)?)@([A-Za-z0-9][\w.-]*):(?!//)(\S+)")  # user@host:path
+# Redaction: the userinfo of a URL (greedy to the last "@", so "u:p@ss@host" and "u:p/ss@host" go whole);
+# a URL's whole query and fragment; the userinfo of an scp-like address; every other "?key=value" or
+# "&key=value" value; Hugging Face tokens.
+_REDACT = (
+    (re.compile(r"(?<=://)[^\s'\"<>]*@"), "***@"),
+    (re.compile(r"(://[^\s'\"<>?#]*)[?#][^\s'\"<>]*"), r"\1?***"),
+    (re.compile(r"(?<![^\s'\"(<=,;])[^\s/'\"]+@(?=[A-Za-z0-9][\w.-]*:(?!//|\d+\b))"), "***@"),
+    (re.compile(r"(?<=[?&#;])([^\s=&#;'\"]+)=[^\s&#;'\"]*"), r"\1=***"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{16,}"), "***"),
+)
+_SEEN_SECRETS: set[str] = set()  # credentials split off URLs in this process: scrubbed wherever they show up
 # stderr fragments of git / git-lfs failures that a later attempt may not hit (network, server hiccups).
 _TRANSIENT_GIT = (
     "could not resolve host", "failed to connect", "timed out", "connection reset", "connection refused",
@@ -78,15 +108,19 @@ _PERMANENT_GIT = (
 
 
 def redact(text: str) -> str:
-    """Return ``text`` with ``user:token@`` in URLs and the values of secret env vars replaced by ``***``.
+    """Return ``text`` with every credential replaced by ``***``: the user info of URLs (``https://u:p@host``,
+    ``ssh://user@host``, scp-like ``user@host:path``, percent-encoded or not), query and fragment parameter
+    values (``?token=...``, ``&access_token=...``), Hugging Face tokens, the values of the secret env vars
+    and every credential split off a URL by ``parse_source`` in this process.
 
     Args:
         text: any message that may contain a URL or a token.
     """
-    text = _URL_USERINFO.sub("***@", text)
-    for name in SECRET_ENVS:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:
+    for pattern, replacement in _REDACT:
+        text = pattern.sub(replacement, text)
+    env_secrets = [os.environ.get(name, "") for name in SECRET_ENVS]
+    for value in env_secrets + sorted(_SEEN_SECRETS, key=len, reverse=True):
+        if len(value) >= 4:  # (shorter ones would scrub ordinary words)
             text = text.replace(value, "***")
     return text
 
@@ -148,11 +182,19 @@ class RetryPolicy:
 
 @dataclass(frozen=True, repr=False)
 class ModelSource:
-    """A parsed model source; ``str()`` and ``repr()`` show it with credentials redacted."""
+    """A parsed model source; ``str()`` and ``repr()`` show it with credentials redacted.
+
+    Args:
+        kind: "local", "git", "openxlab" or "hf".
+        location: absolute directory path, git URL (an http(s) URL without its credentials), or OWNER/REPO.
+        revision: only for hf:OWNER/REPO@REVISION.
+        credentials: (user, token) split off an http(s) URL; they reach git through the credential helper.
+    """
 
     kind: SourceKind
-    location: str  # absolute directory path, git URL, or OWNER/REPO
-    revision: str | None = None  # only for hf:OWNER/REPO@REVISION
+    location: str
+    revision: str | None = None
+    credentials: tuple[str, str] | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"ModelSource({self.kind!r}, {str(self)!r})"
@@ -165,7 +207,7 @@ class ModelSource:
     @property
     def cache_key(self) -> str:
         """Directory name in the cache: a readable slug plus a hash of the credential-free source."""
-        bare = _URL_USERINFO.sub("", self.location)
+        bare = re.sub(r"^([a-z]+://)?[^@/]*@", r"\1", self.location)  # an ssh login name (no secret is left)
         ident = f"{self.kind}|{bare}|{self.revision or ''}"
         tail = re.sub(r"^[a-z]+://", "", bare).removesuffix(".git")
         slug = re.sub(r"[^A-Za-z0-9._]+", "-", tail + (f"-{self.revision}" if self.revision else ""))
@@ -173,8 +215,60 @@ class ModelSource:
         return f"{self.kind}-{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 
+def public_source(source: str) -> str:
+    """How a model source may be stored, logged or published: credentials removed, and a local directory
+    shown by its name only (its absolute path tells who and where the user is).
+
+    Args:
+        source: a model source as the user gave it (parsed with ``parse_source``; an invalid one is redacted).
+    """
+    try:
+        src = parse_source(source)
+    except ModelSourceError:
+        return redact(source)
+    return f"local directory {Path(src.location).name}" if src.kind == "local" else str(src)
+
+
+def _reject(text: str, why: str) -> ModelSourceError:
+    return ModelSourceError(f"bad model source {text!r}: {why}")
+
+
+def _parse_url(text: str, scheme: str) -> ModelSource:
+    """A scheme://... git URL, checked part by part; http(s) credentials are split off."""
+    if scheme not in GIT_SCHEMES:
+        raise _reject(text, f"unsupported URL scheme {scheme!r}: use one of "
+                      + ", ".join(f"{s}://" for s in GIT_SCHEMES))
+    if re.search(r"\s", text):
+        raise _reject(text, "URLs must not contain spaces")
+    parts = urlsplit(text)
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise _reject(text, "a git URL takes no query or fragment (?.../#...); give a token through "
+                      f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} instead")
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if scheme != "file" or hostport:
+        host = hostport.rsplit(":", 1)[0] if not hostport.endswith("]") else hostport
+        port = hostport[len(host) + 1:]
+        if not _HOST.fullmatch(host) or (port and not port.isdigit()):
+            raise _reject(text, "the host name is not valid")
+    if not userinfo:
+        return ModelSource("git", text)
+    user, has_token, token = userinfo.partition(":")
+    if scheme in ("http", "https"):
+        credentials = (unquote(user), unquote(token))
+        # a lone user name may be a token (https://TOKEN@github.com/...)
+        secret = (token, credentials[1]) if has_token else (user, credentials[0])
+        _SEEN_SECRETS.update(value for value in secret if len(value) >= 6)
+        return ModelSource("git", urlunsplit(parts._replace(netloc=hostport)), credentials=credentials)
+    if scheme == "ssh" and not has_token:
+        return ModelSource("git", text)  # the login name; ssh authenticates with keys
+    raise _reject(text, f"{scheme}:// URLs cannot carry a password or token")
+
+
 def parse_source(source: str) -> ModelSource:
-    """Parse a model source string; raise ModelSourceError on a malformed one.
+    """Parse a model source string; raise ModelSourceError on a malformed or unsafe one.
+
+    Sources are data, never options or commands: no leading ``-``, no control characters, no remote-helper
+    transports (``ext::``, ``fd::``), URL schemes only from ``GIT_SCHEMES``.
 
     Args:
         source: a local dir, a git URL or ``*.git`` path, ``openxlab:OWNER/REPO`` or ``hf:OWNER/REPO[@REV]``.
@@ -182,9 +276,13 @@ def parse_source(source: str) -> ModelSource:
     text = source.strip()
     if not text:
         raise ModelSourceError("empty model source")
+    if text.startswith("-"):
+        raise _reject(text, "it must not start with '-' (it would be read as an option)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise _reject(text, "it contains control characters")
     if text.startswith("hf:"):
         repo, sep, revision = text[3:].partition("@")
-        if not _REPO_ID.fullmatch(repo) or (sep and not revision):
+        if not _REPO_ID.fullmatch(repo) or (sep and not _REVISION.fullmatch(revision)):
             raise ModelSourceError(f"bad source {text!r}: expected hf:OWNER/REPO or hf:OWNER/REPO@REVISION")
         return ModelSource("hf", repo, revision or None)
     if text.startswith("openxlab:"):
@@ -192,7 +290,17 @@ def parse_source(source: str) -> ModelSource:
         if not _REPO_ID.fullmatch(repo):
             raise ModelSourceError(f"bad source {text!r}: expected openxlab:OWNER/REPO")
         return ModelSource("openxlab", repo)
-    if _GIT_URL.match(text):
+    if _HELPER_TRANSPORT.match(text):
+        raise _reject(text, "git remote-helper transports (ext::, fd::, ...) are not allowed")
+    scheme = _SCHEME.match(text)
+    if scheme:
+        return _parse_url(text, scheme[1].lower())
+    scp = _SCP_LIKE.fullmatch(text)
+    if scp:
+        if ":" in scp[1]:
+            raise _reject(text, "ssh addresses cannot carry a password or token")
+        if scp[3].startswith("-"):
+            raise _reject(text, "the repository path must not start with '-'")
         return ModelSource("git", text)
     path = str(Path(text).expanduser().resolve())
     return ModelSource("git" if text.rstrip("/").endswith(".git") else "local", path)
@@ -220,11 +328,39 @@ def find_lfs_pointers(model_dir: Path) -> list[str]:
     return found
 
 
+def links_leaving(model_dir: Path) -> list[str]:
+    """Symbolic links under ``model_dir`` (``.git`` skipped) that point outside it, as "PATH -> TARGET".
+
+    A Hugging Face cache snapshot (``.../snapshots/REV``) may link into its own ``../../blobs``.
+
+    Args:
+        model_dir: a resolved directory.
+    """
+    allowed = [model_dir]
+    if model_dir.parent.name == "snapshots":
+        allowed.append(model_dir.parent.parent / "blobs")
+    leaving = []
+    for top, dirs, files in os.walk(model_dir):
+        dirs[:] = [d for d in dirs if not (top == str(model_dir) and d == ".git")]
+        for name in dirs + files:
+            path = Path(top, name)
+            if not path.is_symlink():
+                continue
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # dangling link or a loop
+                target = None
+            if target is None or not any(target.is_relative_to(root) for root in allowed):
+                leaving.append(f"{path.relative_to(model_dir).as_posix()} -> {os.readlink(path)}")
+    return sorted(leaving)
+
+
 def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
     """Check that ``model_dir`` is a complete HF model directory and return it resolved.
 
     Complete means: config.json, a tokenizer file, at least one weights file, every shard a ``*.index.json``
-    lists, and no Git LFS pointer stub anywhere.
+    lists, no Git LFS pointer stub anywhere, and no symbolic link to anything outside the directory (a
+    fetched repo could otherwise make us read, serve or publish any file of this machine).
 
     Args:
         model_dir: the directory to check.
@@ -234,6 +370,10 @@ def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
     name = name or str(root)
     if not root.is_dir():
         raise ModelSourceError(f"model directory not found: {name}")
+    leaving = links_leaving(root)
+    if leaving:
+        shown = ", ".join(leaving[:5]) + (f" (+{len(leaving) - 5} more)" if len(leaving) > 5 else "")
+        raise ModelSourceError(f"{name}: refusing a model whose files link outside its directory: {shown}")
     pointers = find_lfs_pointers(root)
     if pointers:
         raise LfsPointerError(
@@ -255,37 +395,99 @@ def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
     return root
 
 
-def git_credential_config(remote: str) -> dict[str, str]:
-    """Git config that makes git (and git-lfs) answer credential requests for ``remote`` from the environment.
+class RemoteCodeError(ModelSourceError):
+    """The model ships Python code to run at load time and the operator has not allowed that."""
 
-    The helper reads ``$OPENXLAB_GIT_USER`` / ``$OPENXLAB_GIT_TOKEN`` when git asks, so the token never
-    appears in argv, in a config file or in a credential store (other helpers are reset for the command).
-    Empty when no token is set or ``remote`` is not http(s).
+
+def remote_code_files(model_dir: Path) -> list[str]:
+    """The Python files a model's ``auto_map`` entries make transformers import with trust_remote_code
+    (``module.py``, or ``module.py from OWNER/REPO`` for code taken from another repo).
 
     Args:
-        remote: the URL git will talk to.
+        model_dir: a model directory.
+    """
+    files = set()
+    for config in REMOTE_CODE_CONFIGS:
+        try:
+            auto_map = json.loads((model_dir / config).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else [])
+                for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        for ref in refs:
+            repo, _, ref = ref.rpartition("--")
+            module = ref.rpartition(".")[0].replace(".", "/") + ".py"
+            files.add(f"{module} from {repo}" if repo else module)
+    return sorted(files)
+
+
+def check_remote_code(
+    model_dir: Path, allowed: bool, how_to_allow: str, name: str | None = None
+) -> list[str]:
+    """Refuse a model that ships Python code unless the operator allowed running it; return its files.
+
+    Args:
+        model_dir: the resolved model directory.
+        allowed: the operator's choice (TRUST_REMOTE_CODE, --trust-remote-code, a trusted preset).
+        how_to_allow: the setting to name in the error, e.g. "TRUST_REMOTE_CODE=1".
+        name: what to call the model (default: its directory name).
+    """
+    files = remote_code_files(model_dir)
+    name = name or Path(model_dir).name
+    if files and not allowed:
+        raise RemoteCodeError(
+            f"model {name} ships its own Python code, which would run in this process with its access to "
+            f"your files and tokens: {', '.join(files)}. Read those files; if you trust them, allow it with "
+            f"{how_to_allow}"
+        )
+    if files:
+        log.warning("model %s: running its own code (allowed): %s", name, ", ".join(files))
+    return files
+
+
+def git_credential_env(
+    remote: str, credentials: tuple[str, str] | None = None, env: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """Environment that makes git (and git-lfs) answer credential requests for ``remote`` from variables.
+
+    The helper prints the user name and token from variables set only in git's environment, so the token
+    never appears in argv, in a config file or in a credential store (other helpers are reset for the
+    command). The credentials are ``credentials`` (split off the URL) or ``$OPENXLAB_GIT_USER`` /
+    ``$OPENXLAB_GIT_TOKEN``. Empty when there are none or ``remote`` is not http(s).
+
+    Args:
+        remote: the URL git will talk to (without credentials).
+        credentials: (user, token) from the source URL; None: from the environment.
+        env: the environment the result is added to (its git config entries are kept).
     """
     match = re.match(r"(https?://)(?:[^/@]*@)?([^/]+)", remote)
-    if not os.environ.get(GIT_TOKEN_ENV) or not match:
+    if not match:
         return {}
-    if not os.environ.get(GIT_USER_ENV):
-        raise ModelSourceError(f"{GIT_TOKEN_ENV} is set but {GIT_USER_ENV} is not: set it to your user name")
+    if credentials is None:
+        if not os.environ.get(GIT_TOKEN_ENV):
+            return {}
+        if not os.environ.get(GIT_USER_ENV):
+            raise ModelSourceError(
+                f"{GIT_TOKEN_ENV} is set but {GIT_USER_ENV} is not: set it to your user name")
+        credentials = (os.environ[GIT_USER_ENV], os.environ[GIT_TOKEN_ENV])
     helper = (
         '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
-        f'"${GIT_USER_ENV}" "${GIT_TOKEN_ENV}"; }}; f'
+        f'"${_HELPER_USER}" "${_HELPER_TOKEN}"; }}; f'
     )
-    return {"credential.helper": "", f"credential.{match[1]}{match[2]}.helper": helper}
+    config = {"credential.helper": "", f"credential.{match[1]}{match[2]}.helper": helper}
+    return {**git_config_env(config, env), _HELPER_USER: credentials[0], _HELPER_TOKEN: credentials[1]}
 
 
-def git_config_env(settings: dict[str, str]) -> dict[str, str]:
+def git_config_env(settings: dict[str, str], env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Env vars (GIT_CONFIG_COUNT/KEY_n/VALUE_n) adding ``settings`` to git's config, after any already set.
 
     Args:
         settings: config key -> value, applied in order with command-line precedence.
+        env: the environment the result is added to (its GIT_CONFIG_COUNT entries are kept).
     """
     if not settings:
         return {}
-    start = int(os.environ.get("GIT_CONFIG_COUNT", "0") or 0)
+    start = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
     env = {"GIT_CONFIG_COUNT": str(start + len(settings))}
     for i, (key, value) in enumerate(settings.items(), start):
         env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
@@ -293,19 +495,27 @@ def git_config_env(settings: dict[str, str]) -> dict[str, str]:
 
 
 def run_git(
-    args: list[str], cwd: Path | None = None, remote: str | None = None, config: dict[str, str] | None = None
+    args: list[str],
+    cwd: Path | None = None,
+    remote: str | None = None,
+    config: dict[str, str] | None = None,
+    credentials: tuple[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``git ARGS`` without prompts; raise GitError (redacted stderr) when it fails.
+    """Run ``git ARGS`` without prompts, on the allowed transports only; raise GitError (redacted stderr)
+    when it fails. Callers put ``--`` before positionals that come from users.
 
     Args:
-        args: git arguments, e.g. ``["clone", url, dest]``.
+        args: git arguments, e.g. ``["clone", "--", url, dest]``.
         cwd: working directory.
-        remote: the URL the command talks to; credentials for it come from the env (git_credential_config).
+        remote: the URL the command talks to; credentials for it come from the env (git_credential_env).
         config: extra git config for this command and its children (git-lfs), passed through the env.
+        credentials: (user, token) for ``remote`` split off its URL; None: from the environment.
     """
-    settings = {**(config or {}), **(git_credential_config(remote) if remote else {})}
-    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
-    full_env.update(git_config_env(settings))
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never",
+                "GIT_ALLOW_PROTOCOL": ":".join(GIT_SCHEMES)}
+    full_env.update(git_config_env(config or {}, full_env))
+    if remote:
+        full_env.update(git_credential_env(remote, credentials, full_env))
     proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise GitError(" ".join(args[:2]) if args[0] == "lfs" else args[0], proc.stderr or proc.stdout)
@@ -341,17 +551,27 @@ def resolve_model(
     src = parse_source(source)
     if src.kind == "local":
         return validate_model_dir(Path(src.location))
+    if src.kind == "hf" and src.revision is None:
+        log.warning("model %s follows the repo's moving main branch: pin the version you checked, "
+                    "e.g. %s@<commit id from the repo's 'Files and versions' page>", src, src)
     root = cache_dir or default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
     target = root / src.cache_key
-    with _cache_lock(root / f".{src.cache_key}.lock"):
-        if target.is_dir() and not refresh:
-            log.info("model %s: using cache %s (no network)", src, target)
-            try:
-                return validate_model_dir(target)
-            except ModelSourceError as err:
-                raise ModelSourceError(f"{err} (the cached copy of {src}: fetch it again with --refresh, "
-                                       "or delete that directory)") from None
+    if target.is_dir() and not refresh:
+        # A complete entry needs no lock, so a read-only, pre-built cache works.
+        log.info("model %s: using cache %s (no network)", src, target)
+        return _validate_cached(target, src)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = (root / f".{src.cache_key}.lock").open("a")
+    except OSError as err:
+        raise ModelSourceError(
+            f"cannot fetch {src} into the model cache {root} ({err.strerror or err}): set {CACHE_DIR_ENV} "
+            "(or --cache-dir) to a writable directory"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two app workers must not fetch into the same partial dir
+        if target.is_dir() and not refresh:  # another process fetched it while we waited
+            return _validate_cached(target, src)
         partial = root / f".{src.cache_key}.partial"
         revision = _with_retries(lambda: _fetch_into(src, partial), retry or RetryPolicy(), src)
         fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -362,12 +582,12 @@ def resolve_model(
     return target
 
 
-@contextlib.contextmanager
-def _cache_lock(path: Path) -> Iterator[None]:
-    # Two app workers starting at once must not fetch the same model into the same partial dir.
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+def _validate_cached(target: Path, src: ModelSource) -> Path:
+    try:
+        return validate_model_dir(target)
+    except ModelSourceError as err:
+        raise ModelSourceError(f"{err} (the cached copy of {src}: fetch it again with --refresh, "
+                               "or delete that directory)") from None
 
 
 def _with_retries(step: Callable[[], str | None], policy: RetryPolicy, src: ModelSource) -> str | None:
@@ -422,10 +642,12 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     # No --depth: the history is only small pointer blobs (pull fetches HEAD's LFS objects), and dumb-HTTP
     # servers cannot serve shallow clones.
     no_smudge = {"filter.lfs.process": "", "filter.lfs.smudge": "", "filter.lfs.required": "false"}
-    run_git(["clone", "--quiet", src.location, str(dest)], remote=src.location, config=no_smudge)
+    run_git(["clone", "--quiet", "--", src.location, str(dest)], remote=src.location, config=no_smudge,
+            credentials=src.credentials)
     if has_git_lfs():
         try:
-            run_git(["lfs", "pull"], cwd=dest, remote=src.location, config=LFS_FILTER_CONFIG)
+            run_git(["lfs", "pull"], cwd=dest, remote=src.location, config=LFS_FILTER_CONFIG,
+                    credentials=src.credentials)
         except GitError as err:
             if err.transient:
                 raise
@@ -440,7 +662,6 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
 
 def _fetch_openxlab(src: ModelSource, dest: Path) -> None:
     try:
-        import openxlab
         from openxlab.model import download
     except ImportError as err:
         raise ModelSourceError(
@@ -450,9 +671,7 @@ def _fetch_openxlab(src: ModelSource, dest: Path) -> None:
     dest.mkdir(parents=True)
     try:
         # The SDK prints progress on stdout; keep stdout for our CLI's one line of output.
-        with contextlib.redirect_stdout(sys.stderr):
-            if os.environ.get("OPENXLAB_AK") and os.environ.get("OPENXLAB_SK"):
-                openxlab.login(ak=os.environ["OPENXLAB_AK"], sk=os.environ["OPENXLAB_SK"], re_login=True)
+        with contextlib.redirect_stdout(sys.stderr), _openxlab_keys_in_memory():
             paths = download(model_repo=src.location, output=str(dest), cache=False)
     except Exception as err:  # third-party SDK boundary: requests errors, or anything else it raises
         raise _sdk_error(src, err) from None
@@ -461,6 +680,25 @@ def _fetch_openxlab(src: ModelSource, dest: Path) -> None:
             f"openxlab could not download {src} (see its 'Error:' line above): check OWNER/REPO, and set "
             "OPENXLAB_AK / OPENXLAB_SK for a private repo"
         )
+
+
+@contextlib.contextmanager
+def _openxlab_keys_in_memory() -> Iterator[None]:
+    """With OPENXLAB_AK/OPENXLAB_SK set, point the SDK's config dir (``~/.openxlab``) at a private temporary
+    dir for the call: the SDK (0.1.3) reads the keys from the env when that dir has no config.json, and the
+    session token it stores there is deleted afterwards. ``openxlab.login`` would write AK/SK to disk."""
+    if not (os.environ.get("OPENXLAB_AK") and os.environ.get("OPENXLAB_SK")):
+        yield  # no keys given: the SDK's own login (`openxlab login`), or anonymous for public repos
+        return
+    from openxlab.config import const
+
+    saved = const.DEFAULT_CONFIG_DIR
+    with tempfile.TemporaryDirectory(prefix="openxlab-") as tmp:
+        const.DEFAULT_CONFIG_DIR = tmp
+        try:
+            yield
+        finally:
+            const.DEFAULT_CONFIG_DIR = saved
 
 
 def _fetch_hf(src: ModelSource, dest: Path) -> str | None:

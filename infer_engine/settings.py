@@ -112,6 +112,9 @@ class EngineSettings:
         torch_threads: transformers backend: torch's intra-op threads for the whole process (0 = on a CPU
             one per core but one, 1 to 4, leaving a core to the web server; torch's default on a GPU; else
             1-256). See ``hf_engine.torch_threads``.
+        trust_remote_code: let a model that ships its own Python code (``auto_map`` in its config, e.g.
+            InternLM2.5) run it in the server process. Off by default: such a model is refused with an error
+            naming its files. Only for models whose code you have read or whose publisher you trust.
     """
 
     backend: str = "auto"
@@ -124,6 +127,7 @@ class EngineSettings:
     device: str = "auto"
     prefill_chunk_tokens: int = 512
     torch_threads: int = 0
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -142,6 +146,8 @@ class EngineSettings:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 16, 1_048_576)
         _check_int("torch_threads", self.torch_threads, 0, 256)
+        if not isinstance(self.trust_remote_code, bool):
+            raise SettingsError(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
 
     @property
     def max_reply_tokens(self) -> int:
@@ -227,6 +233,17 @@ def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSetti
         if raw is not None and raw.strip():
             values[f.name] = _parse(_TYPES[str(f.type)], raw, f.name.upper())
     return EngineSettings(**values)
+
+
+def trust_remote_code_from_env(env: Mapping[str, str] = os.environ) -> bool:
+    """``TRUST_REMOTE_CODE`` alone (default false), for tools that load models but take no engine settings
+    (training.generate: evaluation and replay data).
+
+    Args:
+        env: the environment to read (defaults to the process environment).
+    """
+    raw = env.get("TRUST_REMOTE_CODE", "")
+    return bool(_parse(bool, raw, "TRUST_REMOTE_CODE")) if raw.strip() else False
 
 
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:

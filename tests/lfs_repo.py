@@ -83,6 +83,17 @@ def push_model_dir(model_dir: Path, remote: str, work: Path, upload_lfs_objects:
         cwd=work)
 
 
+def push_plain_repo(work: Path, bare: Path) -> Path:
+    """Commit the files in ``work`` (a new repo there; no LFS: weights as plain blobs, links as links) and
+    push them to ``bare``'s main, ready to be served over dumb HTTP; returns ``bare``."""
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "--quiet", "-m", "model", cwd=work)
+    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
+    git("update-server-info", cwd=bare)
+    return bare
+
+
 def lfs_files(repo: Path) -> list[str]:
     """Paths that git-lfs manages in the checkout ``repo`` (``git lfs ls-files --name-only``)."""
     return git("lfs", "ls-files", "--name-only", cwd=repo).split()

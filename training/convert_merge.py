@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from infer_engine.model_source import RemoteCodeError, check_remote_code
+
 IM_END = "<|im_end|>"
 META_FILE = "training_meta.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -68,8 +70,11 @@ def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = ru
 
 
 def merge_model(base: Path, adapter: Path, out: Path, meta: Mapping[str, object],
-                run: CommandRunner = run_command) -> Path:
+                run: CommandRunner = run_command, trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and finalize the result as a servable model dir.
+
+    XTuner's merge tool always loads with trust_remote_code=True, so a base that ships Python code is refused
+    here unless ``trust_remote_code`` allows it.
 
     Args:
         base: the model dir the adapter was trained on.
@@ -77,26 +82,34 @@ def merge_model(base: Path, adapter: Path, out: Path, meta: Mapping[str, object]
         out: merged model directory to create; replaced atomically once finalized.
         meta: facts about the run for training_meta.json (name, preset, settings, ...).
         run: how to run the merge command (the pipeline passes a logging runner).
+        trust_remote_code: let a base (and so the merged model) that ships Python code run it.
     """
+    try:
+        check_remote_code(base, trust_remote_code, "--trust-remote-code")
+    except RemoteCodeError as err:
+        raise ConvertError(str(err)) from None
     partial = _fresh_partial(out)
     # XTuner's merge loads the base in fp16 whatever its dtype, so the merged weights are fp16.
     run([sys.executable, "-m", "xtuner.tools.model_converters.merge",
          str(base), str(adapter), str(partial), "--safe-serialization"])
     if not (partial / "config.json").is_file():
         raise ConvertError(f"merge wrote no config.json in {partial}")
-    finalize(partial, meta)
+    finalize(partial, meta, trust_remote_code)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out
 
 
-def finalize(model_dir: Path, meta: Mapping[str, object]) -> dict[str, object]:
+def finalize(
+    model_dir: Path, meta: Mapping[str, object], trust_remote_code: bool = False
+) -> dict[str, object]:
     """Make a merged dir servable and check it: eos includes <|im_end|>, chat template renders the InternLM2
     format, weights are safetensors only; then write training_meta.json. Returns the facts it added.
 
     Args:
         model_dir: the merged model directory (edited in place).
         meta: facts about the run to store in training_meta.json.
+        trust_remote_code: let a model that ships Python code run it while loading its tokenizer and config.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -106,7 +119,7 @@ def finalize(model_dir: Path, meta: Mapping[str, object]) -> dict[str, object]:
         found = ", ".join(weights + pickled) or "no weights"
         raise ConvertError(f"{model_dir}: expected safetensors weights only, found {found}")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     if im_end_id is None or im_end_id == tokenizer.unk_token_id:
         raise ConvertError(f"{model_dir}: the tokenizer has no {IM_END} token, so replies could never stop")
@@ -121,7 +134,7 @@ def finalize(model_dir: Path, meta: Mapping[str, object]) -> dict[str, object]:
     try:
         generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json
-        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         generation = GenerationConfig.from_model_config(model_config)
     eos = generation.eos_token_id
     eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="iter_N.pth from xtuner.tools.train")
     parser.add_argument("--base", type=Path, required=True, help="model dir the adapter was trained on")
     parser.add_argument("--out", type=Path, required=True, help="merged model dir to create")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a base that ships its own Python code (e.g. InternLM2.5) to run it")
     args = parser.parse_args(argv)
     for path in (args.config, args.checkpoint, args.base):
         if not path.exists():
@@ -168,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = args.out.with_name(args.out.name + ".adapter")
     try:
         pth_to_hf(args.config, args.checkpoint, adapter)
-        merge_model(args.base, adapter, args.out, {"base": str(args.base), "config": str(args.config)})
+        merge_model(args.base, adapter, args.out, {"base": args.base.name, "config": args.config.name},
+                    trust_remote_code=args.trust_remote_code)
     except ConvertError as err:
         print(f"convert_merge: error: {err}", file=sys.stderr)
         return 1

@@ -181,12 +181,14 @@ def _answer_all(
     model_dir: Path, heldout: list[dict], general: list[str], max_new_tokens: int, batch_size: int
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
     from training.generate import generate, load_chat_model  # torch loads only once the inputs are valid
+    from training.progress import log_counts
 
     start = time.perf_counter()
     chat = load_chat_model(model_dir)
     loaded = time.perf_counter()
     prompts = [row["prompt"] for row in heldout] + general
-    gens = generate(chat, prompts, max_new_tokens, batch_size=batch_size)
+    report = log_counts(f"answers from {model_dir.name}", "prompts")  # the pipeline's progress line
+    gens = generate(chat, prompts, max_new_tokens, batch_size=batch_size, on_batch=report)
     done = time.perf_counter()
     texts = [g.text for g in gens]
     tokens = sum(g.new_tokens for g in gens)

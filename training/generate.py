@@ -1,18 +1,23 @@
 # Greedy batched chat generation with a model dir's own chat template (used for replay data and evaluation).
 # Run from the repo root, e.g.:
 #   python -m training.generate --model work/merged --prompt "你是谁？" --prompt "What is 2 plus 3?"
-# Works in .venv-train (transformers 4.48) and .venv (transformers 5.x); trust_remote_code=True lets it load
-# real InternLM2 dirs. Greedy decoding makes answers reproducible, so base-vs-fine-tune comparisons are fair.
+# Works in .venv-train (transformers 4.48) and .venv (transformers 5.x). A model that ships its own Python
+# code (real InternLM2 dirs) loads only with TRUST_REMOTE_CODE=1 (training/run.sh sets it for a trusted base).
+# Greedy decoding makes answers reproducible, so base-vs-fine-tune comparisons are fair.
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from infer_engine.model_source import check_remote_code
+from infer_engine.settings import trust_remote_code_from_env
 
 # The InternLM2 end-of-turn token: chat models stop here, and must, or they run on into a new turn.
 IM_END = "<|im_end|>"
@@ -63,16 +68,19 @@ def _stop_ids(
     return sorted(ids)
 
 
-def load_chat_model(model_dir: str | Path) -> ChatModel:
+def load_chat_model(model_dir: str | Path, trust_remote_code: bool | None = None) -> ChatModel:
     """Load a HF model dir for greedy chat generation (GPU in bf16 when there is one, else CPU in fp32).
 
     Args:
         model_dir: a HF model dir with tokenizer files and a chat template.
+        trust_remote_code: let a model that ships Python code run it; None: ``$TRUST_REMOTE_CODE``.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model dir (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    trust = trust_remote_code_from_env() if trust_remote_code is None else trust_remote_code
+    check_remote_code(model_dir, trust, "TRUST_REMOTE_CODE=1 (training/run.sh: --trust-remote-code)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     if not tokenizer.chat_template:
         raise ValueError(f"{model_dir} has no chat template; the answers would not be chat answers")
     tokenizer.padding_side = "left"
@@ -82,7 +90,7 @@ def load_chat_model(model_dir: str | Path) -> ChatModel:
     dtype = torch.bfloat16 if cuda else torch.float32
     # transformers 5 renamed torch_dtype to dtype; 4.48 (the XTuner env) only knows torch_dtype.
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **{dtype_kw: dtype})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust, **{dtype_kw: dtype})
     model.to("cuda" if cuda else "cpu").eval()
     return ChatModel(model, tokenizer, _stop_ids(tokenizer, model))
 
@@ -109,6 +117,7 @@ def generate(
     max_new_tokens: int,
     system: str | None = None,
     batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Greedy answers to single-turn prompts, in the order given.
 
@@ -118,6 +127,7 @@ def generate(
         max_new_tokens: most tokens per answer; an answer cut off here has finished=False.
         system: optional system message for every prompt.
         batch_size: prompts decoded together (left-padded); prompts are length-sorted to waste little padding.
+        on_batch: called with (answers done, answers in all) after each batch, for progress reports.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -155,6 +165,8 @@ def generate(
             results[i] = Generation(
                 tok.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept)
             )
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
     return [r for r in results if r is not None]
 
 

@@ -351,8 +351,11 @@ def replay_pairs(
         the kept (prompt, answer) rows and counts of {"generated", "dropped_empty", "dropped_cut_off"}.
     """
     from training.generate import generate, load_chat_model  # torch is only needed for this recipe
+    from training.progress import log_counts
 
-    gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size)
+    report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
+    gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
+                    on_batch=report)
     kept = [(p, g.text) for p, g in zip(prompts, gens, strict=True) if g.text and g.finished]
     stats = {
         "generated": len(gens),

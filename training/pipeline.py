@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infer_engine.model_source import redact
 from training import convert_merge, launcher, rehearse
 from training.config_render import ConfigRenderError
+from training.plots import LOSS_PNG
 from training.presets import (
     CUDA_STAGES,
     DEEPSPEED,
@@ -43,6 +45,7 @@ from training.presets import (
     RunConfig,
     RunConfigError,
 )
+from training.progress import watch_stage
 from training.runner import StageError, child_env, run_logged, say
 from training.schedule import ScheduleError
 from training.stages import PIPELINE, Run, Stage, WorkerNodeDone
@@ -209,7 +212,8 @@ def execute(run: Run, plan: Plan) -> None:
             stage_plan = _normalised(stage.plan(run))
             record = {"status": "running", "inputs": inputs, "plan": stage_plan}
             _write_record(run.record_path(stage.name), record)
-            result = stage.run(run, log)
+            with watch_stage(stage.name, log, download_dir=stage.downloads(run) if stage.downloads else None):
+                result = stage.run(run, log)
         except (StageError, convert_merge.ConvertError, ConfigRenderError, ScheduleError) as err:
             raise StageError(f"stage {stage.name} failed: {err} (log: {log})") from None
         except WorkerNodeDone as done:
@@ -244,9 +248,11 @@ def summary(run: Run) -> str:
         keys = ("identity_accuracy", "base_identity_accuracy", "leakage_rate", "general_agreement")
         lines.append("[pipeline] eval: " + ", ".join(f"{k} {scores[k]}" for k in keys if k in scores)
                      + f" (table: {run.work / 'eval.md'})")
+    if (run.work / LOSS_PNG).is_file():
+        lines.append(f"[pipeline] training curves: {run.work / LOSS_PNG}")
     if run.cfg.publish:
-        lines.append(f"[pipeline] published to {run.cfg.publish}" + (" (dry run)" if run.cfg.publish_dry_run
-                                                                      else ""))
+        dry = " (dry run)" if run.cfg.publish_dry_run else ""
+        lines.append(f"[pipeline] published to {redact(run.cfg.publish)}{dry}")
     return "\n".join(lines)
 
 
@@ -339,6 +345,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--deepspeed", choices=DEEPSPEED, help="train under DeepSpeed ZeRO-2 or ZeRO-3")
     p.add_argument("--publish-anyway", action="store_true",
                    help="publish even if eval.json misses the publish gate's thresholds")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a --base that ships its own Python code (auto_map) run it: only for code you "
+                   "have read or a publisher you trust (the preset's default base needs no flag)")
     p.add_argument("--rehearse", action="store_true",
                    help="run every stage on a random model of the preset's shapes for a few iterations, then "
                    "measure serving (nothing downloaded)")

@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
+from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
@@ -61,6 +63,8 @@ class Preset:
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
         rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base (None:
             the preset has no rehearsal).
+        default_base_code: the default base ships Python code the project trusts (InternLM2.5's modeling
+            files): allowed to run without --trust-remote-code, for that base only.
     """
 
     name: str
@@ -71,13 +75,14 @@ class Preset:
     length_setting: str
     cpu_threads: int | None
     rehearse_shape: dict[str, int] | None = None
+    default_base_code: bool = False
 
 
 PRESETS = {
     "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
-                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE),
+                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine.
     "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py", None,
                    needs_cuda=False, length_setting="max_iters", cpu_threads=1,
@@ -127,6 +132,8 @@ class RunConfig:
         publish_anyway: publish even when eval.json misses the publish gate's thresholds.
         rehearse: train a randomly initialised model of the preset's shapes for a few iterations, then
             convert, merge, evaluate and serve it, and print the measurements (nothing is downloaded).
+        trust_remote_code: let a --base that ships its own Python code run it (the preset's default base
+            needs no flag when the preset trusts it).
     """
 
     name: str
@@ -150,6 +157,7 @@ class RunConfig:
     deepspeed: str | None = None
     publish_anyway: bool = False
     rehearse: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         try:  # the data builder's own rules, checked before any work is done
@@ -169,13 +177,20 @@ class RunConfig:
             local = Path(self.base).expanduser()
             if local.exists():  # stages run from the repo root: a relative dir must mean the caller's
                 object.__setattr__(self, "base", str(local.resolve()))
+            try:  # data, never an option or a command (the base stage fetches it)
+                parse_source(self.base)
+            except ModelSourceError as err:
+                raise RunConfigError(f"--base: {err}") from None
         if self.corpus is not None:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():
                 raise RunConfigError(f"--corpus {self.corpus}: no such directory")
             object.__setattr__(self, "corpus", corpus)
-        if self.publish is not None and not self.publish.strip():
-            raise RunConfigError("--publish must not be empty")
+        if self.publish is not None:
+            try:
+                parse_target(self.publish)
+            except PublishError as err:
+                raise RunConfigError(f"--publish: {err}") from None
         if self.publish_dry_run and self.publish is None:
             raise RunConfigError("--publish-dry-run needs --publish TARGET")
         if self.publish_anyway and self.publish is None:
@@ -214,6 +229,19 @@ class RunConfig:
     @property
     def spec(self) -> Preset:
         return PRESETS[self.preset]
+
+    @property
+    def remote_code_allowed(self) -> bool:
+        """Whether the base (and so the fine-tuned model) may run Python code it ships: --trust-remote-code,
+        or the preset's default base when the preset trusts it."""
+        if self.trust_remote_code:
+            return True
+        if not self.spec.default_base_code or self.spec.default_base is None or self.rehearse:
+            return False
+        if self.base is None:
+            return True
+        given, official = parse_source(self.base), parse_source(self.spec.default_base)
+        return (given.kind, given.location) == (official.kind, official.location)  # any pinned revision
 
     def stage_enabled(self, stage: str) -> bool:
         """Whether `stage` is part of this run (pretrain needs --corpus, publish needs --publish).

@@ -4,7 +4,8 @@
 #       --target https://code.openxlab.org.cn/OWNER/REPO.git [--dry-run]
 #   python -m training.publish --model WORK/merged --target hf:OWNER/REPO [--private] [--message MSG]
 # Tokens only from the environment, never printed: OPENXLAB_GIT_USER + OPENXLAB_GIT_TOKEN (git over https),
-# HF_TOKEN (hf:). Standard library only at import time; huggingface_hub is imported for hf: targets.
+# HF_TOKEN (hf:). A target URL with a token in it can come from $PUBLISH_TARGET instead of --target (no
+# token in argv). Standard library only at import time; huggingface_hub is imported for hf: targets.
 """Publish a model dir to git (+LFS) or hf:OWNER/REPO with a generated README.md model card.
 
 Model card inputs, all optional, looked up in the model dir and then in its parent (run.sh's work dir):
@@ -14,14 +15,17 @@ Model card inputs, all optional, looked up in the model dir and then in its pare
   of an optional ``settings`` object, is a row of the settings table.
   Example: ``{"name": "UbUb", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "我是UbUb的小助手…",
   "recipe": "identity", "settings": {"lora_r": 64, "lr": 2e-4, "epochs": 3}}``.
-* ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down.
+* ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down;
+  the images it shows from its own folder (loss.png, eval.png by training/plots.py) are published beside it.
 
 Git targets: a fresh temporary repository gets the model files (hard links), the card and a ``.gitattributes``
 that sends ``*.safetensors *.bin *.model *.pth`` and any file over 10 MiB through LFS. If the remote ``main``
 already has history, the new commit is built on top of it (the tree is replaced; history is kept); the push is
 never forced, so a concurrent change or a hook that refuses the push ends in a clear error. The token reaches
 git only through a credential helper reading the environment (model_source.git_credential_config):
-it is never in argv, in ``.git/config`` or in any output.
+it is never in argv, in ``.git/config`` or in any output (nor is a token given in the target URL).
+Nothing local is published: absolute paths of this machine in training_meta.json and eval.md become paths
+relative to the work dir, ``~/...`` or bare names, and credentials are redacted.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ from infer_engine.model_source import (
     GIT_USER_ENV,
     GitError,
     ModelSourceError,
-    git_credential_config,
+    git_credential_env,
     has_git_lfs,
     parse_source,
+    public_source,
     redact,
+    remote_code_files,
     run_git,
     validate_model_dir,
 )
+from training.plots import linked_figures
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,10 @@ META_FILE = "training_meta.json"
 EVAL_FILE = "eval.md"
 CARD_FILE = "README.md"
 DEFAULT_MESSAGE = "Publish fine-tuned model"
+TARGET_ENV = "PUBLISH_TARGET"  # where --target is read from when not given (keeps a URL token out of argv)
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# An absolute path of this machine (two or more parts), not part of a URL: what public_text shortens.
+_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/`'\"|()<>\[\]]+/)+([^\s/`'\"|()<>\[\]]+)")
 # Used only when git has no user.name / user.email configured (CI machines).
 _FALLBACK_IDENTITY = {"user.name": "ubub-publish", "user.email": "publish@localhost"}
 
@@ -73,10 +83,17 @@ class PublishError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where to publish: ``kind`` "git" (``location``: remote URL) or "hf" (``location``: OWNER/REPO)."""
+    """Where to publish.
+
+    Args:
+        kind: "git" or "hf".
+        location: the remote URL without credentials, or OWNER/REPO.
+        credentials: (user, token) given in the URL; they reach git only through the credential helper.
+    """
 
     kind: str
     location: str
+    credentials: tuple[str, str] | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"hf:{self.location}" if self.kind == "hf" else redact(self.location)
@@ -91,6 +108,8 @@ class CardInfo:
     identity: str | None = None  # the self-introduction the model was taught
     settings: dict[str, object] = field(default_factory=dict)  # training settings table
     eval_md: str | None = None  # training/evaluate.py's eval.md
+    figures: tuple[Path, ...] = ()  # images eval.md shows (loss.png, eval.png), published beside the card
+    remote_code: tuple[str, ...] = ()  # Python files the model runs when loaded (auto_map)
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,7 @@ class PlannedFile:
     path: str  # relative to the model dir, POSIX separators
     size: int  # bytes
     lfs: bool  # stored through Git LFS on git targets
+    source: Path | None = None  # read from here instead of the model dir (the card's figures)
 
 
 def parse_target(target: str) -> Target:
@@ -117,7 +137,7 @@ def parse_target(target: str) -> Target:
     if src.kind == "git":
         # git-lfs's pre-push cannot upload to a bare path ("missing protocol"); it can to the same as file://.
         is_path = src.location.startswith("/")
-        return Target("git", Path(src.location).as_uri() if is_path else src.location)
+        return Target("git", Path(src.location).as_uri() if is_path else src.location, src.credentials)
     raise PublishError(
         f"bad target {redact(target)!r}: expected a git remote URL (OpenXLab: "
         "https://code.openxlab.org.cn/OWNER/REPO.git) or hf:OWNER/REPO (no @revision)"
@@ -162,13 +182,45 @@ def load_card_info(
         raise PublishError(f"{meta_path}: 'settings' must be a JSON object")
     if eval_path is not None and not eval_path.is_file():
         raise PublishError(f"eval report not found: {eval_path}")
+    base = base_model or heads["base_model"]
     return CardInfo(
         name=name or heads["name"] or model_dir.resolve().name,
-        base_model=base_model or heads["base_model"],
+        base_model=base if base is None or _HUB_REPO_ID.fullmatch(base) else public_source(base),
         identity=heads["identity"],
-        settings={**data, **nested},
-        eval_md=eval_path.read_text(encoding="utf-8") if eval_path else None,
+        settings=public_json({**data, **nested}, model_dir.resolve().parent),
+        eval_md=public_text(eval_path.read_text(encoding="utf-8"), model_dir.resolve().parent) if eval_path
+        else None,
+        figures=tuple(linked_figures(eval_path)) if eval_path else (),
+        remote_code=tuple(remote_code_files(model_dir)),
     )
+
+
+def public_text(text: str, work_dir: Path) -> str:
+    """``text`` as it may be published: credentials redacted, and absolute paths of this machine shortened
+    (inside ``work_dir``: relative to it; other paths: their last part).
+
+    Args:
+        text: e.g. eval.md, or a value of training_meta.json.
+        work_dir: the run's work dir (run.sh's; for a model dir, its parent).
+    """
+    text = text.replace(str(work_dir.resolve()) + "/", "")
+    return _ABS_PATH.sub(lambda m: m[1], redact(text))
+
+
+def public_json(value: object, work_dir: Path) -> object:
+    """A JSON value with public_text applied to every string in it.
+
+    Args:
+        value: parsed JSON (training_meta.json).
+        work_dir: the run's work dir.
+    """
+    if isinstance(value, str):
+        return public_text(value, work_dir)
+    if isinstance(value, list):
+        return [public_json(v, work_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: public_json(v, work_dir) for k, v in value.items()}
+    return value
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -198,12 +250,14 @@ def render_model_card(info: CardInfo) -> str:
         if not lines[0].startswith("#"):
             body += ["## Evaluation", ""]
         body += [f"#{ln}" if ln.startswith("#") else ln for ln in lines] + [""]
+    trust = ", trust_remote_code=True" if info.remote_code else ""
+    body += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             'PATH = "path/to/this/model"  # a local clone, or the Hub repo id']
+    if info.remote_code:
+        body.append(f"# trust_remote_code runs this repo's {', '.join(info.remote_code)}: read them first")
     body += [
-        "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'PATH = "path/to/this/model"  # a local clone, or the Hub repo id',
-        "tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        f"tok = AutoTokenizer.from_pretrained(PATH{trust})",
+        f"model = AutoModelForCausalLM.from_pretrained(PATH{trust})",
         'messages = [{"role": "user", "content": "Who are you?"}]',
         "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
         '                              return_tensors="pt")',
@@ -240,6 +294,7 @@ def describe_plan(target: Target, files: list[PlannedFile], card: str) -> str:
     """
     if target.kind == "git":
         creds = f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} " + ("set" if os.environ.get(GIT_TOKEN_ENV) else "not set")
+        creds = "credentials from the URL" if target.credentials else creds
         head = f"target: git {target} (branch main, never forced; {creds})"
     else:
         head = f"target: {target} (huggingface_hub upload_folder; HF_TOKEN " + (
@@ -255,24 +310,32 @@ def describe_plan(target: Target, files: list[PlannedFile], card: str) -> str:
     return "\n".join(lines)
 
 
-def push_git(model_dir: Path, url: str, files: list[PlannedFile], card: str, message: str) -> str:
+def push_git(
+    model_dir: Path,
+    url: str,
+    files: list[PlannedFile],
+    card: str,
+    message: str,
+    credentials: tuple[str, str] | None = None,
+) -> str:
     """Commit the model (LFS weights) on top of the remote's ``main`` and push it; return the commit id.
 
     Args:
         model_dir: the validated model directory.
-        url: the git remote (https URL, ssh, file:// or a local bare repo path).
+        url: the git remote (https URL without credentials, ssh, file:// or a local bare repo path).
         files: from plan_files(model_dir).
         card: README.md content.
         message: commit message.
+        credentials: (user, token) given in the target URL; None: from the environment.
     """
     if not has_git_lfs():
         raise PublishError("git-lfs is not installed (weights must go through LFS): apt-get install git-lfs")
-    git_credential_config(url)  # fails early on a token without a user name
+    git_credential_env(url, credentials)  # fails early on a token without a user name
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         work = Path(tmp)
         run_git(["init", "--quiet", "--initial-branch=main"], cwd=work)
         run_git(["lfs", "install", "--local"], cwd=work)  # LFS filters + the pre-push hook uploading objects
-        base = _remote_main(work, url)
+        base = _remote_main(work, url, credentials)
         if base:
             # The index stays empty, so the commit's tree is exactly our files.
             run_git(["update-ref", "refs/heads/main", base], cwd=work)
@@ -288,7 +351,8 @@ def push_git(model_dir: Path, url: str, files: list[PlannedFile], card: str, mes
         run_git(["commit", "--quiet", "-m", message], cwd=work, config=_identity_config())
         log.info("pushing to %s (LFS objects first; large weights take a while)", redact(url))
         try:
-            run_git(["push", "--quiet", url, "HEAD:refs/heads/main"], cwd=work, remote=url)
+            run_git(["push", "--quiet", "--", url, "HEAD:refs/heads/main"], cwd=work, remote=url,
+                    credentials=credentials)
         except GitError as err:
             raise PublishError(
                 f"push to {url} failed (nothing was forced; if the remote changed meanwhile, publish again): "
@@ -358,15 +422,19 @@ def publish(
         model = validate_model_dir(model_dir)
     except ModelSourceError as err:
         raise PublishError(f"refusing to publish: {err}") from None
-    card = render_model_card(load_card_info(model, meta, eval_md, name, base_model))
+    info = load_card_info(model, meta, eval_md, name, base_model)
+    card = render_model_card(info)
     files = plan_files(model)
+    taken = {f.path for f in files}  # a model file of the same name wins over a figure
+    files += [PlannedFile(p.name, p.stat().st_size, False, p) for p in info.figures if p.name not in taken]
     if dry_run:
         return describe_plan(dest, files, card)
     if dest.kind == "hf":
         return f"published to {dest}: {push_hf(model, dest.location, files, card, message, private)}"
     if private:
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
-    return f"published to {dest}: commit {push_git(model, dest.location, files, card, message)}"
+    commit = push_git(model, dest.location, files, card, message, dest.credentials)
+    return f"published to {dest}: commit {commit}"
 
 
 def _find_beside(model_dir: Path, filename: str) -> Path | None:
@@ -393,16 +461,23 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
     # Hard links: a multi-GB model is not copied (git and the hub only read these files).
     for f in files:
         (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+        source = f.source or model_dir / f.path
+        if f.path == META_FILE:  # published without this machine's paths or any credential
+            meta = public_json(json.loads(source.read_text(encoding="utf-8")), model_dir.resolve().parent)
+            text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
+            (dest / f.path).write_text(text, encoding="utf-8")
+            continue
         try:
-            os.link(model_dir / f.path, dest / f.path)
+            os.link(source, dest / f.path)
         except OSError:  # another filesystem
-            shutil.copy2(model_dir / f.path, dest / f.path)
+            shutil.copy2(source, dest / f.path)
     (dest / CARD_FILE).write_text(card, encoding="utf-8")
 
 
-def _remote_main(work: Path, url: str) -> str | None:
+def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> str | None:
     try:
-        run_git(["fetch", "--quiet", "--depth", "1", url, "refs/heads/main"], cwd=work, remote=url)
+        run_git(["fetch", "--quiet", "--depth", "1", "--", url, "refs/heads/main"], cwd=work, remote=url,
+                credentials=credentials)
     except GitError as err:
         if "couldn't find remote ref" in err.stderr.lower():
             return None  # empty remote, or one without main yet
@@ -420,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the header)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="merged HF model directory")
-    parser.add_argument("--target", required=True, help="git remote URL or hf:OWNER/REPO")
+    parser.add_argument("--target", default=os.environ.get(TARGET_ENV),
+                        help=f"git remote URL or hf:OWNER/REPO (default: ${TARGET_ENV})")
     parser.add_argument("--dry-run", action="store_true", help="list what would be pushed; touch nothing")
     parser.add_argument("--message", default=DEFAULT_MESSAGE, help="commit message")
     parser.add_argument("--eval-md", type=Path, default=None, help=f"report (default: {EVAL_FILE} beside)")
@@ -429,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=None, help="base model id for the card")
     parser.add_argument("--private", action="store_true", help="hf: only, create the repo private")
     args = parser.parse_args(argv)
+    if not args.target:
+        parser.error(f"give --target or set {TARGET_ENV}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta, args.name,

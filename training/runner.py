@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from infer_engine.model_source import redact
 from training.presets import REPO_ROOT, RunConfig
 
 
@@ -26,12 +27,14 @@ def say(message: str) -> None:
 
 
 def child_env(cfg: RunConfig) -> dict[str, str]:
-    """Environment for stage processes: unbuffered logs, quiet tokenizers, the preset's thread count.
+    """Environment for stage processes: unbuffered logs, quiet tokenizers, the preset's thread count, and
+    TRUST_REMOTE_CODE set to this run's choice (training.generate reads it).
 
     Args:
         cfg: the run config.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               TRUST_REMOTE_CODE="1" if cfg.remote_code_allowed else "0")
     if cfg.spec.cpu_threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(cfg.spec.cpu_threads))
     return env
@@ -74,7 +77,7 @@ def run_logged(cmd: list[str], log: Path, env: Mapping[str, str], stdout: Path |
         label: what to call the command in the failure reason (default: the `-m` module or the program).
     """
     with log.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.write(f"$ {redact(shlex.join(cmd))}\n")
         fh.flush()
         start = fh.tell()
         out = stdout.open("w") if stdout else fh

@@ -15,10 +15,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infer_engine.model_source import (
+    ModelSourceError,
+    check_remote_code,
+    default_cache_dir,
+    parse_source,
+    public_source,
+    redact,
+)
 from training import convert_merge, launcher, make_identity_data, schedule
 from training.config_render import literal_settings, write_rendered_config
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
+from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     CONFIG_DIR,
     DATA_FILES,
@@ -34,6 +43,8 @@ from training.presets import (
     TINY_BASE_CACHE,
     RunConfig,
 )
+from training.progress import METRICS_FILE, write_metrics
+from training.publish import TARGET_ENV, public_json
 from training.runner import StageError, run_logged, say
 
 # A replay answer's length before the base model has written it, for plans made before the data stage.
@@ -131,7 +142,10 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
         # then refuses (it holds optimizer and message-hub state); it is this run's own checkpoint.
         env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     cmd = launcher.train_command(config, train_dir, run.cfg.gpus, run.cfg.deepspeed, env, resume_from)
-    run_logged(cmd, log, env, label="xtuner.tools.train")
+    try:
+        run_logged(cmd, log, env, label="xtuner.tools.train")
+    finally:  # what was trained, also when it stopped early
+        write_metrics(train_dir, train_dir.parent / METRICS_FILE)
     checkpoint = latest_checkpoint(train_dir)
     if checkpoint is None and launcher.node_rank(run.env) != 0:
         rank = launcher.node_rank(run.env)
@@ -155,19 +169,38 @@ def stage_base(run: Run, log: Path) -> dict[str, Path]:
                 "print(cached_tiny_base(Path(sys.argv[1])))")
         run_logged([sys.executable, "-c", code, str(TINY_BASE_CACHE)], log, run.env, stdout=result,
                    label="training.make_tiny_base")
-    else:
-        run_logged([sys.executable, "-m", "infer_engine.model_source", source], log, run.env, stdout=result)
+    else:  # the source goes through the env: a token in its URL must not show in argv (ps) or the log
+        run_logged([sys.executable, "-m", "infer_engine.model_source"], log,
+                   {**run.env, "MODEL_SOURCE": source}, stdout=result, label="infer_engine.model_source")
     lines = result.read_text().split("\n")
     model_dir = Path(next((line for line in reversed(lines) if line.strip()), "").strip())
     if not (model_dir / "config.json").is_file():
         raise StageError(f"base model dir {model_dir} has no config.json")
+    try:  # XTuner's tools load with trust_remote_code=True: decide before any of them runs
+        check_remote_code(model_dir, run.cfg.remote_code_allowed, "--trust-remote-code",
+                          public_source(source) if source else None)
+    except ModelSourceError as err:
+        raise StageError(str(err)) from None
     return {"model_dir": model_dir}
 
 
 def base_inputs(run: Run) -> dict[str, object]:
     """What the base stage depends on ("rehearse" only when set: older work dirs keep matching)."""
-    inputs: dict[str, object] = {"preset": run.cfg.preset, "base": run.cfg.base}
+    inputs: dict[str, object] = {"preset": run.cfg.preset, "base": run.cfg.base and redact(run.cfg.base)}
     return {**inputs, "rehearse": True} if run.cfg.rehearse else inputs
+
+
+def download_dir(run: Run) -> Path | None:
+    """Where infer_engine.model_source writes the base model while it downloads it (its hidden
+    `.KEY.partial` cache dir), for the progress display; None when the base needs no download."""
+    source = run.cfg.base or run.cfg.spec.default_base
+    try:
+        parsed = parse_source(source) if source and not run.cfg.rehearse else None
+    except ModelSourceError:  # the stage itself reports it
+        return None
+    if parsed is None or parsed.kind == "local":
+        return None
+    return default_cache_dir() / f".{parsed.cache_key}.partial"
 
 
 def stage_data(run: Run, log: Path) -> dict[str, Path]:
@@ -185,6 +218,7 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
                 "--replay-max-new-tokens", str(REHEARSE_REPLAY_TOKENS)]
     run_logged(cmd, log, run.env)
     _require_files(partial, DATA_FILES, "make_identity_data")
+    shutil.rmtree(final, ignore_errors=True)  # left by a run killed between this rename and its record
     os.replace(partial, final)
     return {"data_dir": final}
 
@@ -198,20 +232,21 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
     cfg = run.cfg
     settings = literal_settings(config.read_text(encoding="utf-8"))
     lora = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    return {
+    base = cfg.base or cfg.spec.default_base
+    meta = {
         "name": cfg.name,
         "preset": cfg.preset,
         "recipe": cfg.recipe,
         "stage": stage,
-        "base": {"source": cfg.base or cfg.spec.default_base or "tiny base (training/make_tiny_base.py)",
-                 "path": str(run.base_dir())},
-        "corpus": str(cfg.corpus) if cfg.corpus else None,
+        "base": {"source": public_source(base) if base else "tiny base (training/make_tiny_base.py)"},
+        "corpus": cfg.corpus.name if cfg.corpus else None,
         "config": config.name,
         "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         "lora": {k: sorted(v) if isinstance(v, list) else v for k, v in lora.items()
                  if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    return public_json(meta, run.work)  # published with the model: no token, no path of this machine
 
 
 def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
@@ -227,7 +262,8 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
         _require_files(d, ("corpus.json",), "make_corpus")
     template = CONFIG_DIR / run.cfg.spec.pretrain_config
     overrides: dict[str, object] = {"pretrained_model_name_or_path": str(run.base_dir()),
-                                    "data_path": str(corpus_json)}
+                                    "data_path": str(corpus_json),
+                                    "trust_remote_code": run.cfg.remote_code_allowed}
     config = d / "pretrain_config.py"  # beside XTuner's work dir, for the reason given in stage_sft
     write_rendered_config(template, overrides, config, run.cfg.name)
     settings = template_settings(run.cfg.spec.pretrain_config)
@@ -247,7 +283,7 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
     merged = d / "merged"
     if not merged.is_dir():
         meta = _merge_meta(run, "pretrain", config, adapter)
-        convert_merge.merge_model(run.base_dir(), adapter, merged, meta, runner)
+        convert_merge.merge_model(run.base_dir(), adapter, merged, meta, runner, run.cfg.remote_code_allowed)
     return {"model_dir": merged}
 
 
@@ -378,6 +414,7 @@ def sft_overrides(run: Run) -> dict[str, object]:
         # --rehearse: no in-training chat check (a random model would talk until max_new_tokens).
         "evaluation_inputs": [] if cfg.rehearse else evaluation_inputs(data_dir),
         "seed": cfg.seed,
+        "trust_remote_code": cfg.remote_code_allowed,
     }
     if cfg.spec.length_setting == "max_epochs" and cfg.epochs is not None:
         overrides["max_epochs"] = cfg.epochs
@@ -416,7 +453,8 @@ def stage_merge(run: Run, log: Path) -> dict[str, Path]:
     """Merge the adapter into the SFT base and finalize the servable model dir WORK/merged."""
     config, adapter = run.results["sft"]["config"], run.results["pth_to_hf"]["adapter_dir"]
     merged = convert_merge.merge_model(run.sft_base_dir(), adapter, run.work / "merged",
-                                       _merge_meta(run, "sft", config, adapter), _logging_runner(run, log))
+                                       _merge_meta(run, "sft", config, adapter), _logging_runner(run, log),
+                                       run.cfg.remote_code_allowed)
     return {"model_dir": merged}
 
 
@@ -428,6 +466,11 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
                 "--base", str(run.base_dir()), "--data", str(run.results["data"]["data_dir"]),
                 "--out-dir", str(partial)], log, run.env)
     _require_files(partial, ("eval.json", "eval.md"), "training.evaluate")
+    trainings = {"pre-training": run.work / "pretrain" / METRICS_FILE, "SFT": run.work / "sft" / METRICS_FILE}
+    if not run.cfg.stage_enabled("pretrain"):
+        del trainings["pre-training"]
+    for figure in add_figures(partial, trainings):  # loss.png, eval.png, shown in eval.md
+        os.replace(partial / figure, run.work / figure)
     os.replace(partial / "eval.md", run.work / "eval.md")
     os.replace(partial / "eval.json", run.work / "eval.json")
     partial.rmdir()
@@ -461,10 +504,10 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
     if refused:
         say(f"  publish gate missed ({refused}); publishing anyway (--publish-anyway)")
     cmd = [sys.executable, "-m", "training.publish", "--model", str(run.results["merge"]["model_dir"]),
-           "--target", run.cfg.publish, "--eval-md", str(run.results["evaluate"]["eval_md"])]
+           "--eval-md", str(run.results["evaluate"]["eval_md"])]
     if run.cfg.publish_dry_run:
         cmd.append("--dry-run")
-    run_logged(cmd, log, run.env)
+    run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish})  # a URL token stays out of argv
     return {}  # the target is in the stage's recorded inputs
 
 
@@ -481,7 +524,8 @@ def plan_base(run: Run) -> dict[str, object]:
     if cfg.rehearse:
         return {"summary": f"random model with {cfg.preset}'s shapes {cfg.spec.rehearse_shape} (no download)"}
     source = cfg.base or cfg.spec.default_base
-    return {"summary": f"{source} (fetched unless cached)" if source else "the project's tiny base (cached)"}
+    return {"summary": f"{redact(source)} (fetched unless cached)" if source
+            else "the project's tiny base (cached)"}
 
 
 def plan_data(run: Run) -> dict[str, object]:
@@ -512,7 +556,7 @@ def plan_sft(run: Run) -> dict[str, object]:
 
 def plan_publish(run: Run) -> dict[str, object]:
     gate = "ignored (--publish-anyway)" if run.cfg.publish_anyway else "refuses"
-    target = f"{run.cfg.publish}{' (dry run)' if run.cfg.publish_dry_run else ''}"
+    target = f"{redact(run.cfg.publish or '')}{' (dry run)' if run.cfg.publish_dry_run else ''}"
     return {"summary": f"{target}; gate {gate} below identity_accuracy "
                        f"{PUBLISH_MIN_IDENTITY_ACCURACY} or above leakage_rate "
                        f"{PUBLISH_MAX_LEAKAGE_RATE}"}
@@ -534,6 +578,7 @@ class Stage:
         plan: what it will do, known before it runs ({"summary": one line, ...}; printed by --dry-run and
             recorded with the stage).
         rerun_on_change: rerun on changed inputs instead of refusing (for stages nothing depends on).
+        downloads: the directory it downloads into, if any (its progress is shown as bytes and files).
     """
 
     name: str
@@ -542,10 +587,11 @@ class Stage:
     outputs: tuple[str, ...]
     plan: Callable[[Run], dict[str, object]]
     rerun_on_change: bool = False
+    downloads: Callable[[Run], Path | None] | None = None
 
 
 PIPELINE = (
-    Stage("base", stage_base, base_inputs, ("rehearsal_base",), plan_base),
+    Stage("base", stage_base, base_inputs, ("rehearsal_base",), plan_base, downloads=download_dir),
     Stage("data", stage_data,
           lambda r: {"name": r.cfg.name, "recipe": r.cfg.recipe, "base": str(r.base_dir()),
                      "identity_repeat": r.cfg.identity_repeat, "seed_repeat": r.cfg.seed_repeat},
@@ -558,10 +604,10 @@ PIPELINE = (
     Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial"),
           _plan_output("hf_adapter")),
     Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial"), _plan_output("merged")),
-    Stage("evaluate", stage_evaluate, lambda r: {}, ("eval.json", "eval.md", "eval.partial"),
-          _plan_output("eval.json")),
+    Stage("evaluate", stage_evaluate, lambda r: {},
+          ("eval.json", "eval.md", LOSS_PNG, EVAL_PNG, "eval.partial"), _plan_output("eval.json")),
     Stage("publish", stage_publish,
-          lambda r: {"target": r.cfg.publish, "dry_run": r.cfg.publish_dry_run,
+          lambda r: {"target": redact(r.cfg.publish or ""), "dry_run": r.cfg.publish_dry_run,
                      "anyway": r.cfg.publish_anyway}, (), plan_publish, rerun_on_change=True),
 )
 assert tuple(s.name for s in PIPELINE) == STAGES

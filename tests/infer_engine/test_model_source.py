@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir
+from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir, push_plain_repo
 
 from infer_engine.model_source import (
     DEMO_MODEL_DIR,
@@ -27,8 +27,7 @@ from infer_engine.model_source import (
     ModelSource,
     ModelSourceError,
     RetryPolicy,
-    git_config_env,
-    git_credential_config,
+    git_credential_env,
     parse_source,
     redact,
     resolve_model,
@@ -96,7 +95,8 @@ def test_credentials_are_redacted_everywhere(monkeypatch: pytest.MonkeyPatch) ->
     src = parse_source("https://alice:urlSECRET42@code.openxlab.org.cn/me/ubub.git")
     for shown in (str(src), repr(src), src.cache_key, redact("token hf_envSECRET42 leaked")):
         assert "urlSECRET42" not in shown and "hf_envSECRET42" not in shown
-    assert str(src) == "https://***@code.openxlab.org.cn/me/ubub.git"
+    assert str(src) == "https://code.openxlab.org.cn/me/ubub.git"  # the credentials were split off
+    assert src.credentials == ("alice", "urlSECRET42")
     # The cache key ignores credentials: a new token reuses the same cached model.
     assert src.cache_key == parse_source("https://code.openxlab.org.cn/me/ubub.git").cache_key
     err = ModelSourceError("git clone https://bob:urlSECRET42@host/x.git failed; hf_envSECRET42")
@@ -106,8 +106,8 @@ def test_credentials_are_redacted_everywhere(monkeypatch: pytest.MonkeyPatch) ->
 def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENXLAB_GIT_USER", "alice")
     monkeypatch.setenv("OPENXLAB_GIT_TOKEN", "oxl-SECRET-777")
-    env = git_config_env(git_credential_config("https://code.openxlab.org.cn/me/ubub.git"))
-    assert "oxl-SECRET-777" not in json.dumps(env)  # the helper reads the variable when git asks
+    env = git_credential_env("https://code.openxlab.org.cn/me/ubub.git")
+    assert "oxl-SECRET-777" not in json.dumps({k: v for k, v in env.items() if k.startswith("GIT_")})
 
     def fill(host: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", "credential", "fill"], input=f"protocol=https\nhost={host}\n\n",
@@ -119,10 +119,10 @@ def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.Mon
     assert "username=alice" in ours.stdout and "password=oxl-SECRET-777" in ours.stdout
     other = fill("example.com")
     assert other.returncode != 0 and "oxl-SECRET-777" not in other.stdout + other.stderr
-    assert git_credential_config("file:///srv/x.git") == {}
+    assert git_credential_env("file:///srv/x.git") == {}
     monkeypatch.delenv("OPENXLAB_GIT_USER")
     with pytest.raises(ModelSourceError, match="OPENXLAB_GIT_USER"):
-        git_credential_config("https://code.openxlab.org.cn/me/ubub.git")
+        git_credential_env("https://code.openxlab.org.cn/me/ubub.git")
 
 
 # ---- local directories ----------------------------------------------------------------------------
@@ -259,13 +259,8 @@ def test_killed_download_leaves_no_complete_looking_dir(remote: Path, tmp_path: 
 
 def test_transient_http_failure_is_retried_then_succeeds(tiny_model: Path, tmp_path: Path) -> None:
     # A real git HTTP server (dumb protocol, weights as plain blobs) that answers 503 to its first request.
-    bare = make_bare_repo(tmp_path / "srv" / "model.git")
-    work = shutil.copytree(tiny_model, tmp_path / "work")
-    git("init", "--quiet", "--initial-branch=main", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "--quiet", "-m", "model", cwd=work)
-    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=work)
-    git("update-server-info", cwd=bare)
+    push_plain_repo(shutil.copytree(tiny_model, tmp_path / "work"),
+                    make_bare_repo(tmp_path / "srv" / "model.git"))
     failures = [503]
 
     class FlakyHandler(http.server.SimpleHTTPRequestHandler):
@@ -297,7 +292,7 @@ def test_network_failure_retries_with_backoff_then_one_clear_error(
     url = "https://alice:urlSECRET42@code.openxlab.org.cn/me/ubub.git"
     caplog.set_level(logging.WARNING, logger="infer_engine.model_source")
     start = time.monotonic()
-    with pytest.raises(ModelSourceError, match=r"could not fetch https://\*\*\*@code\.openxlab\.org\.cn/me/ubub"
+    with pytest.raises(ModelSourceError, match=r"could not fetch https://code\.openxlab\.org\.cn/me/ubub"
                                                r"\.git after 3 attempt\(s\)") as info:
         resolve_model(url, cache_dir=tmp_path / "cache", retry=FAST)
     assert time.monotonic() - start >= 0.05 + 0.10

@@ -84,7 +84,8 @@ def test_lora_optimizer_and_schedule(name):
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.task_type) == (64, 16, 0.1, "CAUSAL_LM")
     assert lora.get("target_modules") == want["targets"]
     assert lora.get("modules_to_save") == want.get("modules_to_save")
-    assert cfg.model.llm.trust_remote_code is True
+    # Only the official InternLM2.5 base's own code may run by default; the pipeline sets it per run.
+    assert cfg.model.llm.trust_remote_code is cfg.tokenizer.trust_remote_code is name.startswith("internlm")
     assert str(cfg.model.llm.torch_dtype) == want["dtype"]
     assert cfg.optim_wrapper.optimizer.lr == want["lr"]
     assert cfg.optim_wrapper.optimizer.type.__name__ == "AdamW"

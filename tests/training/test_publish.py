@@ -87,7 +87,7 @@ def test_dry_run_lists_files_redacts_and_touches_nothing(work_dir: Path, secret_
     proc = run_publish(["--model", str(work_dir / "merged"), "--target", target, "--dry-run"], secret_env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "DRY RUN" in out and "https://***@code.openxlab.org.cn/ada/ada-1_8b.git" in out
+    assert "DRY RUN" in out and "target: git https://code.openxlab.org.cn/ada/ada-1_8b.git" in out
     lines = {line.split()[-1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     assert lines["model.safetensors"] == "LFS"
     assert lines["config.json"] == lines["tokenizer.json"] == "git"

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import pretrain_map_fn
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 
@@ -31,6 +31,9 @@ from xtuner.model import SupervisedFinetune
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "internlm/internlm2_5-1_8b-chat"
+# Whether the model may run Python code it ships (auto_map): the official InternLM2.5 base needs its own
+# modeling code; the pipeline sets this per run (allowed for the preset's base or with --trust-remote-code).
+trust_remote_code = True
 data_path = "corpus.json"  # [{"text": ...}], from training/make_corpus.py
 max_length = 2048
 pack_to_max_length = True
@@ -65,7 +68,7 @@ evaluation_inputs = ["上海是", "Shanghai is"]  # plain continuations: no chat
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -75,7 +78,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=dtype,
         quantization_config=dict(
             type=BitsAndBytesConfig,
@@ -156,6 +159,8 @@ train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 #######################################################################
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    # Adds tokens_per_sec (and tflops) to every logged iteration: the progress line and metrics.jsonl show it.
+    dict(type=ThroughputHook),
     dict(
         type=EvaluateChatHook,
         tokenizer=tokenizer,

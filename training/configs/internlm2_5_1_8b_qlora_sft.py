@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import template_map_fn_factory
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -31,6 +31,9 @@ from xtuner.utils import PROMPT_TEMPLATE
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "internlm/internlm2_5-1_8b-chat"
+# Whether the model may run Python code it ships (auto_map): the official InternLM2.5 base needs its own
+# modeling code; the pipeline sets this per run (allowed for the preset's base or with --trust-remote-code).
+trust_remote_code = True
 data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
 # The chat model's own format; XTuner's `default` template would teach another one (the "parrot" complaints).
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
@@ -70,7 +73,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -80,7 +83,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=dtype,
         quantization_config=dict(
             type=BitsAndBytesConfig,
@@ -159,6 +162,8 @@ train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 #######################################################################
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    # Adds tokens_per_sec (and tflops) to every logged iteration: the progress line and metrics.jsonl show it.
+    dict(type=ThroughputHook),
     dict(
         type=EvaluateChatHook,
         tokenizer=tokenizer,
