@@ -86,17 +86,18 @@ def generation_config(params: GenerationParams, stop_ids: Sequence[int]) -> Any:
     )
 
 
-def check_turbomind_supports(model_dir: Path) -> None:
+def check_turbomind_supports(model_dir: Path, trust_remote_code: bool) -> None:
     """Refuse (``SettingsError``) a model TurboMind does not serve (LMDeploy would use its PyTorch engine).
 
     Args:
         model_dir: a Hugging Face model directory.
+        trust_remote_code: whether the model's own code may run (to read its config).
     """
     from lmdeploy.archs import get_model_arch
     from lmdeploy.turbomind.supported_models import is_supported
 
-    if not is_supported(str(model_dir), trust_remote_code=True):
-        arch, _ = get_model_arch(str(model_dir), trust_remote_code=True)
+    if not is_supported(str(model_dir), trust_remote_code=trust_remote_code):
+        arch, _ = get_model_arch(str(model_dir), trust_remote_code=trust_remote_code)
         raise SettingsError(
             f"LMDeploy's TurboMind does not serve this model ({arch}); LMDeploy would fall back to its "
             "PyTorch engine, which this app does not drive: use BACKEND=transformers"
@@ -129,7 +130,7 @@ def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
             "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
             "use BACKEND=transformers or auto"
         )
-    check_turbomind_supports(model_dir)
+    check_turbomind_supports(model_dir, settings.trust_remote_code)
     from lmdeploy import ChatTemplateConfig, pipeline
 
     # Our requests carry their own ids; the 'hf' template (the tokenizer's own) is only what LMDeploy keeps

@@ -10,6 +10,7 @@ itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -484,7 +485,9 @@ def test_a_model_with_its_own_modelling_code_serves_the_same_replies(
 ) -> None:
     """The ``past_key_values`` / all-logits path (InternLM2's remote code) decodes what the Llama path does,
     alone and batched."""
-    engine = TransformersEngine(remote_code_model_dir, SETTINGS)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # its code runs only when the operator allows
+        TransformersEngine(remote_code_model_dir, SETTINGS)
+    engine = TransformersEngine(remote_code_model_dir, dataclasses.replace(SETTINGS, trust_remote_code=True))
     try:
         assert type(engine.model).__name__ == "RemoteForCausalLM"
         assert (engine._cache_arg, engine._last_logits) == ("past_key_values", {})

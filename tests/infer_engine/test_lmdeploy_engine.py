@@ -452,10 +452,10 @@ def test_a_pipeline_not_on_turbomind_is_refused_and_closed(tiny_model_dir: Path)
 
 
 def test_a_model_turbomind_does_not_serve_is_refused_before_loading(tiny_model_dir: Path, tmp_path) -> None:
-    check_turbomind_supports(tiny_model_dir)  # Llama: TurboMind serves it
+    check_turbomind_supports(tiny_model_dir, trust_remote_code=False)  # Llama: TurboMind serves it
     other = tmp_path / "gpt2"
     shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(SettingsError, match=r"does not serve this model \(GPT2LMHeadModel\)"):
-        check_turbomind_supports(other)
+        check_turbomind_supports(other, trust_remote_code=False)
