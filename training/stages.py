@@ -18,13 +18,14 @@ from pathlib import Path
 from training import convert_merge
 from training.config_render import literal_settings, write_rendered_config
 from training.presets import (
+    BASE_CACHE,
+    BUILD_PREFIX,
     CONFIG_DIR,
     DATA_FILES,
     GENERAL_PROMPTS_IN_HOOK,
     IDENTITY_PROMPTS,
     RUNTIME_SETTINGS,
     STAGES,
-    TINY_BASE_CACHE,
     RunConfig,
 )
 from training.runner import StageError, run_logged, say
@@ -124,14 +125,15 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
 
 
 def stage_base(run: Run, log: Path) -> dict[str, Path]:
-    """Resolve --base to a local model dir, or build (once, cached) the tiny base."""
+    """Resolve --base to a local model dir, or build (once, cached) the preset's own base."""
     result = run.work / "logs" / "base.path"
     source = run.cfg.base or run.cfg.spec.default_base
-    if source is None:
-        code = ("import sys; from pathlib import Path; from training.make_tiny_base import cached_tiny_base; "
-                "print(cached_tiny_base(Path(sys.argv[1])))")
-        run_logged([sys.executable, "-c", code, str(TINY_BASE_CACHE)], log, run.env, stdout=result,
-                   label="training.make_tiny_base")
+    if source.startswith(BUILD_PREFIX):
+        module, function = source.removeprefix(BUILD_PREFIX).rsplit(".", 1)
+        code = (f"import sys; from pathlib import Path; from {module} import {function}; "
+                f"print({function}(Path(sys.argv[1])))")
+        run_logged([sys.executable, "-c", code, str(BASE_CACHE)], log, run.env, stdout=result,
+                   label=module)
     else:
         run_logged([sys.executable, "-m", "infer_engine.model_source", source], log, run.env, stdout=result)
     lines = result.read_text().split("\n")
@@ -146,7 +148,9 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
     partial, final = run.work / "data.partial", run.work / "data"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [sys.executable, "-m", "training.make_identity_data", "--name", run.cfg.name,
-           "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir())]
+           "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir()),
+           "--model-desc", run.cfg.spec.model_desc, "--organisation", run.cfg.spec.organisation,
+           *run.cfg.spec.data_args]
     if run.cfg.identity_repeat is not None:
         cmd += ["--identity-repeat", str(run.cfg.identity_repeat)]
     if run.cfg.seed_repeat is not None:
@@ -171,7 +175,7 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "preset": cfg.preset,
         "recipe": cfg.recipe,
         "stage": stage,
-        "base": {"source": cfg.base or cfg.spec.default_base or "tiny base (training/make_tiny_base.py)",
+        "base": {"source": cfg.base or cfg.spec.default_base,
                  "path": str(run.base_dir())},
         "corpus": str(cfg.corpus) if cfg.corpus else None,
         "config": config.name,
@@ -274,7 +278,7 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
     shutil.rmtree(partial, ignore_errors=True)
     run_logged([sys.executable, "-m", "training.evaluate", "--model", str(run.results["merge"]["model_dir"]),
                 "--base", str(run.base_dir()), "--data", str(run.results["data"]["data_dir"]),
-                "--out-dir", str(partial)], log, run.env)
+                "--out-dir", str(partial), *run.cfg.spec.eval_args], log, run.env)
     _require_files(partial, ("eval.json", "eval.md"), "training.evaluate")
     os.replace(partial / "eval.md", run.work / "eval.md")
     os.replace(partial / "eval.json", run.work / "eval.json")
