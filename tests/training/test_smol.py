@@ -87,7 +87,7 @@ def test_a_few_real_sft_steps_convert_and_merge(smol_dir: Path, tmp_path: Path) 
     config = write_rendered_config(
         CONFIG_DIR / PRESETS["smol"].sft_config,
         {"pretrained_model_name_or_path": str(smol_dir), "data_path": str(tmp_path / "data" / "train.json"),
-         "max_iters": 3, "save_steps": 3, "evaluation_inputs": ["Hi"]},
+         "max_iters": 3, "warmup_iters": 1, "save_steps": 3, "evaluation_inputs": ["Hi"]},
         tmp_path / "sft_config.py", "test")
     proc = subprocess.run([sys.executable, "-m", "xtuner.tools.train", str(config), "--work-dir",
                            str(tmp_path / "train")], cwd=REPO, env=_env(), capture_output=True, text=True,
