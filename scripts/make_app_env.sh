@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Create the CPU app environment: bash scripts/make_app_env.sh [VENV_DIR] [--dev]
 # `make demo` builds it without --dev, `make test` with --dev (test tools, LMDeploy/openxlab without their pins).
-# Idempotent: a stamp file records the requirement files it was built from.
+# PYTHON=python3.X picks the interpreter (>= 3.11; default python3). Idempotent: a stamp file records the
+# requirement files it was built from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env_checks.sh
 venv=${1:-.venv}; dev=${2:-}
+python=${PYTHON:-python3}
+require_python "$python" 3.11 "" "the app env (datetime.UTC)"
 hash=$(cat requirements-cpu.txt requirements-dev.txt | sha1sum | cut -c1-12)
 [ -f "$venv/.built-$hash-dev" ] && exit 0
 [ -z "$dev" ] && [ -f "$venv/.built-$hash" ] && exit 0
-python3 -m venv "$venv"
+"$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # The CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
 "$venv/bin/pip" install -q torch==2.13.0
