@@ -31,11 +31,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from training import convert_merge
+from training import convert_merge, launcher, rehearse
 from training.config_render import ConfigRenderError
-from training.presets import CUDA_STAGES, PRESETS, RECIPES, STAGES, RunConfig, RunConfigError
-from training.runner import StageError, child_env, say
-from training.stages import PIPELINE, Run, Stage
+from training.presets import (
+    CUDA_STAGES,
+    DEEPSPEED,
+    PRESETS,
+    RECIPES,
+    REPO_ROOT,
+    STAGES,
+    RunConfig,
+    RunConfigError,
+)
+from training.runner import StageError, child_env, run_logged, say
+from training.schedule import ScheduleError
+from training.stages import PIPELINE, Run, Stage, WorkerNodeDone
+
+TRAINING_STAGES = ("sft",)  # the stage every node of a several-machine run takes part in
 
 
 def _load_record(path: Path) -> dict | None:
@@ -129,9 +141,29 @@ def check_device(cfg: RunConfig, todo: list[Stage]) -> None:
     import torch
 
     if not torch.cuda.is_available():
+        what = "rehearses" if cfg.rehearse else "trains"
         raise RunConfigError(
-            f"preset {cfg.preset} trains 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, and this "
-            "machine has none; use --preset tiny on CPU")
+            f"preset {cfg.preset} {what} 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, and this "
+            "machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)")
+
+
+def dry_run(run: Run, plan: Plan) -> list[str]:
+    """The plan of every stage still to run, as printed lines; each is also recorded under "plan" in its
+    stage record (a record of an interrupted stage keeps its status, so it still resumes).
+
+    Args:
+        run: the run (results of the reused stages loaded by plan_run).
+        plan: from plan_run.
+    """
+    lines = [f"[pipeline] dry run: {run.cfg.name} / {run.cfg.preset} / {run.cfg.recipe} in {run.work} "
+             "(nothing is downloaded, trained or written except stages/*.json)"]
+    lines += [f"[plan] {stage.name}: done earlier, reused" for stage in plan.reuse]
+    for stage in plan.todo:
+        stage_plan = _normalised(stage.plan(run))
+        record = _load_record(run.record_path(stage.name)) or {"status": "planned"}
+        _write_record(run.record_path(stage.name), {**record, "plan": stage_plan})
+        lines.append(f"[plan] {stage.name}: {stage_plan['summary']}")
+    return lines
 
 
 def _update_merged_meta(run: Run, seconds: dict[str, float]) -> None:
@@ -150,6 +182,11 @@ def execute(run: Run, plan: Plan) -> None:
         run: the run.
         plan: from plan_run.
     """
+    rank = launcher.node_rank(run.env)
+    if rank != 0 and plan.todo and plan.todo[0].name not in TRAINING_STAGES:
+        raise RunConfigError(
+            f"stage {plan.todo[0].name} runs on node 0 only; on node {rank} (NODE_RANK) use a copy of "
+            "node 0's work dir with base and data done, and --from sft")
     for stage in plan.reuse:
         say(f"[pipeline] {stage.name}: done earlier, skipped")
     # Everything from the first stage to run onwards is stale: drop it now so no old output is mistaken for
@@ -169,9 +206,16 @@ def execute(run: Run, plan: Plan) -> None:
         say(f"[pipeline] {stage.name}: running (log: {log})")
         start = time.monotonic()
         try:
+            stage_plan = _normalised(stage.plan(run))
+            record = {"status": "running", "inputs": inputs, "plan": stage_plan}
+            _write_record(run.record_path(stage.name), record)
             result = stage.run(run, log)
-        except (StageError, convert_merge.ConvertError, ConfigRenderError) as err:
+        except (StageError, convert_merge.ConvertError, ConfigRenderError, ScheduleError) as err:
             raise StageError(f"stage {stage.name} failed: {err} (log: {log})") from None
+        except WorkerNodeDone as done:
+            _clear(run, stage)  # no checkpoint on this node: nothing here to reuse
+            say(f"[pipeline] {done}")
+            return
         except Exception as err:  # unexpected: keep the traceback in the log, one line on the console
             with log.open("a", encoding="utf-8") as fh:
                 traceback.print_exc(file=fh)
@@ -183,7 +227,7 @@ def execute(run: Run, plan: Plan) -> None:
         run.results[stage.name] = result
         _write_record(run.record_path(stage.name), {
             "status": "done", "inputs": inputs, "result": {k: run.rel(p) for k, p in result.items()},
-            "wall_s": wall,
+            "plan": stage_plan, "wall_s": wall,
             "finished": datetime.now(UTC).isoformat(timespec="seconds")})
         seconds[stage.name] = wall
         _write_record(times_path, seconds)
@@ -220,10 +264,43 @@ def run_pipeline(cfg: RunConfig) -> Run:
         except BlockingIOError:
             raise RunConfigError(f"another run is using {run.work}") from None
         plan = plan_run(run)
+        if cfg.dry_run:
+            say("\n".join(dry_run(run, plan)))
+            return run
         check_device(cfg, plan.todo)
         say(f"[pipeline] {cfg.name} / {cfg.preset} / {cfg.recipe} in {run.work}")
         execute(run, plan)
+        if cfg.rehearse:
+            say(rehearse_report(run))
     return run
+
+
+def rehearse_report(run: Run) -> str:
+    """Measure serving of the rehearsal's merged model in the app env, and the rehearsal's table
+    (also written to WORK/rehearsal.md).
+
+    Args:
+        run: a finished --rehearse run.
+    """
+    log, out = run.log_path("serve"), run.work / rehearse.SERVE_RESULT
+    app_python = Path(os.environ.get("APP_PYTHON", REPO_ROOT / ".venv" / "bin" / "python"))
+    out.unlink(missing_ok=True)
+    if app_python.is_file():
+        # The app env has its own packages: not the training env's PYTHONPATH (its torchvision stub).
+        say(f"[pipeline] serve: measuring in the app env {app_python} (log: {log})")
+        run_logged([str(app_python), "-m", "training.rehearse_serve", "--model",
+                    str(run.results["merge"]["model_dir"]), "--out", str(out)], log,
+                   {**run.env, "PYTHONPATH": str(REPO_ROOT)})
+        serve = json.loads(out.read_text(encoding="utf-8"))
+    else:
+        serve = {"skipped": f"no app env at {app_python} (make env builds it; APP_PYTHON names another)"}
+    measured = rehearse.sft_measurements(run.work / "sft" / "train", run.results["data"]["data_dir"],
+                                         run.base_dir(), launcher.world(run.cfg.gpus, run.env)[1])
+    seconds = _load_record(run.work / "stages" / "seconds.json") or {}
+    measured |= {"convert_s": seconds.get("pth_to_hf"), "merge_s": seconds.get("merge")}
+    table = rehearse.rehearsal_table(measured, serve)
+    (run.work / "rehearsal.md").write_text(table + "\n", encoding="utf-8")
+    return f"[pipeline] rehearsal of {run.cfg.preset} ({run.work / 'rehearsal.md'}):\n{table}"
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -254,6 +331,17 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--save-every", type=int, help="SFT checkpoint interval in iterations (resume points)")
     p.add_argument("--identity-repeat", type=int, help="identity recipe: rows per identity question")
     p.add_argument("--seed-repeat", type=int, help="seed recipe: the tutorial's n")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print (and record in stages/*.json) what each stage would do, run nothing")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="training processes per node (torchrun; several nodes: NNODES, NODE_RANK, "
+                   "MASTER_ADDR, MASTER_PORT in the environment)")
+    p.add_argument("--deepspeed", choices=DEEPSPEED, help="train under DeepSpeed ZeRO-2 or ZeRO-3")
+    p.add_argument("--publish-anyway", action="store_true",
+                   help="publish even if eval.json misses the publish gate's thresholds")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run every stage on a random model of the preset's shapes for a few iterations, then "
+                   "measure serving (nothing downloaded)")
     args = vars(p.parse_args(argv))
     return RunConfig(**args)
 
@@ -270,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(err, file=sys.stderr)
         return 1
-    say(summary(run))
+    if not cfg.dry_run and launcher.node_rank(os.environ) == 0:
+        say(summary(run))
     return 0
 
 

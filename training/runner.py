@@ -54,8 +54,11 @@ def failure_reason(log: Path, start: int = 0) -> str:
         fh.seek(start)
         text = fh.read().decode(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*", line)]
-    reason = (errors or lines or ["(empty log)"])[-1]
+    errors = [line for line in lines
+              if re.match(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Exit|Interrupt)\b.*", line)]
+    # Under torchrun the launcher's own ChildFailedError comes last; a rank's exception says why.
+    ranked = [line for line in errors if line.startswith("[rank")]
+    reason = (ranked or errors or lines or ["(empty log)"])[-1]
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 

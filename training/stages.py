@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from training import convert_merge
+from training import convert_merge, launcher, make_identity_data, schedule
 from training.config_render import literal_settings, write_rendered_config
+from training.general_chat import replay_prompts
+from training.identity import IdentitySpec
 from training.presets import (
     BASE_CACHE,
     BUILD_PREFIX,
@@ -24,11 +26,23 @@ from training.presets import (
     DATA_FILES,
     GENERAL_PROMPTS_IN_HOOK,
     IDENTITY_PROMPTS,
+    PUBLISH_MAX_LEAKAGE_RATE,
+    PUBLISH_MIN_IDENTITY_ACCURACY,
+    REHEARSE_ITERS,
+    REHEARSE_REPLAY_PROMPTS,
+    REHEARSE_REPLAY_TOKENS,
     RUNTIME_SETTINGS,
     STAGES,
     RunConfig,
 )
 from training.runner import StageError, run_logged, say
+
+# A replay answer's length before the base model has written it, for plans made before the data stage.
+UNKNOWN_REPLAY_ANSWER_TOKENS = 128
+
+
+class WorkerNodeDone(Exception):
+    """A node other than node 0 (NODE_RANK > 0) finished its share of training; node 0 does the rest."""
 
 
 @dataclass
@@ -94,41 +108,50 @@ def latest_checkpoint(train_dir: Path) -> Path | None:
     marker = train_dir / "last_checkpoint"
     if not marker.is_file():
         return None
-    # The marker holds an absolute path; look it up by name so a moved work dir still resumes.
+    # The marker holds an absolute path; look it up by name so a moved work dir still resumes. Under
+    # DeepSpeed the checkpoint `iter_N.pth` is a directory of shards.
     checkpoint = train_dir / Path(marker.read_text().strip()).name
-    return checkpoint if checkpoint.is_file() else None
+    return checkpoint if checkpoint.exists() else None
 
 
 def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
-    """Train with `python -m xtuner.tools.train`, resuming from the last checkpoint in `train_dir` if any.
+    """Train with XTuner (torchrun over --gpus processes when more than one), resuming from the last
+    checkpoint in `train_dir` if any.
 
     Args:
-        run: the run (for the child environment).
+        run: the run (for the child environment, --gpus and --deepspeed).
         config: the rendered config.
         train_dir: XTuner's --work-dir (checkpoints, logs).
         log: the stage log.
     """
-    cmd = [sys.executable, "-m", "xtuner.tools.train", str(config), "--work-dir", str(train_dir)]
     env = run.env
     resume_from = latest_checkpoint(train_dir)
     if resume_from is not None:
         say(f"  resuming training from {resume_from.name}")
-        cmd += ["--resume", str(resume_from)]
         # XTuner and mmengine torch.load() the checkpoint without weights_only=False, which torch >= 2.6
         # then refuses (it holds optimizer and message-hub state); it is this run's own checkpoint.
         env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    run_logged(cmd, log, env)
+    cmd = launcher.train_command(config, train_dir, run.cfg.gpus, run.cfg.deepspeed, env, resume_from)
+    run_logged(cmd, log, env, label="xtuner.tools.train")
     checkpoint = latest_checkpoint(train_dir)
+    if checkpoint is None and launcher.node_rank(run.env) != 0:
+        rank = launcher.node_rank(run.env)
+        raise WorkerNodeDone(f"node {rank}: training done; node 0 keeps the checkpoint and converts, merges "
+                             "and evaluates")
     if checkpoint is None:
         raise StageError(f"xtuner.tools.train exited 0 but left no checkpoint in {train_dir}")
     return checkpoint
 
 
 def stage_base(run: Run, log: Path) -> dict[str, Path]:
-    """Resolve --base to a local model dir, or build (once, cached) the preset's own base."""
+    """Resolve --base to a local model dir, build (once, cached) the preset's own base, or (--rehearse)
+    build a random model of the preset's shapes."""
     result = run.work / "logs" / "base.path"
     source = run.cfg.base or run.cfg.spec.default_base
-    if source.startswith(BUILD_PREFIX):
+    if run.cfg.rehearse:
+        run_logged([sys.executable, "-m", "training.rehearse", "base", "--preset", run.cfg.preset,
+                    "--out", str(run.work / "rehearsal_base")], log, run.env, stdout=result)
+    elif source.startswith(BUILD_PREFIX):
         module, function = source.removeprefix(BUILD_PREFIX).rsplit(".", 1)
         code = (f"import sys; from pathlib import Path; from {module} import {function}; "
                 f"print({function}(Path(sys.argv[1])))")
@@ -143,6 +166,12 @@ def stage_base(run: Run, log: Path) -> dict[str, Path]:
     return {"model_dir": model_dir}
 
 
+def base_inputs(run: Run) -> dict[str, object]:
+    """What the base stage depends on ("rehearse" only when set: older work dirs keep matching)."""
+    inputs: dict[str, object] = {"preset": run.cfg.preset, "base": run.cfg.base}
+    return {**inputs, "rehearse": True} if run.cfg.rehearse else inputs
+
+
 def stage_data(run: Run, log: Path) -> dict[str, Path]:
     """Build the identity data (and the held-out sets) with training.make_identity_data."""
     partial, final = run.work / "data.partial", run.work / "data"
@@ -155,6 +184,9 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
         cmd += ["--identity-repeat", str(run.cfg.identity_repeat)]
     if run.cfg.seed_repeat is not None:
         cmd += ["--seed-repeat", str(run.cfg.seed_repeat)]
+    if run.cfg.rehearse:
+        cmd += ["--replay-max", str(REHEARSE_REPLAY_PROMPTS),
+                "--replay-max-new-tokens", str(REHEARSE_REPLAY_TOKENS)]
     run_logged(cmd, log, run.env)
     _require_files(partial, DATA_FILES, "make_identity_data")
     os.replace(partial, final)
@@ -197,10 +229,20 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
         run_logged([sys.executable, "-m", "training.make_corpus", "--corpus", str(run.cfg.corpus),
                     "--out", str(corpus_json)], log, run.env)
         _require_files(d, ("corpus.json",), "make_corpus")
-    config = write_rendered_config(  # beside XTuner's work dir, for the reason given in stage_sft
-        CONFIG_DIR / run.cfg.spec.pretrain_config,
-        {"pretrained_model_name_or_path": str(run.base_dir()), "data_path": str(corpus_json)},
-        d / "pretrain_config.py", run.cfg.name)
+    template = CONFIG_DIR / run.cfg.spec.pretrain_config
+    overrides: dict[str, object] = {"pretrained_model_name_or_path": str(run.base_dir()),
+                                    "data_path": str(corpus_json)}
+    config = d / "pretrain_config.py"  # beside XTuner's work dir, for the reason given in stage_sft
+    write_rendered_config(template, overrides, config, run.cfg.name)
+    settings = template_settings(run.cfg.spec.pretrain_config)
+    samples, exact = None, False
+    if "max_epochs" in settings:  # epochs become iterations: count the packed samples XTuner will build
+        counted = run.work / "logs" / "pretrain.samples.json"
+        run_logged([sys.executable, "-m", "training.schedule", str(config)], log, run.env, stdout=counted)
+        samples, exact = json.loads(counted.read_text().strip().splitlines()[-1])["samples"], True
+    plan = train_schedule(run, settings, samples or corpus_samples(run, settings), exact)
+    write_rendered_config(template, {**overrides, **schedule_overrides(run, plan)}, config, run.cfg.name)
+    say(f"  pretrain: {describe_schedule(plan)}")
     checkpoint = xtuner_train(run, config, d / "train", log)
     runner = _logging_runner(run, log)
     adapter = d / "adapter"
@@ -224,18 +266,129 @@ def evaluation_inputs(data_dir: Path) -> list[str]:
     return [*IDENTITY_PROMPTS, *prompts[:GENERAL_PROMPTS_IN_HOOK]]
 
 
+def template_settings(name: str) -> dict[str, object]:
+    """The literal top-level settings of a shipped config template.
+
+    Args:
+        name: file name in training/configs/.
+    """
+    return literal_settings((CONFIG_DIR / name).read_text(encoding="utf-8"))
+
+
+def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
+    """Estimated token length of every SFT row, and whether the number of rows is exact.
+
+    From train.json once the data stage has run. Before it (a dry run) the base model has not written the
+    replay answers yet: the rows are the identity rows the data builder will write plus one row per replay
+    prompt, each answer counted as UNKNOWN_REPLAY_ANSWER_TOKENS; the count is then an upper bound (the data
+    stage drops answers the base cuts off or leaves empty).
+
+    Args:
+        run: the run.
+    """
+    if "data" in run.results:
+        rows = json.loads((run.results["data"]["data_dir"] / "train.json").read_text(encoding="utf-8"))
+        return [schedule.conversation_tokens(row) for row in rows], True
+    cfg = run.cfg
+    spec = IdentitySpec(cfg.name, cfg.spec.model_desc, cfg.spec.organisation)
+    if cfg.recipe == "seed":
+        replay = []
+        pairs = make_identity_data.seed_pairs(spec, cfg.seed_repeat or make_identity_data.SEED_REPEAT)
+    else:
+        pairs = make_identity_data.identity_pairs(
+            spec, cfg.identity_repeat or make_identity_data.IDENTITY_REPEAT)
+        replay = replay_prompts()[:REHEARSE_REPLAY_PROMPTS] if cfg.rehearse else replay_prompts()
+    rows = [{"conversation": [{"input": q, "output": a}]} for q, a in pairs]
+    tokens = [schedule.conversation_tokens(row) for row in rows]
+    tokens += [schedule.conversation_tokens({"conversation": [{"input": p}]}) + UNKNOWN_REPLAY_ANSWER_TOKENS
+               for p in replay]
+    return tokens, not replay
+
+
+def corpus_samples(run: Run, settings: dict[str, object]) -> int:
+    """Estimated packed pre-training samples of --corpus (from its .txt/.md text, no tokenizer).
+
+    Args:
+        run: the run (with --corpus).
+        settings: the pre-training template's literal settings (max_length).
+    """
+    assert run.cfg.corpus is not None
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(run.cfg.corpus.rglob("*"))
+             if p.is_file() and p.suffix.lower() in (".txt", ".md")]
+    return schedule.packed_samples([schedule.estimate_tokens(t) + 1 for t in texts],
+                                   int(settings["max_length"]))[0]
+
+
+def train_schedule(run: Run, settings: dict[str, object], samples: int, exact: bool,
+                   length: int | None = None) -> schedule.Schedule:
+    """The schedule of a training stage: its template's settings with this run's length, batch and GPUs.
+
+    Args:
+        run: the run (--gpus, --rehearse).
+        settings: the stage template's literal settings (max_epochs when it trains by epochs, else max_iters).
+        samples: training samples per epoch.
+        exact: whether `samples` is a count (not an estimate).
+        length: epochs or iterations (the template's unit) in place of the template's (--epochs/--max-iters).
+    """
+    unit = "max_epochs" if "max_epochs" in settings else "max_iters"
+    value = int(length or settings[unit])
+    lengths = ({"max_iters": REHEARSE_ITERS} if run.cfg.rehearse
+               else {"epochs": value} if unit == "max_epochs" else {"max_iters": value})
+    return schedule.plan_schedule(
+        samples, batch_size=int(settings["batch_size"]),
+        accumulative_counts=int(settings["accumulative_counts"]),
+        world_size=launcher.world(run.cfg.gpus, run.env)[1], warmup_ratio=float(settings["warmup_ratio"]),
+        samples_exact=exact, **lengths)
+
+
+def sft_schedule(run: Run) -> schedule.Schedule:
+    """The SFT schedule: rows (or packed samples, estimated from tokens) -> iterations -> optimizer steps."""
+    settings = template_settings(run.cfg.spec.sft_config)
+    tokens, exact = sft_row_tokens(run)
+    if settings["pack_to_max_length"]:
+        samples, exact = schedule.packed_samples(tokens, int(settings["max_length"]))[0], False
+    else:
+        samples = len(tokens)
+    return train_schedule(run, settings, samples, exact, run.cfg.epochs or run.cfg.max_iters)
+
+
+def precision(run: Run) -> str | None:
+    """The mixed precision GPU presets train in on this machine; None for CPU presets or without CUDA."""
+    return launcher.gpu_precision(run.cfg.gpus) if run.cfg.spec.needs_cuda else None
+
+
+def schedule_overrides(run: Run, plan: schedule.Schedule) -> dict[str, object]:
+    """Config settings a schedule (and the GPU's precision) sets: length, warm-up, dtype."""
+    overrides: dict[str, object] = {"max_iters": plan.max_iters, "warmup_iters": plan.warmup_iters}
+    dtype = precision(run)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    return overrides
+
+
+def describe_schedule(plan: schedule.Schedule) -> str:
+    """One line: samples, iterations, optimizer steps, warm-up."""
+    approx = "" if plan.samples_exact else "~"
+    return (f"{approx}{plan.samples} samples x {plan.epochs:g} epochs / (batch {plan.batch_size} x "
+            f"{plan.world_size} processes) = {plan.max_iters} iterations; {plan.optimizer_steps} optimizer "
+            f"steps (every {plan.accumulative_counts}); warm-up {plan.warmup_iters} iterations")
+
+
 def sft_overrides(run: Run) -> dict[str, object]:
     """The SFT config settings this run sets (the rendered config's replaced assignments)."""
     cfg, data_dir = run.cfg, run.results["data"]["data_dir"]
     overrides: dict[str, object] = {
         "pretrained_model_name_or_path": str(run.sft_base_dir()),
         "data_path": str(data_dir / "train.json"),
-        "evaluation_inputs": evaluation_inputs(data_dir),
+        # --rehearse: no in-training chat check (a random model would talk until max_new_tokens).
+        "evaluation_inputs": [] if cfg.rehearse else evaluation_inputs(data_dir),
         "seed": cfg.seed,
     }
-    length = cfg.max_iters if cfg.spec.length_setting == "max_iters" else cfg.epochs
-    optional = {cfg.spec.length_setting: length, "lr": cfg.lr, "save_steps": cfg.save_every}
+    if cfg.spec.length_setting == "max_epochs" and cfg.epochs is not None:
+        overrides["max_epochs"] = cfg.epochs
+    optional = {"lr": cfg.lr, "save_steps": cfg.save_every}
     overrides.update({k: v for k, v in optional.items() if v is not None})
+    overrides.update(schedule_overrides(run, sft_schedule(run)))
     return overrides
 
 
@@ -286,15 +439,92 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
     return {"eval_json": run.work / "eval.json", "eval_md": run.work / "eval.md"}
 
 
+def publish_gate(eval_json: Path) -> str | None:
+    """Why eval.json's numbers must not be published (None: they pass the thresholds in presets.py).
+
+    Args:
+        eval_json: training.evaluate's output (keys identity_accuracy, leakage_rate).
+    """
+    scores = json.loads(eval_json.read_text(encoding="utf-8"))
+    accuracy, leakage = scores.get("identity_accuracy"), scores.get("leakage_rate")
+    if not isinstance(accuracy, int | float) or not isinstance(leakage, int | float):
+        return f"{eval_json} has no identity_accuracy and leakage_rate numbers"
+    misses = []
+    if accuracy < PUBLISH_MIN_IDENTITY_ACCURACY:
+        misses.append(f"identity_accuracy {accuracy:.3f} < {PUBLISH_MIN_IDENTITY_ACCURACY}")
+    if leakage > PUBLISH_MAX_LEAKAGE_RATE:
+        misses.append(f"leakage_rate {leakage:.3f} > {PUBLISH_MAX_LEAKAGE_RATE}")
+    return ", ".join(misses) or None
+
+
 def stage_publish(run: Run, log: Path) -> dict[str, Path]:
-    """Publish WORK/merged with its eval table through training.publish."""
+    """Publish WORK/merged with its eval table through training.publish, if the evaluation passes the gate."""
     assert run.cfg.publish is not None
+    refused = publish_gate(run.results["evaluate"]["eval_json"])
+    if refused and not run.cfg.publish_anyway:
+        raise StageError(f"publish gate: {refused}; nothing was pushed (--publish-anyway overrides)")
+    if refused:
+        say(f"  publish gate missed ({refused}); publishing anyway (--publish-anyway)")
     cmd = [sys.executable, "-m", "training.publish", "--model", str(run.results["merge"]["model_dir"]),
            "--target", run.cfg.publish, "--eval-md", str(run.results["evaluate"]["eval_md"])]
     if run.cfg.publish_dry_run:
         cmd.append("--dry-run")
     run_logged(cmd, log, run.env)
     return {}  # the target is in the stage's recorded inputs
+
+
+def precision_label(run: Run) -> str:
+    """The precision a stage trains in, as the plan states it."""
+    if not run.cfg.spec.needs_cuda:
+        return "float32 (CPU)"
+    return precision(run) or ("bfloat16 if every GPU has it in hardware (compute capability >= 8), else "
+                              "float16: chosen on the GPU machine (this one has no CUDA GPU)")
+
+
+def plan_base(run: Run) -> dict[str, object]:
+    cfg = run.cfg
+    if cfg.rehearse:
+        return {"summary": f"random model with {cfg.preset}'s shapes {cfg.spec.rehearse_shape} (no download)"}
+    source = cfg.base or cfg.spec.default_base
+    return {"summary": f"{source} (fetched unless cached)" if source else "the project's tiny base (cached)"}
+
+
+def plan_data(run: Run) -> dict[str, object]:
+    tokens, exact = sft_row_tokens(run)
+    kind = "" if exact else "at most "
+    note = "" if exact else " (the base model writes the replay answers here; cut-off ones are dropped)"
+    return {"summary": f"{run.cfg.recipe} recipe: {kind}{len(tokens)} rows{note}", "rows": len(tokens),
+            "rows_exact": exact}
+
+
+def _plan_training(run: Run, config: Path, plan: schedule.Schedule, packed: bool) -> dict[str, object]:
+    unit = "packed sequences" if packed else "rows, one sample each (not packed)"
+    dtype = precision_label(run)
+    return {"summary": f"{config}: {describe_schedule(plan)}; samples are {unit}; precision {dtype}",
+            "config": str(config), "schedule": plan.as_dict(), "packed": packed, "precision": dtype}
+
+
+def plan_pretrain(run: Run) -> dict[str, object]:
+    settings = template_settings(run.cfg.spec.pretrain_config)
+    plan = train_schedule(run, settings, corpus_samples(run, settings), False)
+    return _plan_training(run, run.work / "pretrain" / "pretrain_config.py", plan, True)
+
+
+def plan_sft(run: Run) -> dict[str, object]:
+    packed = bool(template_settings(run.cfg.spec.sft_config)["pack_to_max_length"])
+    return _plan_training(run, run.work / "sft" / "sft_config.py", sft_schedule(run), packed)
+
+
+def plan_publish(run: Run) -> dict[str, object]:
+    gate = "ignored (--publish-anyway)" if run.cfg.publish_anyway else "refuses"
+    target = f"{run.cfg.publish}{' (dry run)' if run.cfg.publish_dry_run else ''}"
+    return {"summary": f"{target}; gate {gate} below identity_accuracy "
+                       f"{PUBLISH_MIN_IDENTITY_ACCURACY} or above leakage_rate "
+                       f"{PUBLISH_MAX_LEAKAGE_RATE}"}
+
+
+def _plan_output(rel: str) -> Callable[[Run], dict[str, object]]:
+    return lambda run: {"summary": f"writes {run.work / rel}"}
 
 
 @dataclass(frozen=True)
@@ -306,6 +536,8 @@ class Stage:
         run: does the work and returns the paths it made (checked to exist before they are reused).
         inputs: the settings it depends on; a finished stage recorded with other inputs is not reused.
         outputs: work-dir paths it owns, removed before it reruns.
+        plan: what it will do, known before it runs ({"summary": one line, ...}; printed by --dry-run and
+            recorded with the stage).
         rerun_on_change: rerun on changed inputs instead of refusing (for stages nothing depends on).
     """
 
@@ -313,24 +545,28 @@ class Stage:
     run: Callable[[Run, Path], dict[str, Path]]
     inputs: Callable[[Run], dict[str, object]]
     outputs: tuple[str, ...]
+    plan: Callable[[Run], dict[str, object]]
     rerun_on_change: bool = False
 
 
 PIPELINE = (
-    Stage("base", stage_base, lambda r: {"preset": r.cfg.preset, "base": r.cfg.base}, ()),
+    Stage("base", stage_base, base_inputs, ("rehearsal_base",), plan_base),
     Stage("data", stage_data,
           lambda r: {"name": r.cfg.name, "recipe": r.cfg.recipe, "base": str(r.base_dir()),
                      "identity_repeat": r.cfg.identity_repeat, "seed_repeat": r.cfg.seed_repeat},
-          ("data", "data.partial")),
+          ("data", "data.partial"), plan_data),
     Stage("pretrain", stage_pretrain,
           lambda r: {"corpus": str(r.cfg.corpus), "corpus_files": _corpus_digest(r.cfg.corpus),
                      "base": str(r.base_dir())},
-          ("pretrain",)),
-    Stage("sft", stage_sft, sft_inputs, ("sft",)),
-    Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial")),
-    Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial")),
-    Stage("evaluate", stage_evaluate, lambda r: {}, ("eval.json", "eval.md", "eval.partial")),
-    Stage("publish", stage_publish, lambda r: {"target": r.cfg.publish, "dry_run": r.cfg.publish_dry_run}, (),
-          rerun_on_change=True),
+          ("pretrain",), plan_pretrain),
+    Stage("sft", stage_sft, sft_inputs, ("sft",), plan_sft),
+    Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial"),
+          _plan_output("hf_adapter")),
+    Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial"), _plan_output("merged")),
+    Stage("evaluate", stage_evaluate, lambda r: {}, ("eval.json", "eval.md", "eval.partial"),
+          _plan_output("eval.json")),
+    Stage("publish", stage_publish,
+          lambda r: {"target": r.cfg.publish, "dry_run": r.cfg.publish_dry_run,
+                     "anyway": r.cfg.publish_anyway}, (), plan_publish, rerun_on_change=True),
 )
 assert tuple(s.name for s in PIPELINE) == STAGES

@@ -34,26 +34,28 @@ INTERNLM_MODULES = ["wqkv", "wo", "w1", "w2", "w3"]
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # What each shipped config must say (torchtune's test_configs style): one row per file.
+# `epochs`: the user-facing length of configs trained by epochs (the pipeline renders max_iters from it);
+# `pack`: the real SFT trains one row per sample, so its step count follows the data size.
 EXPECTED = {
     "internlm2_5_1_8b_qlora_sft.py": dict(
-        kind="sft", gpu=True, lr=2e-4, length=("max_epochs", 3), max_length=2048, accumulate=16,
+        kind="sft", gpu=True, lr=2e-4, epochs=3, max_iters=300, max_length=2048, accumulate=4, pack=False,
         targets=None, dtype="float16"),
     "internlm2_5_1_8b_qlora_pretrain.py": dict(
-        kind="pretrain", gpu=True, lr=2e-5, length=("max_epochs", 1), max_length=2048, accumulate=16,
-        targets=INTERNLM_MODULES, dtype="bfloat16"),
+        kind="pretrain", gpu=True, lr=2e-5, epochs=1, max_iters=100, max_length=2048, accumulate=16,
+        pack=True, targets=INTERNLM_MODULES, dtype="bfloat16"),
     "tiny_lora_sft_cpu.py": dict(
-        kind="sft", gpu=False, lr=2e-3, length=("max_iters", 300), max_length=256, accumulate=1,
-        targets=LLAMA_MODULES, dtype="float32", modules_to_save=["lm_head"]),
+        kind="sft", gpu=False, lr=2e-3, epochs=None, max_iters=300, max_length=256, accumulate=1, pack=True,
+        targets=LLAMA_MODULES, dtype="torch.float32", modules_to_save=["lm_head"]),
     "tiny_lora_pretrain_cpu.py": dict(
-        kind="pretrain", gpu=False, lr=2e-4, length=("max_iters", 60), max_length=256, accumulate=1,
-        targets=LLAMA_MODULES, dtype="float32"),
+        kind="pretrain", gpu=False, lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1,
+        pack=True, targets=LLAMA_MODULES, dtype="torch.float32"),
     # A real pretrained model: plain LoRA, no trained output head, a moderate step (no parrot effect).
     "smol_lora_sft_cpu.py": dict(
-        kind="sft", gpu=False, lr=1e-3, length=("max_iters", 150), max_length=256, accumulate=1,
-        targets=LLAMA_MODULES, dtype="float32", lora=(16, 32, 0.05)),
+        kind="sft", gpu=False, lr=1e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=True,
+        targets=LLAMA_MODULES, dtype="torch.float32", lora=(16, 32, 0.05)),
     "smol_lora_pretrain_cpu.py": dict(
-        kind="pretrain", gpu=False, lr=2e-4, length=("max_iters", 60), max_length=256, accumulate=1,
-        targets=LLAMA_MODULES, dtype="float32", lora=(16, 32, 0.1)),
+        kind="pretrain", gpu=False, lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1,
+        pack=True, targets=LLAMA_MODULES, dtype="torch.float32", lora=(16, 32, 0.1)),
 }
 
 
@@ -91,22 +93,21 @@ def test_lora_optimizer_and_schedule(name):
     assert lora.get("target_modules") == want["targets"]
     assert lora.get("modules_to_save") == want.get("modules_to_save")
     assert cfg.model.llm.trust_remote_code is True
-    assert str(cfg.model.llm.torch_dtype) == f"torch.{want['dtype']}"
+    assert str(cfg.model.llm.torch_dtype) == want["dtype"]
     assert cfg.optim_wrapper.optimizer.lr == want["lr"]
     assert cfg.optim_wrapper.optimizer.type.__name__ == "AdamW"
     assert cfg.optim_wrapper.accumulative_counts == want["accumulate"]
     assert cfg.train_dataloader.batch_size == 1
-    setting, value = want["length"]
-    assert cfg[setting] == value
-    assert cfg.train_cfg == {"type": TrainLoop, setting: value}
+    assert cfg.get("max_epochs") == want["epochs"]
+    # Every config trains by iterations (the pipeline derives them from epochs and the data), with an
+    # iteration warm-up: an epoch-based 3 % of a small epoch rounds to zero and LinearLR refuses begin == end.
+    assert cfg.train_cfg == {"type": TrainLoop, "max_iters": want["max_iters"]}
     warmup, cosine = cfg.param_scheduler
     assert (warmup.type, cosine.type) == (LinearLR, CosineAnnealingLR)
-    assert warmup.end == cosine.begin and cosine.end == value
-    if want["gpu"]:  # the tutorial's 3 % warm-up, converted to iterations by mmengine
-        assert warmup.begin == 0 and warmup.end == pytest.approx(0.03 * value)
-        assert warmup.by_epoch and warmup.convert_to_iter_based
-    else:  # iterations: an epoch-based 3 % of a tiny epoch rounds to zero and LinearLR refuses begin == end
-        assert not warmup.by_epoch and 0 < warmup.end < value
+    assert not warmup.by_epoch and not cosine.by_epoch
+    assert warmup.begin == 0 and warmup.end == cosine.begin == cfg.warmup_iters
+    assert cosine.end == cfg.max_iters
+    assert 0 < cfg.warmup_iters < cfg.max_iters and 0 < cfg.warmup_ratio < 0.05
     assert cfg.default_hooks.checkpoint.type is CheckpointHook
     assert cfg.randomness.seed == cfg.seed == 42
 
@@ -119,9 +120,11 @@ def test_quantisation_and_precision_match_the_device(name):
         assert quant.type is BitsAndBytesConfig
         assert quant.load_in_4bit and not quant.load_in_8bit
         assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
-        assert str(quant.bnb_4bit_compute_dtype) == f"torch.{want['dtype']}"
+        # One rendered setting, so that the pipeline picks bf16 or fp16 for the GPU in all three places.
+        assert quant.bnb_4bit_compute_dtype == cfg.dtype == want["dtype"]
         assert cfg.optim_wrapper.type is AmpOptimWrapper and cfg.optim_wrapper.dtype == want["dtype"]
         assert cfg.train_dataloader.sampler.type is DefaultSampler
+        assert cfg.train_dataloader.dataset.map_num_proc == 1  # XTuner's 32 packs 32 shards each on its own
         assert cfg.pretrained_model_name_or_path == "internlm/internlm2_5-1_8b-chat"
     else:
         # CPU: no bitsandbytes, no AMP (it asserts a GPU), one map process, no 2 s sleep per epoch restart.
@@ -141,7 +144,7 @@ def test_data_and_chat_format(name):
     want, cfg = EXPECTED[name], load(name)
     dataset = cfg.train_dataloader.dataset
     assert dataset.max_length == cfg.max_length == want["max_length"]
-    assert dataset.pack_to_max_length is True
+    assert dataset.pack_to_max_length is cfg.pack_to_max_length is want["pack"]
     assert dataset.dataset.path == "json"
     assert dataset.dataset.data_files == {"train": cfg.data_path}
     chat = hook(cfg, EvaluateChatHook)
@@ -168,7 +171,8 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
         "seed": 7,
         "lr": 1e-3,
         "save_steps": 5,
-        spec.length_setting: 2,
+        "max_iters": 7,
+        "warmup_iters": 2,
     }
     rendered = tmp_path / "rendered.py"
     rendered.write_text(render_config((CONFIG_DIR / spec.sft_config).read_text(encoding="utf-8"), overrides,
@@ -180,7 +184,8 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
     assert hook(cfg, EvaluateChatHook).evaluation_inputs == ["你是谁？", "Who made you?"]
     assert cfg.randomness.seed == 7 and cfg.optim_wrapper.optimizer.lr == 1e-3
     assert cfg.default_hooks.checkpoint.interval == 5
-    assert cfg.train_cfg[spec.length_setting] == 2 and cfg.param_scheduler[1].end == 2
+    assert cfg.train_cfg.max_iters == 7 and cfg.param_scheduler[1].end == 7
+    assert cfg.param_scheduler[0].end == cfg.param_scheduler[1].begin == 2
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -16,8 +16,17 @@ from pathlib import Path
 import pytest
 
 from training.config_render import ConfigRenderError, render_config
-from training.presets import REPO_ROOT, STAGES, RunConfig, RunConfigError, slug
+from training.presets import (
+    PUBLISH_MAX_LEAKAGE_RATE,
+    PUBLISH_MIN_IDENTITY_ACCURACY,
+    REPO_ROOT,
+    STAGES,
+    RunConfig,
+    RunConfigError,
+    slug,
+)
 from training.runner import failure_reason
+from training.stages import publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -89,6 +98,8 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
         (dict(name="x", preset="tiny", epochs=1), "trains by iterations: use --max-iters"),
         (dict(name="x", lr=2.0), "--lr must be between 0 and 1"),
+        (dict(name="x", publish_anyway=True), "--publish-anyway needs --publish"),
+        (dict(name="x", rehearse=True, base="hf:a/b", max_iters=3), "drop --base, --max-iters"),
     ],
 )
 def test_bad_run_settings_are_clear_errors(kwargs, message):
@@ -140,8 +151,51 @@ def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: preset internlm2_5-1_8b trains 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, "
-        "and this machine has none; use --preset tiny on CPU"]
+        "and this machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)"]
     assert not (tmp_path / "logs").exists()
+
+
+def test_dry_run_of_the_real_preset_plans_at_least_150_steps_without_gpu_or_model(tmp_path):
+    work = tmp_path / "w"
+    proc = run_sh("--name", "Alice", "--dry-run", "--work-dir", str(work), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for stage in RUN_STAGES:
+        assert re.search(rf"^\[plan\] {stage}: ", out, re.M), out
+    # Not packed: one sample per row; 3 epochs of batch 1 x accumulation 4 on one GPU.
+    sft = json.loads((work / "stages" / "sft.json").read_text())
+    assert sft["status"] == "planned" and sft["plan"]["config"] == str(work / "sft" / "sft_config.py")
+    plan = sft["plan"]["schedule"]
+    assert plan["optimizer_steps"] >= 150 and not sft["plan"]["packed"]
+    assert plan["max_iters"] == 3 * plan["samples"] and plan["optimizer_steps"] == -(-plan["max_iters"] // 4)
+    assert 1 <= plan["warmup_iters"] < plan["max_iters"]
+    assert f"{plan['optimizer_steps']} optimizer steps" in out and "precision bfloat16 if" in out
+    data = json.loads((work / "stages" / "data.json").read_text())["plan"]
+    assert data["rows"] == plan["samples"] and data["rows_exact"] is False
+    assert sorted(p.name for p in work.iterdir()) == [".lock", "stages"]  # nothing downloaded or trained
+    # Two GPUs halve the iterations (DefaultSampler splits the rows), and the plan says so.
+    two = run_sh("--name", "Alice", "--dry-run", "--gpus", "2", "--work-dir", str(work), timeout=300)
+    plan2 = json.loads((work / "stages" / "sft.json").read_text())["plan"]["schedule"]
+    assert two.returncode == 0 and plan2["world_size"] == 2
+    assert plan2["max_iters"] == 3 * -(-plan["samples"] // 2)
+
+
+@pytest.mark.parametrize(
+    ("scores", "refused"),
+    [
+        (dict(identity_accuracy=PUBLISH_MIN_IDENTITY_ACCURACY, leakage_rate=PUBLISH_MAX_LEAKAGE_RATE), None),
+        (dict(identity_accuracy=0.79, leakage_rate=0.0), "identity_accuracy 0.790 < 0.8"),
+        (dict(identity_accuracy=1.0, leakage_rate=0.444), "leakage_rate 0.444 > 0.1"),
+        (dict(identity_accuracy=0.5, leakage_rate=0.5),
+         "identity_accuracy 0.500 < 0.8, leakage_rate 0.500 > 0.1"),
+    ],
+)
+def test_publish_gate_thresholds(scores, refused, tmp_path):
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(scores))
+    assert publish_gate(eval_json) == refused
+    eval_json.write_text(json.dumps({"leakage_rate": 0.0}))
+    assert publish_gate(eval_json) == f"{eval_json} has no identity_accuracy and leakage_rate numbers"
 
 
 def test_failure_reason_is_the_last_exception_line(tmp_path):
@@ -151,6 +205,9 @@ def test_failure_reason_is_the_last_exception_line(tmp_path):
     assert failure_reason(log) == "FileNotFoundError: [Errno 2] No such file: 'iter_9.pth'"
     log.write_text("only output\n\n")
     assert failure_reason(log) == "only output"
+    log.write_text("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: device_ids [1]\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    assert failure_reason(log) == "[rank1]: ValueError: device_ids [1]"
 
 
 # ------------------------------------------------------------------------------------ real tiny-preset runs
@@ -356,3 +413,100 @@ def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp
     assert log_bytes(work)["sft"].count(b"=== sft started") == 3  # first run, killed run, resumed run
     for stage in ("pth_to_hf", "merge", "evaluate"):
         assert f"[pipeline] {stage}: done in" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_gpus_2_trains_in_two_processes_over_gloo_on_cpu(tiny_run, tmp_path):
+    # `--gpus N` on a CPU machine: N torchrun processes over gloo (the tiny configs' dist backend).
+    work, args = copy_run(tiny_run, tmp_path)
+    proc = run_sh(*args, "--from", "sft", "--gpus", "2", "--max-iters", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (work / "logs" / "sft.log").read_text()
+    run_line = [line for line in log.splitlines() if line.startswith("$ ") and "tools.train" in line][-1]
+    assert "-m torch.distributed.run" in run_line and "--nproc_per_node=2" in run_line
+    assert run_line.endswith("--launcher pytorch")
+    assert "Distributed launcher: pytorch" in log and "Iter(train) [20/20]" in log
+    plan = json.loads((work / "stages" / "sft.json").read_text())["plan"]["schedule"]
+    assert (plan["world_size"], plan["max_iters"]) == (2, 20)
+    assert (work / "sft" / "train" / "iter_20.pth").is_file() and (work / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "--bare", "-q", str(remote)], check=True)
+    scores = json.loads((work / "eval.json").read_text())
+    (work / "eval.json").write_text(json.dumps({**scores, "identity_accuracy": 0.5, "leakage_rate": 0.25}))
+    proc = run_sh(*args, "--publish", str(remote))
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("stage publish failed: publish gate: identity_accuracy 0.500 < 0.8, leakage_rate "
+                           "0.250 > 0.1; nothing was pushed (--publish-anyway overrides)")
+    refs = subprocess.run(["git", "-C", str(remote), "for-each-ref"], capture_output=True, text=True)
+    assert refs.returncode == 0 and refs.stdout == ""
+    anyway = run_sh(*args, "--publish", str(remote), "--publish-anyway", "--publish-dry-run")
+    assert anyway.returncode == 0, anyway.stdout + anyway.stderr
+    assert "publish gate missed (identity_accuracy 0.500 < 0.8" in anyway.stdout
+    assert "publishing anyway" in anyway.stdout
+
+
+def test_rehearse_of_the_4bit_preset_needs_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_sh("--name", "x", "--rehearse", "--work-dir", str(tmp_path / "w"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(
+        "error: preset internlm2_5-1_8b rehearses 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU")
+
+
+@pytest.mark.slow
+def test_rehearse_runs_every_stage_on_a_random_model_of_the_presets_shapes(tmp_path):
+    from training.presets import PRESETS, REHEARSE_ITERS
+
+    work = tmp_path / "w"
+    proc = run_sh("--preset", "tiny", "--name", "Zorreh", "--rehearse", "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for stage in RUN_STAGES:
+        assert re.search(rf"^\[pipeline\] {stage}: done in [0-9.]+ s$", proc.stdout, re.M), proc.stdout
+    base = json.loads((work / "rehearsal_base" / "config.json").read_text())
+    assert {k: base[k] for k in PRESETS["tiny"].rehearse_shape} == PRESETS["tiny"].rehearse_shape
+    assert f"Iter(train) [{REHEARSE_ITERS}/{REHEARSE_ITERS}]" in (work / "logs" / "sft.log").read_text()
+    table = (work / "rehearsal.md").read_text()
+    assert table in proc.stdout
+    assert re.search(r"^\| SFT tokens/s \| [0-9,]+ \|$", table, re.M), table
+    assert re.search(r"^\| merge \| [0-9.]+ s \|$", table, re.M), table
+    serve = json.loads((work / "rehearsal_serve.json").read_text())
+    if "skipped" in serve:  # no CUDA here: the serving half says why instead of measuring
+        assert "serving not measured: LMDeploy TurboMind needs a CUDA GPU" in table
+    else:
+        assert serve["engine"]["1"]["tokens_per_s"] > 0 and serve["raw"]["32"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_and_node_0_finishes(tiny_run, tmp_path):
+    # Two "machines" on this one: torchrun's NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT, one process each,
+    # each node with its own copy of the work dir (base and data done).
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = {}
+    for rank in (0, 1):
+        work, args = copy_run(tiny_run, tmp_path / f"node{rank}")
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        cmd = ["bash", str(RUN_SH), *args, "--from", "sft", "--max-iters", "6"]
+        procs[rank] = (work, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=env))
+    out = {rank: proc.communicate(timeout=1200) for rank, (_, proc) in procs.items()}
+    for rank, (work, proc) in procs.items():
+        assert proc.returncode == 0, out[rank]
+        assert "--nnodes=2" in (work / "logs" / "sft.log").read_text()
+    (work0, _), (work1, _) = procs[0], procs[1]
+    assert json.loads((work0 / "stages" / "sft.json").read_text())["plan"]["schedule"]["world_size"] == 2
+    assert "[pipeline] evaluate: done in" in out[0][0] and (work0 / "sft" / "train" / "iter_6.pth").is_file()
+    assert "[pipeline] node 1: training done; node 0 keeps the checkpoint" in out[1][0]
+    assert "[pipeline] pth_to_hf" not in out[1][0] and not (work1 / "stages" / "sft.json").exists()

@@ -1,4 +1,4 @@
-# XTuner QLoRA continued pre-training of InternLM2.5-1.8B-Chat on plain text (bf16). Needs a CUDA GPU.
+# XTuner QLoRA continued pre-training of InternLM2.5-1.8B-Chat on plain text. Needs a CUDA GPU.
 # Run it through the pipeline, which renders a per-run copy with the settings below filled in, merges the
 # result and fine-tunes that on the identity data:
 #   bash training/run.sh --name NAME --corpus DIR_OF_TXT_AND_MD
@@ -7,7 +7,6 @@
 #       training/configs/internlm2_5_1_8b_qlora_pretrain.py --work-dir W
 # Based on XTuner's internlm2_1_8b_full_custom_pretrain_e1, as 4-bit QLoRA on the attention and MLP
 # projections.
-import torch
 from datasets import load_dataset
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import (
@@ -40,12 +39,17 @@ batch_size = 1  # per device
 accumulative_counts = 16
 dataloader_num_workers = 0
 max_epochs = 1
+# Rendered by the pipeline from the packed corpus (training/schedule.py): iterations in all, and its warm-up.
+max_iters = 100
+warmup_ratio = 0.03
+warmup_iters = 3  # at least 1: mmengine refuses an empty warm-up ("end should be larger than begin")
+# Rendered by the pipeline: "bfloat16" on GPUs with bf16 in hardware (compute capability >= 8), else float16.
+dtype = "bfloat16"
 optim_type = AdamW
 lr = 2e-5  # low: shift the knowledge, keep the chat behaviour
 betas = (0.9, 0.999)
 weight_decay = 0
 max_norm = 1  # grad clip
-warmup_ratio = 0.03
 seed = 42
 
 save_steps = 500
@@ -72,14 +76,14 @@ model = dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         trust_remote_code=True,
-        torch_dtype=torch.bfloat16,
+        torch_dtype=dtype,
         quantization_config=dict(
             type=BitsAndBytesConfig,
             load_in_4bit=True,
             load_in_8bit=False,
             llm_int8_threshold=6.0,
             llm_int8_has_fp16_weight=False,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
         ),
@@ -110,6 +114,9 @@ train_dataset = dict(
     shuffle_before_pack=False,  # keep neighbouring chunks of a document together
     pack_to_max_length=pack_to_max_length,
     use_varlen_attn=False,
+    # XTuner's default (32) packs 32 shards each on its own, dropping each shard's leftover tokens; with one
+    # process only the tail after the last full sequence is dropped (the dry run reports it).
+    map_num_proc=1,
 )
 
 train_dataloader = dict(
@@ -128,30 +135,21 @@ optim_wrapper = dict(
     optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
-    dtype="bfloat16",
+    dtype=dtype,
 )
 
-# Warm-up for the first 3 % of training, then cosine decay to 0.
+# Linear warm-up, then cosine decay to 0, in iterations (an epoch-based 3 % rounds to 0 on small data).
+# mmengine's cosine decays from the lr the warm-up left, (warmup_iters - 1) / warmup_iters of lr: the pipeline
+# renders either a warm-up of 10+ iterations or 1, which starts at the full lr (see training/schedule.py).
+# max(): with max_iters == 1 the cosine phase is never reached but must not be empty.
 param_scheduler = [
-    dict(
-        type=LinearLR,
-        start_factor=1e-5,
-        by_epoch=True,
-        begin=0,
-        end=warmup_ratio * max_epochs,
-        convert_to_iter_based=True,
-    ),
-    dict(
-        type=CosineAnnealingLR,
-        eta_min=0.0,
-        by_epoch=True,
-        begin=warmup_ratio * max_epochs,
-        end=max_epochs,
-        convert_to_iter_based=True,
-    ),
+    dict(type=LinearLR, start_factor=1e-5 if warmup_iters > 1 else 1.0, by_epoch=False, begin=0,
+         end=warmup_iters),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters,
+         end=max(max_iters, warmup_iters + 1)),
 ]
 
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 
 #######################################################################
 #                           PART 5  Runtime                           #

@@ -6,7 +6,6 @@
 #   .venv-train/bin/python -m xtuner.tools.train training/configs/internlm2_5_1_8b_qlora_sft.py --work-dir W
 # Based on XTuner's internlm2_chat_1_8b_qlora_alpaca_e3 (XTuner ships no internlm2_5 1.8B config), with
 # the json identity data instead of alpaca and identity prompts for the in-training chat check.
-import torch
 from datasets import load_dataset
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import (
@@ -36,18 +35,26 @@ data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...
 # The chat model's own format; XTuner's `default` template would teach another one (the "parrot" complaints).
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
 max_length = 2048
-pack_to_max_length = True
+# One sample per row, not packed: the number of optimizer steps then follows from the data size and the
+# settings below (rows × max_epochs / (batch_size × GPUs × accumulative_counts)), and no row is lost. Packing
+# this small data set into 2048-token sequences left ~6 optimizer steps in all (see README, training section).
+pack_to_max_length = False
 
 batch_size = 1  # per device
-accumulative_counts = 16
+accumulative_counts = 4
 dataloader_num_workers = 0
 max_epochs = 3
+# Rendered by the pipeline from the data (training/schedule.py): iterations in all, and its warm-up.
+max_iters = 300
+warmup_ratio = 0.03
+warmup_iters = 9  # at least 1: mmengine refuses an empty warm-up ("end should be larger than begin")
+# Rendered by the pipeline: "bfloat16" on GPUs with bf16 in hardware (compute capability >= 8), else float16.
+dtype = "float16"
 optim_type = AdamW
 lr = 2e-4
 betas = (0.9, 0.999)
 weight_decay = 0
 max_norm = 1  # grad clip
-warmup_ratio = 0.03
 seed = 42
 
 save_steps = 500
@@ -74,14 +81,14 @@ model = dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
         trust_remote_code=True,
-        torch_dtype=torch.float16,
+        torch_dtype=dtype,
         quantization_config=dict(
             type=BitsAndBytesConfig,
             load_in_4bit=True,
             load_in_8bit=False,
             llm_int8_threshold=6.0,
             llm_int8_has_fp16_weight=False,
-            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
         ),
@@ -110,6 +117,8 @@ train_dataset = dict(
     shuffle_before_pack=True,
     pack_to_max_length=pack_to_max_length,
     use_varlen_attn=False,
+    # XTuner's default (32) maps (and packs) in 32 shards, each on its own; one process keeps every row whole.
+    map_num_proc=1,
 )
 
 train_dataloader = dict(
@@ -129,30 +138,21 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
     loss_scale="dynamic",
-    dtype="float16",
+    dtype=dtype,
 )
 
-# Warm-up for the first 3 % of training, then cosine decay to 0.
+# Linear warm-up, then cosine decay to 0, in iterations (an epoch-based 3 % rounds to 0 on small data).
+# mmengine's cosine decays from the lr the warm-up left, (warmup_iters - 1) / warmup_iters of lr: the pipeline
+# renders either a warm-up of 10+ iterations or 1, which starts at the full lr (see training/schedule.py).
+# max(): with max_iters == 1 the cosine phase is never reached but must not be empty.
 param_scheduler = [
-    dict(
-        type=LinearLR,
-        start_factor=1e-5,
-        by_epoch=True,
-        begin=0,
-        end=warmup_ratio * max_epochs,
-        convert_to_iter_based=True,
-    ),
-    dict(
-        type=CosineAnnealingLR,
-        eta_min=0.0,
-        by_epoch=True,
-        begin=warmup_ratio * max_epochs,
-        end=max_epochs,
-        convert_to_iter_based=True,
-    ),
+    dict(type=LinearLR, start_factor=1e-5 if warmup_iters > 1 else 1.0, by_epoch=False, begin=0,
+         end=warmup_iters),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters,
+         end=max(max_iters, warmup_iters + 1)),
 ]
 
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 
 #######################################################################
 #                           PART 5  Runtime                           #

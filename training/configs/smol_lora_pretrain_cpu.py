@@ -14,6 +14,10 @@
 # this file with lazy imports (the `torch` imported below is a placeholder): use the real one via __import__.
 if not hasattr(__import__("torch").cpu, "is_bf16_supported"):
     __import__("torch").cpu.is_bf16_supported = lambda: False
+# mmengine's `pytorch` launcher (--gpus N: N processes over gloo on CPU) calls torch.cuda.set_device, which
+# CPU torch lacks: there is no device to pick.
+if not __import__("torch").cuda.is_available():
+    __import__("torch").cuda.set_device = lambda device: None
 
 import torch
 from datasets import load_dataset
@@ -44,6 +48,9 @@ dataloader_num_workers = 0
 # Iterations, not epochs: mmengine sleeps 2 s at every epoch restart of a DefaultSampler, which dominates on
 # tiny data, and an epoch-based 3 % warm-up rounds to 0 iterations (LinearLR then raises begin == end).
 max_iters = 60
+# Rendered by the pipeline (training/schedule.py): round(warmup_ratio × max_iters), at least 1 and below
+# max_iters, so that --max-iters 1 still has a (never reached) cosine phase.
+warmup_ratio = 0.034
 warmup_iters = 10
 optim_type = AdamW
 lr = 2e-4  # a gentle shift: continued pre-training must not erase the chat skills
@@ -128,9 +135,14 @@ optim_wrapper = dict(
     accumulative_counts=accumulative_counts,
 )
 
+# mmengine's cosine decays from the lr the warm-up left, (warmup_iters - 1) / warmup_iters of lr: the pipeline
+# renders either a warm-up of 10+ iterations or 1, which starts at the full lr (see training/schedule.py).
+# max(): with max_iters == 1 the cosine phase is never reached but must not be empty.
 param_scheduler = [
-    dict(type=LinearLR, start_factor=1e-5, by_epoch=False, begin=0, end=warmup_iters),
-    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters, end=max_iters),
+    dict(type=LinearLR, start_factor=1e-5 if warmup_iters > 1 else 1.0, by_epoch=False, begin=0,
+         end=warmup_iters),
+    dict(type=CosineAnnealingLR, eta_min=0.0, by_epoch=False, begin=warmup_iters,
+         end=max(max_iters, warmup_iters + 1)),
 ]
 
 train_cfg = dict(type=TrainLoop, max_iters=max_iters)
@@ -164,6 +176,8 @@ env_cfg = dict(
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
     dist_cfg=dict(backend="gloo"),
 )
+# Only used with several processes: CPU modules take no device_ids (mmengine's default passes LOCAL_RANK).
+model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)
 
 visualizer = None
 log_level = "INFO"
