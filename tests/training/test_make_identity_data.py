@@ -23,6 +23,7 @@ from training.make_identity_data import (
     heldout_prompts,
     identity_pairs,
     identity_questions,
+    lang_of,
     normalise_prompt,
     replay_pairs,
     seed_pairs,
@@ -237,7 +238,9 @@ def test_replay_rows_are_the_base_models_own_answers(
     replay = {
         t["input"]: t["output"] for row in train for t in row["conversation"] if t["input"] not in identity
     }
-    assert set(replay) <= set(replay_prompts()[:REPLAY_MAX])
+    # --replay-max picks prompts spread over all topics and both languages.
+    assert len(replay) <= REPLAY_MAX and set(replay) <= set(replay_prompts())
+    assert {lang_of(p) for p in replay} == {"zh", "en"}
     prompts = sorted(replay)
     # Same batch composition as the data build is not needed: greedy answers of a trained model are stable.
     fresh = generate(load_chat_model(tiny_base_dir), prompts, max_new_tokens=256, batch_size=len(prompts))
