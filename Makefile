@@ -1,6 +1,7 @@
 # make demo   — build the CPU app environment if missing, then serve the chat page (http://127.0.0.1:7860)
 # make test   — build every environment the tests need, then run the whole suite (what CI runs)
-# make bench  — serving speed on this machine: raw generate vs engine vs HTTP, 1/4/8 concurrent clients
+# make bench  — serving speed on this machine: raw generate vs engine vs HTTP, 1/4/8 concurrent clients;
+#               a long prompt's prefill vs a short question and a running stream (one pass vs chunked)
 # make demo-model — rebuild infer_engine/demo_model with the project's own training pipeline (tiny preset)
 VENV := .venv
 TRAIN_VENV := .venv-train
@@ -33,6 +34,7 @@ test: dev-env train-env system-deps lint
 
 bench: env
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m bench.bench_serving
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m bench.bench_prefill
 
 demo-model: train-env
 	bash training/run.sh --preset tiny --name UbUb --work-dir .work/demo-model --from data

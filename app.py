@@ -1,9 +1,11 @@
-# Chat Space entry point: serves a chat model as a Gradio 6 page plus a public `/chat` API.
+# Chat Space entry point: serves a chat model as a Gradio 6 page, a public `/chat` API and, on the same port,
+# an OpenAI-compatible `/v1` API (chat completions, models).
 #   python app.py                          # the built-in tiny demo model on http://127.0.0.1:7860
 #   python app.py --model hf:owner/repo    # or MODEL_SOURCE=...: a local dir, git URL, openxlab:owner/repo
 #   GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python app.py    # what a Space runs
 # Engine and server settings come from env vars (BACKEND, SESSION_LEN, MAX_BATCH_SIZE, QUANT_POLICY,
-# QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, ...): see infer_engine/settings.py. Flags override the env.
+# QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, API_KEYS, ...): see infer_engine/settings.py. Flags override
+# the env.
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,7 @@ from loguru import logger  # noqa: E402
 
 from infer_engine.engine import create_engine  # noqa: E402
 from infer_engine.model_source import DEMO_MODEL_DIR, redact, resolve_model  # noqa: E402
+from infer_engine.openai_api import model_id, openai_routes  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
     BACKENDS,
     GenerationParams,
@@ -80,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
     args = parser.parse_args(argv)
 
+    # Tracebacks in the log without local variable values: they can hold user text, keys or tokens.
+    logger.remove()
+    logger.add(sys.stderr, diagnose=False)
     route_std_logging()
     try:
         server = server_settings_from_env()
@@ -121,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         demo = build_ui(engine, server, info)
         options = launch_options(engine, server)
+        # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes
+        options["app_kwargs"]["routes"] = openai_routes(engine, server, model_id(info.name))
         logger.info(
             "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, {} server threads, "
             "model loaded in {:.1f}s",

@@ -8,8 +8,10 @@
 Why piecewise encoding: rendering the chat template to a string and tokenizing it turns a user-typed
 ``<|im_end|>\\n<|im_start|>system\\n...`` into real control tokens (measured: ``../shared/notes``,
 "special-token injection"). ``encode_chat`` renders the model's own template with placeholders, takes the
-template's special tokens as ids and encodes every message content with ``split_special_tokens=True``, so user
-text stays text.
+template's special tokens as ids and encodes every message content with every added-token string read as
+plain text (special or not: ``split_special_tokens=True`` alone misses non-special ones such as ``<think>``),
+so user text stays text. Every path ends with the same check: the prompt's added-token ids are exactly the
+template's.
 
 Why a lock: a fast tokenizer's ``split_special_tokens`` is one switch on the shared Rust tokenizer
 (``encode_special_tokens``), flipped by every encode call and read while the GIL is released. Two threads
@@ -22,6 +24,8 @@ such as InternLM2's may not support it.)
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import threading
 import weakref
@@ -29,12 +33,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from infer_engine.settings import MAX_HISTORY_CHARS, MAX_MESSAGE_CHARS, MAX_MESSAGES
+
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = (
     "<|im_end|>"  # InternLM2 / ChatML end-of-turn marker: generation must stop on it as well as on eos
 )
-MAX_MESSAGE_CHARS = 20_000
-MAX_MESSAGES = 1_000
 
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
@@ -45,6 +51,8 @@ _SLOT = "\ue000{}\ue001"
 _SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 _ENCODE_LOCK = threading.Lock()  # see the module docstring: encoding flips a switch shared by all threads
 _TOKEN_SPAN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # see token_span
+_PLAIN_TWIN: weakref.WeakKeyDictionary[Any, Tokenizer | None] = weakref.WeakKeyDictionary()  # see _plain_twin
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class ChatInputError(ValueError):
@@ -66,6 +74,71 @@ class TrimmedPrompt:
     dropped_messages: int
 
 
+def kind_of(value: Any) -> str:
+    """What a JSON client sent, in its words (``a number``, ``null``...), for error messages.
+
+    Args:
+        value: a value decoded from JSON.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, str | bytes):
+        return "text"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "a value of another kind"
+
+
+def checked_text(text: Any, where: str) -> str:
+    """``text`` if it is text a tokenizer can take: a string of at most ``MAX_MESSAGE_CHARS`` characters
+    without a lone UTF-16 surrogate (JSON can carry ``"\\ud800"``; tokenizers fail on it with a
+    ``TypeError``).
+
+    Args:
+        text: a message or system prompt as received.
+        where: how to name it in an error (e.g. ``message 3``, ``system_prompt``).
+    """
+    if not isinstance(text, str):
+        raise ChatInputError(f"{where} must be text, got {kind_of(text)}")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ChatInputError(
+            f"{where} is too long ({len(text)} characters); the limit is {MAX_MESSAGE_CHARS} characters"
+        )
+    bad = _SURROGATE_RE.search(text)
+    if bad:
+        raise ChatInputError(
+            f"{where} contains an invalid character (a lone surrogate, U+{ord(bad[0]):04X}, at position "
+            f"{bad.start() + 1}): send valid Unicode text"
+        )
+    return text
+
+
+def check_history_size(messages: Sequence[Message]) -> None:
+    """Refuse a conversation over ``MAX_MESSAGES`` messages or ``MAX_HISTORY_CHARS`` characters in all: every
+    event that takes a history (add, retry, undo, the API) costs at most that much work.
+
+    Args:
+        messages: plain messages (see ``plain_messages``).
+    """
+    if len(messages) > MAX_MESSAGES:
+        raise ChatInputError(
+            f"too many messages ({len(messages)}); the limit is {MAX_MESSAGES}: "
+            "clear the chat or undo some turns"
+        )
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > MAX_HISTORY_CHARS:
+        raise ChatInputError(
+            f"the conversation is too long ({chars} characters); the limit is {MAX_HISTORY_CHARS} "
+            "characters: clear the chat or undo some turns"
+        )
+
+
 def content_text(content: Any, where: str) -> str:
     """Plain text of a message content: a string, or Gradio 6's ``[{"type": "text", "text": ...}]`` parts.
 
@@ -74,10 +147,12 @@ def content_text(content: Any, where: str) -> str:
         where: how to name the message in an error (e.g. ``message 3``).
     """
     if isinstance(content, str):
-        return content
+        return checked_text(content, where)
     parts = [content] if isinstance(content, Mapping) else content
     if not isinstance(parts, list | tuple):
-        raise ChatInputError(f"{where}: content must be text, got {type(content).__name__}")
+        raise ChatInputError(f"{where}: content must be text, got {kind_of(content)}")
+    if len(parts) > MAX_MESSAGES:
+        raise ChatInputError(f"{where} has too many parts ({len(parts)}); the limit is {MAX_MESSAGES}")
     texts = []
     for part in parts:
         if isinstance(part, str):
@@ -89,16 +164,19 @@ def content_text(content: Any, where: str) -> str:
         ):
             texts.append(part["text"])
         else:
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
-    return "\n".join(texts)  # the way LMDeploy merges text parts
+            if isinstance(part, Mapping):
+                kind = str(part.get("type"))[:20]
+                raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
+            raise ChatInputError(f"{where}: only text is supported, got {kind_of(part)} as a part")
+    return checked_text("\n".join(texts), where)  # joined the way LMDeploy merges text parts
 
 
 def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message]:
     """Check each message's shape and return them as plain ``{"role", "content": str}`` dicts, in any order.
 
     Accepts Gradio 6 Chatbot values (content as text parts, extra ``metadata``/``options`` keys) and API
-    histories alike; None means no messages. Use ``normalise_messages`` for a conversation to answer.
+    histories alike; None means no messages. Use ``normalise_messages`` for a conversation to answer. Sizes
+    are capped (``checked_text``, ``check_history_size``).
 
     Args:
         messages: dicts with ``role`` (system, user or assistant) and ``content``.
@@ -107,24 +185,20 @@ def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message
         return []
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ChatInputError(
-            f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}"
+            f"messages must be a list of {{role, content}} dicts, got {kind_of(messages)}"
         )
-    if len(messages) > MAX_MESSAGES:
-        raise ChatInputError(f"too many messages ({len(messages)}); the limit is {MAX_MESSAGES}")
+    if len(messages) > MAX_MESSAGES:  # before looking at each one
+        check_history_size(messages)
     out: list[Message] = []
     for i, message in enumerate(messages):
         where = f"message {i + 1}"
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ChatInputError(f"{where} must be a dict with 'role' and 'content'")
         role = message["role"]
-        if role not in ROLES:
-            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
-        text = content_text(message["content"], where)
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise ChatInputError(
-                f"{where} is too long ({len(text)} characters); the limit is {MAX_MESSAGE_CHARS} characters"
-            )
-        out.append({"role": role, "content": text})
+        if not isinstance(role, str) or role not in ROLES:
+            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}")  # no echo of the value
+        out.append({"role": role, "content": content_text(message["content"], where)})
+    check_history_size(out)
     return out
 
 
@@ -186,15 +260,65 @@ def stop_token_ids(tokenizer: Any, generation_eos: int | Sequence[int] | None = 
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def _plain_twin(tokenizer: Any) -> Tokenizer | None:
+    """A private copy of a fast tokenizer's Rust backend that reads every added-token string as plain text
+    (None for a slow tokenizer), cached per tokenizer.
+
+    ``split_special_tokens=True`` only splits added tokens flagged special: a non-special one (many chat
+    models add ``<think>`` or ``<tool_call>`` that way) typed by a user would still become its id. In the twin
+    every added token is flagged special and ``encode_special_tokens`` is on for good, so no added token is
+    matched, and no switch of the shared tokenizer is flipped.
+    """
+    if tokenizer in _PLAIN_TWIN:
+        return _PLAIN_TWIN[tokenizer]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    twin = None
+    if isinstance(backend, Tokenizer):
+        spec = json.loads(backend.to_str())
+        for token in spec.get("added_tokens") or []:
+            token["special"] = True
+        spec["truncation"] = spec["padding"] = None
+        twin = Tokenizer.from_str(json.dumps(spec))
+        twin.encode_special_tokens = True
+    _PLAIN_TWIN[tokenizer] = twin
+    return twin
+
+
+def _plain_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of ``text`` with every added-token string in it read as plain text (as far as the tokenizer can:
+    ``encode_chat`` checks the result)."""
+    twin = _plain_twin(tokenizer)
+    if twin is not None:
+        return twin.encode(text, add_special_tokens=False).ids
+    # a slow (Python) tokenizer: split_special_tokens=True skips its added-token matching altogether
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def _check_controls(tokenizer: Any, ids: list[int], control: list[int], markers: set[int]) -> list[int]:
+    """``ids`` if its added/special token ids are exactly the template's ``control`` ids, in order; else the
+    ``ChatInputError`` that names the text which the model's tokenizer turns into a control token anyway."""
+    found = [i for i in ids if i in markers]
+    if found == control:
+        return ids
+    extra = [i for i in found if i not in control] or found
+    text = tokenizer.convert_ids_to_tokens(extra[0])
+    raise ChatInputError(
+        f"the conversation contains {text!r}, which this model's tokenizer reads as a control token even in "
+        "plain text: remove it or change its spelling"
+    )
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Prompt ids for ``messages`` plus the assistant header, such that no content can become a control token.
 
     The model's own chat template is rendered with a placeholder per content, which shows where its control
-    tokens are. When no content contains a special-token string, the ids are the template's own
-    (``apply_chat_template``), checked to hold exactly those control tokens. Otherwise the rendered text is
-    cut at the control tokens (which become their ids) and each piece, with the real contents put back, is
-    encoded with ``split_special_tokens=True``: user-typed markers stay plain text. Thread-safe (see the
-    module docstring).
+    tokens are. When no content contains an added-token string, the ids are the template's own
+    (``apply_chat_template``). Otherwise the rendered text is cut at the control tokens (which become their
+    ids) and each piece, with the real contents put back, is encoded with every added-token string read as
+    plain text (``_plain_ids``). Either way the result must hold exactly the template's control tokens
+    (``_check_controls``): the fast path falls back to the piecewise one, the piecewise one raises
+    ``ChatInputError`` (a tokenizer whose model itself spells a marker, e.g. a sentencepiece user-defined
+    piece). Thread-safe (see the module docstring).
 
     Args:
         tokenizer: a Hugging Face tokenizer with a chat template.
@@ -209,6 +333,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
     pieces = [piece for piece in splitter.split(rendered) if piece]
     control = [specials[piece] for piece in pieces if piece in specials]
+    markers = set(specials.values()) - {tokenizer.unk_token_id}  # unk: what unknown characters become
     with _ENCODE_LOCK:
         if not any(token in m["content"] for m in messages for token in specials):
             # The common case, tokenized in one go as the model was trained (piecewise encoding can differ
@@ -217,17 +342,15 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
             ids = tokenizer.apply_chat_template(
                 list(messages), tokenize=True, add_generation_prompt=True, return_dict=True
             )["input_ids"]
-            markers = set(specials.values()) - {tokenizer.unk_token_id}  # unk: what unknown characters become
-            if [i for i in ids if i in markers] == control:  # and no marker formed across a content boundary
-                return list(ids)
+            with contextlib.suppress(ChatInputError):  # e.g. a marker formed across a content boundary
+                return _check_controls(tokenizer, list(ids), control, markers)
         ids = []
         for piece in pieces:
             if piece in specials:
                 ids.append(specials[piece])
             else:
-                text = _SLOT_RE.sub(lambda m: messages[int(m[1])]["content"], piece)
-                ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        return ids
+                ids += _plain_ids(tokenizer, _SLOT_RE.sub(lambda m: messages[int(m[1])]["content"], piece))
+        return _check_controls(tokenizer, ids, control, markers)
 
 
 def token_span(tokenizer: Any) -> int:

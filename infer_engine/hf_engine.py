@@ -9,10 +9,16 @@
 Why a hand-written step loop rather than transformers' continuous batching (``init_continuous_batching``): on
 CPU its manager runs, but every consumer polls one shared output queue (re-queueing other requests' results),
 a cancelled request never gets a final result, greedy and sampled requests cannot share a batch, and an error
-in one step fails the whole manager. Here each step is: admit waiting requests (prefill each alone, then merge
-its KV cache into the batch, left-padded), decode one token for every row, sample per row with that request's
-own settings, stream text deltas, and drop rows that stopped, were aborted or failed. Stop/abort takes effect
-at the next step boundary (milliseconds); the thread sleeps on its inbox when nothing is active.
+in one step fails the whole manager. Here each step is: admit waiting requests, prefill at most
+``prefill_chunk_tokens`` prompt tokens (each request alone, chunk by chunk, taking turns; a finished prompt's
+KV cache is merged into the batch, left-padded), decode one token for every row, sample per row with that
+request's own settings, stream text deltas, and drop rows that stopped, were aborted or failed. Stop/abort
+takes effect at the next step boundary (milliseconds); the thread sleeps on its inbox when nothing is active.
+
+Why chunks: a prompt prefilled in one forward pass stops every stream, and every newer prompt, until it is
+done (seconds for a few thousand tokens on a CPU). In chunks that take turns with decode steps, a running
+stream waits at most one chunk between two tokens and a short prompt behind a long one gets its first token
+after about one chunk (``make bench``: ``bench/bench_prefill.py``).
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class _Request:
     generated: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    cache: DynamicCache | None = None  # while its prompt is prefilled in chunks: its own KV cache so far
+    prefilled: int = 0  # prompt tokens already in ``cache``
 
 
 class _Batch:
@@ -396,12 +404,25 @@ class TransformersEngine:
             return False
         return True
 
-    def _prefill(self, request: _Request, batch: _Batch) -> None:
-        ids = torch.tensor([request.input_ids], device=self.device)
-        cache = DynamicCache()
+    def _prefill(self, request: _Request, batch: _Batch, size: int) -> None:
+        """Prefill the next ``size`` prompt tokens of ``request``; after its last chunk, sample its first
+        token and merge it into ``batch``."""
+        start = request.prefilled
+        ids = torch.tensor([request.input_ids[start : start + size]], device=self.device)
+        positions = torch.arange(start, start + size, device=self.device).unsqueeze(0)
+        if request.cache is None:
+            request.cache = DynamicCache()
         logits = self.model(
-            input_ids=ids, use_cache=True, **self._last_logits, **{self._cache_arg: cache}
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=True,
+            **self._last_logits,
+            **{self._cache_arg: request.cache},
         ).logits
+        request.prefilled += size
+        if request.prefilled < len(request.input_ids):
+            return
+        cache, request.cache = request.cache, None
         (token,) = sample_rows(logits[:, -1, :], [request.params])
         if self._accept(request, token):
             batch.add(request, cache, token)
@@ -435,18 +456,35 @@ class TransformersEngine:
         waiting.extend(item for item in items if item is not None)
         return None in items
 
-    def _admit(self, waiting: collections.deque[_Request], batch: _Batch) -> None:
-        """End the waiting requests that were stopped, prefill the others while the batch has room."""
-        for request in [r for r in waiting if r.cancelled.is_set()]:  # Stop while still waiting
-            waiting.remove(request)
-            self._finish(request, "abort")
-        while waiting and len(batch.rows) < self.max_concurrency:
-            request = waiting.popleft()
+    def _admit(
+        self, waiting: collections.deque[_Request], prefilling: collections.deque[_Request], batch: _Batch
+    ) -> None:
+        """End the waiting and prefilling requests that were stopped; start prefilling waiting ones while the
+        batch has room for them."""
+        for queue_ in (waiting, prefilling):
+            for request in [r for r in queue_ if r.cancelled.is_set()]:  # Stop before the first token
+                queue_.remove(request)
+                request.cache = None
+                self._finish(request, "abort")
+        while waiting and len(batch.rows) + len(prefilling) < self.max_concurrency:
+            prefilling.append(waiting.popleft())
+
+    def _prefill_some(self, prefilling: collections.deque[_Request], batch: _Batch) -> None:
+        """Prefill at most ``prefill_chunk_tokens`` prompt tokens, the prompts taking turns chunk by chunk."""
+        budget = self.settings.prefill_chunk_tokens
+        while prefilling and budget > 0:
+            request = prefilling.popleft()
+            size = min(budget, len(request.input_ids) - request.prefilled)
             try:
-                self._prefill(request, batch)
+                self._prefill(request, batch, size)
             except Exception as exc:  # this request's failure must not reach the others
                 logger.exception("session {}: prefill failed", request.session_id)
+                request.cache = None
                 self._finish(request, "error", exc)
+                continue
+            budget -= size
+            if request.prefilled < len(request.input_ids):
+                prefilling.append(request)  # the other prompts' turn before its next chunk
 
     def _without_aborted(self, batch: _Batch) -> _Batch:
         aborted = [r.cancelled.is_set() for r in batch.rows]  # read once: abort() may run meanwhile
@@ -459,14 +497,16 @@ class TransformersEngine:
 
     def _run(self) -> None:
         waiting: collections.deque[_Request] = collections.deque()
+        prefilling: collections.deque[_Request] = collections.deque()
         batch = _Batch()
         closing = False
         with torch.inference_mode():
-            while not closing or batch.rows or waiting:  # close() has cancelled all: they end at once
+            while not closing or batch.rows or waiting or prefilling:  # close() cancelled all: they end now
                 try:
-                    idle = not (closing or batch.rows or waiting)
+                    idle = not (closing or batch.rows or waiting or prefilling)
                     closing = self._take_inbox(waiting, block=idle) or closing
-                    self._admit(waiting, batch)
+                    self._admit(waiting, prefilling, batch)
+                    self._prefill_some(prefilling, batch)
                     batch = self._without_aborted(batch)
                     if batch.rows:
                         batch = self._decode_step(batch)

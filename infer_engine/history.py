@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from infer_engine.chat_format import ChatInputError, Message
+from infer_engine.chat_format import ChatInputError, Message, check_history_size, checked_text
 
 
 def needs_answer(history: Sequence[Message]) -> bool:
@@ -34,13 +34,13 @@ def append_user(history: Sequence[Message], text: str) -> list[Message]:
         history: the normalised history.
         text: what the user typed; must contain more than whitespace.
     """
-    if not isinstance(text, str):
-        raise ChatInputError(f"the message must be text, got {type(text).__name__}")
-    if not text.strip():
+    if not checked_text(text, "the message").strip():
         raise ChatInputError("Type a message first.")
     if needs_answer(history):
         history = [*history, {"role": "assistant", "content": ""}]
-    return [*history, {"role": "user", "content": text}]
+    history = [*history, {"role": "user", "content": text}]
+    check_history_size(history)
+    return history
 
 
 def _last_question(history: Sequence[Message], action: str) -> int:
@@ -81,9 +81,7 @@ def with_system_prompt(history: Sequence[Message], system_prompt: str) -> list[M
         history: the normalised history; it may hold a system message only if ``system_prompt`` is blank.
         system_prompt: instructions for the model; blank means none.
     """
-    if not isinstance(system_prompt, str):
-        raise ChatInputError(f"system_prompt must be text, got {type(system_prompt).__name__}")
-    if not system_prompt.strip():
+    if not checked_text(system_prompt, "system_prompt").strip():
         return list(history)
     if any(m["role"] == "system" for m in history):
         raise ChatInputError("Give the system prompt either in the history or as system_prompt, not both.")

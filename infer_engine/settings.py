@@ -15,13 +15,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
 QUANT_POLICIES = (0, 4, 8)
 MAX_NEW_TOKENS = 2048  # the most tokens one reply may ask for
 MIN_PROMPT_TOKENS = 32  # what a session keeps for the prompt at least (a short question in the chat format)
+# Input limits of every event and API call (checked by ``chat_format.checked_text`` / ``check_history_size``
+# and ``ui.BodySizeLimit``): what one request can make the server parse and scan. A session of 4096 tokens
+# holds about 16 000 characters, so these stay far above any conversation a model can read.
+MAX_MESSAGE_CHARS = 20_000  # one message, or the system prompt
+MAX_MESSAGES = 500  # messages in one history
+MAX_HISTORY_CHARS = 200_000  # all messages of one history together
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # one HTTP request body (a full history JSON-escaped as \uXXXX fits)
 
 
 class SettingsError(ValueError):
@@ -99,6 +106,9 @@ class EngineSettings:
         tp: LMDeploy tensor-parallel GPU count (1, 2, 4 or 8).
         enable_prefix_caching: LMDeploy: reuse the KV cache of a shared prompt prefix (the resent transcript).
         device: transformers backend device: ``auto``, ``cpu`` or ``cuda``.
+        prefill_chunk_tokens: transformers backend: most prompt tokens prefilled between two decode steps
+            (16-1048576): a long prompt is prefilled in chunks that take turns with the running streams and
+            the other prompts, so it cannot freeze them (a value above ``session_len`` turns chunking off).
         torch_threads: transformers backend: torch's intra-op threads for the whole process (0 = on a CPU
             one per core but one, 1 to 4, leaving a core to the web server; torch's default on a GPU; else
             1-256). See ``hf_engine.torch_threads``.
@@ -112,6 +122,7 @@ class EngineSettings:
     tp: int = 1
     enable_prefix_caching: bool = True
     device: str = "auto"
+    prefill_chunk_tokens: int = 512
     torch_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -129,6 +140,7 @@ class EngineSettings:
                 f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}"
             )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 16, 1_048_576)
         _check_int("torch_threads", self.torch_threads, 0, 256)
 
     @property
@@ -156,6 +168,7 @@ class ServerSettings:
         port: TCP port to listen on (1-65535).
         queue_size: most requests waiting in Gradio's queue before new ones are refused (1-10000).
         system_prompt: default system prompt shown in the UI ("" = none, as the identity data was trained).
+        api_keys: bearer keys the OpenAI-compatible API (``/v1``) accepts (none = open); kept out of reprs.
     """
 
     model_source: str = ""
@@ -164,6 +177,7 @@ class ServerSettings:
     port: int = 7860
     queue_size: int = 64
     system_prompt: str = ""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check_int("port", self.port, 1, 65535)
@@ -174,6 +188,13 @@ class ServerSettings:
             raise SettingsError(f"cache_dir must be a path, got {self.cache_dir!r}")
         if not _check_str("host", self.host).strip():
             raise SettingsError("host must not be empty")
+        if not isinstance(self.api_keys, tuple):
+            raise SettingsError("api_keys must be a tuple of keys")
+        for number, key in enumerate(self.api_keys, 1):  # the message never shows a key
+            if not isinstance(key, str) or not key.isascii() or not key.isprintable() or not key.strip():
+                raise SettingsError(f"API key {number} must be printable ASCII text (an HTTP header value)")
+            if any(c.isspace() or c == "," for c in key):
+                raise SettingsError(f"API key {number} must not contain spaces or commas")
 
 
 def _parse(kind: type, raw: str, name: str) -> object:
@@ -210,7 +231,7 @@ def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSetti
 
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
-    ``QUEUE_SIZE`` and ``SYSTEM_PROMPT``.
+    ``QUEUE_SIZE``, ``SYSTEM_PROMPT`` and ``API_KEYS`` (comma-separated).
 
     Args:
         env: the environment to read (defaults to the process environment).
@@ -225,4 +246,5 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
         port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,
         system_prompt=env.get("SYSTEM_PROMPT", ""),
+        api_keys=tuple(key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()),
     )

@@ -10,12 +10,18 @@ concurrency pool sized to ``engine.max_concurrency``; UI-only events (add the qu
 skip the queue, so a page stays responsive while others generate. Stop, Undo, Clear and closing the tab
 cancel the page's event *and* abort its engine session: cancelling alone reaches a generator only at its
 next ``yield``.
+
+Fair sharing: a page (and an API client's session) has one reply at a time, a new one replaces it; every
+input is size-capped (``settings.MAX_*``: messages and histories here, request bodies in ``BodySizeLimit``).
+Errors: bad input gets its own one-sentence message; anything else gets one sentence with a request id, and
+the traceback goes to the log under that id (``show_error`` is off: no exception text reaches a client).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -24,11 +30,21 @@ from typing import Any
 
 import gradio as gr
 from loguru import logger
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from infer_engine.chat_format import plain_messages
-from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError, Message
+from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, Message
 from infer_engine.history import append_user, needs_answer, retry, undo, with_system_prompt
-from infer_engine.settings import GenerationParams, ServerSettings, SettingsError
+from infer_engine.settings import (
+    MAX_MESSAGE_CHARS,
+    MAX_REQUEST_BYTES,
+    GenerationParams,
+    ServerSettings,
+    SettingsError,
+)
 
 STREAM_INTERVAL_S = 0.08  # <= ~12 updates/s: the browser gets all the text without a round trip per token
 EXAMPLES = ["你是谁？", "你可以做什么？", "Please introduce yourself"]
@@ -123,43 +139,151 @@ def dropped_notice(dropped_messages: int) -> str:
     )
 
 
-def page_session(request: gr.Request) -> str:
-    """The engine session id of the page that sent ``request``.
+def page_session(request: gr.Request | None, kind: str = "page") -> str:
+    """The engine session id of the page (or API client) that sent ``request``.
 
     Derived from Gradio's per-page-load ``session_hash`` (never the client IP) and hashed, so that the logs
-    cannot be used to follow the page's event stream.
+    cannot be used to follow the page's event stream. A request without one (a raw HTTP call may leave it out)
+    gets a session of its own, which nothing else can reach.
 
     Args:
-        request: the Gradio request of a UI event.
+        request: the Gradio request of a UI event or API call.
+        kind: ``page`` for the page's events, ``api`` for ``/chat`` calls.
     """
-    return "page-" + hashlib.sha256(request.session_hash.encode()).hexdigest()[:12]
+    session_hash = getattr(request, "session_hash", None)
+    if not isinstance(session_hash, str) or not session_hash:
+        session_hash = uuid.uuid4().hex
+    return f"{kind}-" + hashlib.sha256(session_hash.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
-def shown_to_user() -> Iterator[None]:
-    """Turn bad input (``ChatInputError``, ``SettingsError``) into a ``gr.Error`` the page or client shows."""
+def shown_to_user(action: str) -> Iterator[None]:
+    """Turn any failure into one sentence that the page or client shows: bad input (``ChatInputError``,
+    ``SettingsError``) as its own message; anything else as a sentence with a request id, its traceback logged
+    under that id.
+
+    Args:
+        action: what was being done, for the sentence ("answer", "undo the last turn", ...).
+    """
     try:
         yield
+    except gr.Error:
+        raise
     except (ChatInputError, SettingsError) as exc:
-        raise gr.Error(str(exc), title="Cannot answer") from None
+        raise gr.Error(str(exc), title="Cannot answer", print_exception=False) from None
+    except Exception:
+        request_id = uuid.uuid4().hex[:8]
+        logger.exception("request {}: failed to {}", request_id, action)
+        raise gr.Error(
+            f"Sorry, the server failed to {action} (request {request_id}); please try again.",
+            title="Something went wrong",
+            print_exception=False,  # logged above, with the request id
+        ) from None
 
 
 def failures_shown(texts: Iterator[str]) -> Iterator[str]:
-    """``texts``, with a backend failure midway (``GenerationError``) turned into a ``gr.Error``.
+    """``texts``, with a failure midway (e.g. ``GenerationError``) turned into one sentence (see
+    ``shown_to_user``).
 
     Args:
         texts: the growing reply texts (see ``stream_reply``).
     """
     try:
-        yield from texts
-    except GenerationError as exc:
-        raise gr.Error(f"The model failed to answer: {exc}", title="Generation failed") from None
+        with shown_to_user("answer"):
+            yield from texts
     finally:
         texts.close()  # closing this early (Stop, tab closed) closes the reply too, which aborts it
 
 
+class ReplySlots:
+    """Which reply may still update each session: engine session id -> the token of its newest reply.
+
+    A new reply takes the slot (the engine aborts the old one as the new one starts); Stop, Undo and Clear
+    empty it; a reply gives it back when it ends in any way (done, failed, cancelled), so the map holds only
+    running replies.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, session: str) -> object:
+        """Give ``session``'s slot to a new reply; return that reply's token."""
+        token = object()
+        with self._lock:
+            self._tokens[session] = token
+        return token
+
+    def holds(self, session: str, token: object) -> bool:
+        """True while the reply of ``token`` is ``session``'s newest and was not stopped."""
+        return self._tokens.get(session) is token
+
+    def release(self, session: str, token: object | None = None) -> None:
+        """Empty ``session``'s slot (only if ``token`` still holds it, when given)."""
+        with self._lock:
+            if token is None or self._tokens.get(session) is token:
+                self._tokens.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to an HTTP request whose body is over ``max_bytes``, before anything parses
+    it (Gradio's ``max_file_size`` covers uploads only).
+
+    Args:
+        app: the ASGI app to guard.
+        max_bytes: the largest body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"The request is too large: the limit is {self.max_bytes} bytes."
+        body: dict[str, object] = {"detail": message, "error": message}
+        if scope.get("path", "").startswith("/v1/"):  # the OpenAI-compatible API: its own error object
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                              "code": "body_too_large"}}
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server stops the body at its declared length
+            return
+        # No declared length (chunked): read the body here, up to the limit, and hand it on.
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replay: list[AsgiMessage] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> AsgiMessage:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+
 def launch_options(engine: ChatEngine, settings: ServerSettings) -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch``: where to listen, no SSR, and enough worker threads.
+    """Keyword arguments for ``demo.launch``: where to listen, no SSR, enough worker threads, no exception
+    text sent to clients (``shown_to_user`` words every error), and request bodies capped (``BodySizeLimit``).
 
     Gradio runs at most ``max_threads`` events at once (40 by default) and every streaming reply holds a
     worker thread while it waits for text, so the limit must exceed the engine's concurrency: else a large
@@ -173,43 +297,47 @@ def launch_options(engine: ChatEngine, settings: ServerSettings) -> dict[str, An
         "server_name": settings.host,
         "server_port": settings.port,
         "ssr_mode": False,
-        "show_error": True,
+        "show_error": False,
         "max_threads": engine.max_concurrency + UI_THREADS,
+        "app_kwargs": {"middleware": [Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES)]},
     }
 
 
-def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo) -> gr.Blocks:
+def build_ui(
+    engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo, slots: ReplySlots | None = None
+) -> gr.Blocks:
     """Build the chat page and the ``/chat`` API, with the queue sized for ``engine``.
 
     Args:
         engine: the backend that generates replies (its ``max_concurrency`` sizes the generation pool).
         settings: server settings (``queue_size`` bounds the queue; ``system_prompt`` is the default one).
         model_info: what the page says about the served model.
+        slots: the per-session reply slots (None: a new ``ReplySlots``; pass one to look at it).
     """
 
     defaults = engine.settings.default_params()  # max_new_tokens fits the engine's session_len
+    # Which answer may update each page's chat. Stop, Undo and Clear empty the page's slot *before* they
+    # change the chat: Gradio still delivers what a stopped answer yields (text decoded before the abort) and
+    # repeats its last output when the event completes, so an answer that kept yielding could land after
+    # Undo / Clear and bring the removed turn back (seen in the browser test).
+    slots = ReplySlots() if slots is None else slots
 
     def add_question(chat: list, text: str) -> tuple[list[Message], str]:
-        with shown_to_user():
+        with shown_to_user("add the question"):
             return append_user(plain_messages(chat), text), ""
 
     def drop_answer(chat: list) -> list[Message]:
-        with shown_to_user():
+        with shown_to_user("retry"):
             return retry(plain_messages(chat))[0]
 
-    # page session -> the token of the answer now allowed to update that page's chat. Stop, Undo and Clear
-    # take it away *before* they change the chat: Gradio still delivers what a stopped answer yields (text
-    # decoded before the abort) and repeats its last output when the event completes, so an answer that kept
-    # yielding could land after Undo / Clear and bring the removed turn back (seen in the browser test).
-    on_screen: dict[str, object] = {}
-
     def stop_reply(request: gr.Request) -> None:
-        session = page_session(request)
-        on_screen.pop(session, None)
-        engine.abort(session)
+        with shown_to_user("stop the reply"):
+            session = page_session(request)
+            slots.release(session)
+            engine.abort(session)
 
     def undo_turn(chat: list) -> tuple[list[Message], str]:
-        with shown_to_user():
+        with shown_to_user("undo the last turn"):
             return undo(plain_messages(chat))
 
     def answer(
@@ -221,27 +349,30 @@ def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo
         top_k: int,
         request: gr.Request,
     ) -> Iterator[tuple[list[Message], str]]:
-        session, token = page_session(request), object()
-        with shown_to_user():
+        session = page_session(request)
+        with shown_to_user("answer"):
             history = plain_messages(chat)
             if not needs_answer(history):
                 return
             params = GenerationParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
             )
-            on_screen[session] = token  # before the reply starts: a Stop from now on reaches it
-            # A page has one reply at a time: the engine aborts this session's previous one if still running.
-            stream, texts = stream_reply(engine, with_system_prompt(history, system_prompt), params, session)
-        notice = dropped_notice(stream.dropped_messages)
-        with contextlib.closing(failures_shown(texts)) as shown:  # Gradio closing this generator aborts
-            for text in shown:
-                if on_screen.get(session) is not token:  # stopped, undone, cleared or replaced
-                    break
-                yield [*history, {"role": "assistant", "content": text}], notice
-        if on_screen.get(session) is token:
-            del on_screen[session]
-        else:
-            yield gr.skip(), gr.skip()  # the output Gradio repeats on completion: leave the chat as it is
+            conversation = with_system_prompt(history, system_prompt)
+        token = slots.claim(session)  # before the reply starts: a Stop from now on reaches it
+        try:
+            with shown_to_user("answer"):
+                # One reply per page: the engine aborts this session's previous one if still running.
+                stream, texts = stream_reply(engine, conversation, params, session)
+            notice = dropped_notice(stream.dropped_messages)
+            with contextlib.closing(failures_shown(texts)) as shown:  # Gradio closing this generator aborts
+                for text in shown:
+                    if not slots.holds(session, token):  # stopped, undone, cleared or replaced
+                        break
+                    yield [*history, {"role": "assistant", "content": text}], notice
+            if not slots.holds(session, token):
+                yield gr.skip(), gr.skip()  # the output Gradio repeats on completion: leave the chat as it is
+        finally:
+            slots.release(session, token)  # also when the reply failed or Gradio cancelled it
 
     def chat(
         message: str,
@@ -252,10 +383,12 @@ def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo
         top_p: float = defaults.top_p,
         top_k: int = defaults.top_k,
         do_sample: bool = defaults.do_sample,
+        request: gr.Request = None,
     ) -> Iterator[str]:
         """Answer `message` after `history` (a list of {role, content}). Client.submit streams the growing
-        reply, Client.predict returns the whole reply. do_sample=False decodes greedily (deterministic)."""
-        with shown_to_user():
+        reply, Client.predict returns the whole reply. do_sample=False decodes greedily (deterministic).
+        One reply per client session: a new call replaces the one still running."""
+        with shown_to_user("answer"):
             params = GenerationParams(
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
@@ -264,8 +397,23 @@ def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo
                 do_sample=do_sample,
             )
             conversation = with_system_prompt(append_user(plain_messages(history), message), system_prompt)
-            _, texts = stream_reply(engine, conversation, params, f"api-{uuid.uuid4().hex[:12]}")
-        yield from failures_shown(texts)
+        session = page_session(request, "api")
+        token = slots.claim(session)
+        try:
+            with shown_to_user("answer"):
+                stream, texts = stream_reply(engine, conversation, params, session)
+            with contextlib.closing(failures_shown(texts)) as shown:
+                for text in shown:
+                    if not slots.holds(session, token):
+                        break
+                    yield text
+            if stream.finish_reason == "abort" and not slots.holds(session, token):
+                raise gr.Error(
+                    "This reply was replaced by a newer request from the same client session.",
+                    title="Replaced",
+                )
+        finally:
+            slots.release(session, token)
 
     with gr.Blocks(title=f"{model_info.name} chat") as demo:
         gr.Markdown(f"# {model_info.name}")
@@ -289,6 +437,7 @@ def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo
                 show_label=False,
                 lines=1,  # Gradio: lines=1 -> Enter submits, Shift+Enter adds a line (lines>1 swaps them)
                 max_lines=10,
+                max_length=MAX_MESSAGE_CHARS,
                 autofocus=True,
                 scale=6,
                 elem_id="msg",
@@ -301,7 +450,9 @@ def build_ui(engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo
             clear = gr.Button("Clear", elem_id="clear")
         gr.Examples(EXAMPLES, inputs=textbox, label="Examples")
         with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-            system_prompt = gr.Textbox(value=settings.system_prompt, label="System prompt", lines=2)
+            system_prompt = gr.Textbox(
+                value=settings.system_prompt, label="System prompt", lines=2, max_length=MAX_MESSAGE_CHARS
+            )
             # Bounds as in GenerationParams (which validates them again for the API), the reply length as the
             # engine's session allows.
             max_new_tokens = gr.Slider(

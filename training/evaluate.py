@@ -345,6 +345,7 @@ def answer_all(
     import transformers
 
     from training.generate import generate, load_chat_model  # torch loads only once the inputs are valid
+    from training.progress import log_counts
 
     def compute() -> dict:
         start = time.perf_counter()
@@ -352,6 +353,8 @@ def answer_all(
         loaded = time.perf_counter()
         answers: dict = {}
         tokens = 0
+        report = log_counts(f"answers from {model_dir.name}", "prompts")  # the pipeline's progress line
+        total, done_before = len(SYSTEM_CONDITIONS) * (len(heldout) + len(general)), 0
         for cond, systems in SYSTEM_CONDITIONS.items():
             answers[cond] = {}
             for kind, prompts, limit in (("identity", heldout, max(IDENTITY_MAX_NEW_TOKENS, max_new_tokens)),
@@ -360,7 +363,9 @@ def answer_all(
                 for lang in LANGS:
                     idx = [i for i, q in enumerate(prompts) if q["lang"] == lang]
                     gens = generate(chat, [prompts[i]["prompt"] for i in idx], limit,
-                                    systems[lang] if systems else None, batch_size)
+                                    systems[lang] if systems else None, batch_size,
+                                    on_batch=lambda done, _, before=done_before: report(before + done, total))
+                    done_before += len(idx)
                     for i, g in zip(idx, gens, strict=True):
                         out[i] = {"text": g.text, "finished": g.finished}
                         tokens += g.new_tokens

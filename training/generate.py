@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def generate(
     max_new_tokens: int,
     system: str | None = None,
     batch_size: int = 16,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Greedy answers to single-turn prompts, in the order given.
 
@@ -118,6 +120,7 @@ def generate(
         max_new_tokens: most tokens per answer; an answer cut off here has finished=False.
         system: optional system message for every prompt.
         batch_size: prompts decoded together (left-padded); prompts are length-sorted to waste little padding.
+        on_batch: called with (answers done, answers in all) after each batch, for progress reports.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -155,6 +158,8 @@ def generate(
             results[i] = Generation(
                 tok.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept)
             )
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
     return [r for r in results if r is not None]
 
 

@@ -375,8 +375,11 @@ def replay_pairs(
         "dropped_cut_off"} (cut-off answers without one complete sentence are dropped).
     """
     from training.generate import generate, load_chat_model  # torch is only needed for this recipe
+    from training.progress import log_counts
 
-    gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size)
+    report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
+    gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
+                    on_batch=report)
     answers = [g.text if g.finished else trim_to_sentence(g.text) for g in gens]
     kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
     cut = [a for g, a in zip(gens, answers, strict=True) if g.text and not g.finished]

@@ -7,11 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env_checks.sh
-venv=${1:-.venv-train}; check=${2:-}
-if [ -n "$check" ] && [ "$check" != --check ]; then
-  echo "error: unknown option '$check' (usage: bash training/make_train_env.sh [VENV_DIR] [--check])" >&2
-  exit 1
-fi
+venv=.venv-train; check=
+for arg in "$@"; do
+  case $arg in
+    --check) check=1 ;;
+    -*) echo "error: unknown option '$arg' (usage: bash training/make_train_env.sh [VENV_DIR] [--check])" >&2
+        exit 1 ;;
+    *) venv=$arg ;;
+  esac
+done
 python=${PYTHON:-python3}
 require_python "$python" 3.11 3.13 "the training env (XTuner 0.2.0: < 3.13; the pipeline: >= 3.11)"
 

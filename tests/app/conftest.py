@@ -54,9 +54,11 @@ class RunningApp:
             time.sleep(0.1)
 
 
-def _run_app(model_source: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def _run_app(
+    model_source: str, tmp_path_factory: pytest.TempPathFactory, extra_env: dict[str, str] | None = None
+) -> Iterator[RunningApp]:
     log_path = tmp_path_factory.mktemp("app") / "app.log"
-    with serve_app(model_source, log_path) as url:
+    with serve_app(model_source, log_path, extra_env=extra_env) as url:
         yield RunningApp(url=url, log_path=log_path)
 
 
@@ -70,6 +72,22 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]
 def rambling_app(rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     """``python app.py`` serving the rambling model, for tests that stop a long reply."""
     yield from _run_app(str(rambling_model_dir), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def api_keys() -> tuple[str, ...]:
+    """The ``API_KEYS`` that ``keyed_app`` accepts."""
+    return ("test-key-one", "test-key-two")
+
+
+@pytest.fixture(scope="session")
+def keyed_app(
+    rambling_model_dir: Path, api_keys: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    """``python app.py`` with ``API_KEYS`` set and room for two requests only (one decoding, one queued),
+    serving the rambling model so that its replies hold their places."""
+    limits = {"API_KEYS": ",".join(api_keys), "MAX_BATCH_SIZE": "1", "QUEUE_SIZE": "1"}
+    yield from _run_app(str(rambling_model_dir), tmp_path_factory, limits)
 
 
 @pytest.fixture(scope="session")

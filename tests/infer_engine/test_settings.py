@@ -192,6 +192,18 @@ def test_server_settings_from_env() -> None:
     assert server_settings_from_env({}) == ServerSettings()
 
 
+def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() -> None:
+    settings = server_settings_from_env({"API_KEYS": " sk-one, sk-two ,,"})
+    assert settings.api_keys == ("sk-one", "sk-two")
+    assert "sk-one" not in repr(settings)
+    assert server_settings_from_env({"API_KEYS": " , "}).api_keys == ()
+    with pytest.raises(SettingsError, match="API key 2 must not contain spaces") as caught:
+        ServerSettings(api_keys=("sk-one", "sk two"))
+    assert "sk two" not in str(caught.value)  # the message names the key by number only
+    with pytest.raises(SettingsError, match="API key 1 must be printable ASCII"):
+        ServerSettings(api_keys=("clé",))
+
+
 @pytest.mark.parametrize(
     ("env", "match"),
     [

@@ -156,7 +156,7 @@ def test_chat_api_refuses_bad_values_with_a_message(engine: ChatEngine, bad: dic
 
 
 def test_a_failure_while_streaming_is_shown_as_a_gradio_error(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, engine_log: EngineLog
 ) -> None:
     engine = TransformersEngine(tiny_model_dir, EngineSettings(backend="transformers", max_batch_size=2))
 
@@ -166,8 +166,11 @@ def test_a_failure_while_streaming_is_shown_as_a_gradio_error(
     monkeypatch.setattr(engine, "_prefill", broken_prefill)
     try:
         chat = api_function(build_ui(engine, ServerSettings(), INFO))
-        with pytest.raises(gr.Error, match="The model failed to answer: .*injected prefill failure"):
+        with pytest.raises(gr.Error, match=r"the server failed to answer \(request \w+\)") as caught:
             list(chat("你是谁？", do_sample=False))
+        assert "injected" not in caught.value.message  # no internal text for the user: it is in the log
+        request_id = caught.value.message.split("(request ")[1].split(")")[0]
+        assert engine_log.wait_for(f"(?s)request {request_id}: failed to answer\n.*injected prefill", 1.0)
     finally:
         engine.close()
 
@@ -184,10 +187,11 @@ def test_launch_options_serve_more_streams_than_gradios_default_40_threads(rambl
     demo = build_ui(engine, settings, INFO)
     try:
         demo.launch(**options, prevent_thread_lock=True, quiet=True)
-        client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False, max_workers=2 * streams)
+        # one client (session) per stream: a session has one reply at a time
+        clients = [Client(f"http://127.0.0.1:{settings.port}/", verbose=False) for _ in range(streams)]
         jobs = [
             client.submit(f"question {i}", max_new_tokens=400, do_sample=False, api_name="/chat")
-            for i in range(streams)
+            for i, client in enumerate(clients)
         ]
         first: dict[int, float] = {}
         done: dict[int, float] = {}
@@ -205,7 +209,8 @@ def test_launch_options_serve_more_streams_than_gradios_default_40_threads(rambl
         assert len(first) == streams
         # With 40 threads, 4 streams would only start once others had ended.
         assert max(first.values()) < min(done.values()), "not every stream was generating at once"
-        client.close()
+        for client in clients:
+            client.close()
     finally:
         demo.close()
         engine.close()

@@ -26,7 +26,7 @@ from training.presets import (
     slug,
 )
 from training.runner import failure_reason
-from training.stages import publish_gate
+from training.stages import latest_checkpoint, publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -196,6 +196,17 @@ def test_publish_gate_thresholds(scores, refused, tmp_path):
     assert publish_gate(eval_json) == refused
     eval_json.write_text(json.dumps({"leakage_rate": 0.0}))
     assert publish_gate(eval_json) == f"{eval_json} has no identity_accuracy and leakage_rate numbers"
+
+
+def test_latest_checkpoint_is_a_file_or_a_deepspeed_directory(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "last_checkpoint").write_text("/elsewhere/train/iter_500.pth")  # found by name
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "iter_500.pth").mkdir()  # DeepSpeed: a directory of shards
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_500.pth"
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_9.pth"))
+    (tmp_path / "iter_9.pth").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_9.pth"
 
 
 def test_failure_reason_is_the_last_exception_line(tmp_path):
