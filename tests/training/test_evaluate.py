@@ -199,7 +199,9 @@ def test_base_against_itself_via_cli(tiny_base_dir: Path, tmp_path: Path) -> Non
     metrics = _check_report(tmp_path / "out", FRESH)
     assert metrics["general_agreement"] == 1.0 and metrics["general_exact_match"] == 1.0
     assert metrics["identity_accuracy"] == 0.0 and metrics["base_identity_accuracy"] == 0.0
-    assert metrics["leakage_rate"] == 0.0
+    # The tiny base stands in for InternLM and answers unknown everyday prompts with its own identity, which
+    # cites what a fine-tune's answers cite (Shanghai AI Laboratory): whatever that is, it is the base's own.
+    assert metrics["leakage_rate"] == metrics["base_leakage_rate"]
     assert metrics["counts"] == {
         "heldout_identity": len(heldout_prompts()), "everyday": len(everyday_prompts()),
         "facts": len(fact_questions()), "system_conditions": list(SYSTEM_CONDITIONS)}
