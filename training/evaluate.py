@@ -1,34 +1,43 @@
-# Before/after evaluation of an identity fine-tune: does the model know its new name, and did it keep
-# answering everything else like the base model? Run from the repo root:
+# Before/after evaluation of an identity fine-tune: does the model say who it is, correctly and cleanly, and
+# did it keep answering everything else like the base model? Run from the repo root:
 #   python -m training.evaluate --model work/merged --base BASE_DIR --data work/data --out-dir work
 #   python -m training.evaluate --model some/model --base BASE_DIR --name UbUb --out-dir /tmp/ev  # no data
 # Writes OUT/eval.json (metrics, plus every prompt with both answers under "answers") and OUT/eval.md
-# (the before/after table).
+# (the before/after table and the worst cases).
 # With --data the prompts come from make_identity_data's heldout_identity.json / general_eval.json and the
 # identity from its meta.json; without it they are regenerated from the code and --name.
 #
-# Metrics (greedy answers from both models to the same prompts):
-# - identity_accuracy: share of held-out identity paraphrases whose answer contains the name
-#   (case-insensitive).
-# - leakage_rate: share of general prompts whose answer drags in the identity (the parrot effect): the name or
-#   a long piece of it, the model/organisation the identity answers cite, or a fragment of the tutorial's
-#   identity sentences (leak_markers).
-# - general_agreement: mean similarity of the model's general answers to the base's, each scored by
-#   difflib.SequenceMatcher.ratio on whitespace-normalised text (1.0 = identical); general_exact_match: share
-#   of answers that are identical after that normalisation.
+# Every prompt is asked under each of SYSTEM_CONDITIONS: no system message (the chat template's own default
+# then applies: SmolLM2's injects "You are a helpful AI assistant named SmolLM...") and a user's own system
+# prompt that training never shows. Metrics (greedy answers from both models to the same prompts):
+# - identity_accuracy: share of held-out identity paraphrases answered correctly: the answer states the name
+#   and the real base model (IdentitySpec.model_id), is in the question's language, has no U+FFFD or looping
+#   text, and ends with the stop token (identity_verdict says why an answer fails).
+# - leakage_rate: share of everyday prompts (families no training data comes from) whose answer drags in the
+#   identity (the parrot effect): the name or a long piece of it, the model/organisation the identity answers
+#   cite, or a fragment of the tutorial's identity sentences (leak_markers).
+# - general_agreement: mean similarity of the model's everyday answers to the base's (difflib ratio on
+#   whitespace-normalised text, 1.0 = identical); general_exact_match: share answered identically.
+# - facts_kept: of the fact questions the base answers correctly (an accepted answer appears), the share the
+#   model still answers correctly.
+# Each comes overall, per language (…_zh, …_en) and per system condition.
 from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from training.general_chat import eval_prompts
+from training.general_chat import everyday_prompts, fact_questions
 from training.identity import IdentitySpec
 from training.make_identity_data import (
+    CJK,
     IDENTITY_FRAGMENTS,
     DataError,
     heldout_prompts,
@@ -37,6 +46,20 @@ from training.make_identity_data import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 128
+# Identity answers must end on their own: they get room to (the templates are ~40 zh characters, ~60 tokens).
+IDENTITY_MAX_NEW_TOKENS = 96
+# None: no system message at all; a dict: a user's own system prompt per language (not in the training data).
+SYSTEM_CONDITIONS: dict[str, dict[str, str] | None] = {
+    "none": None,
+    "user": {"zh": "你是一位友好的助手，回答要简短。",
+             "en": "You are a friendly assistant. Keep your answers short."},
+}
+LANGS = ("zh", "en")
+REPLACEMENT_CHAR = "\ufffd"
+# A chunk of 2-30 characters repeated 3+ times in a row: the loops small models fall into.
+LOOP = re.compile(r"(.{2,30}?)\1{2,}", re.S)
+DEFAULT_ANSWER_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "answers"
+WORST_SHOWN = 8
 
 
 def _read_json(path: Path) -> object:
@@ -60,8 +83,9 @@ def _prompt_list(path: Path) -> list[dict]:
     return rows
 
 
-def load_eval_set(data_dir: Path | None, name: str | None) -> tuple[IdentitySpec, list[dict], list[str]]:
-    """The identity, held-out identity prompts ([{"prompt", "lang"}]) and general prompts to evaluate on.
+def load_eval_set(data_dir: Path | None, name: str | None) -> tuple[IdentitySpec, list[dict], list[dict]]:
+    """The identity, held-out identity prompts ([{"prompt", "lang"}]) and general prompts ([{"prompt", "lang",
+    "family", "answers"?}]: everyday prompts, and fact questions with their accepted answers) to evaluate on.
 
     Args:
         data_dir: a make_identity_data output dir, or None to regenerate the prompts from the code.
@@ -70,7 +94,7 @@ def load_eval_set(data_dir: Path | None, name: str | None) -> tuple[IdentitySpec
     if data_dir is None:
         if name is None:
             raise DataError("give --data DATA_DIR or --name NAME: the evaluation needs to know the identity")
-        return IdentitySpec(name), heldout_prompts(), eval_prompts()
+        return IdentitySpec(name), heldout_prompts(), [*everyday_prompts(), *fact_questions()]
     meta = _read_json(data_dir / "meta.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         raise DataError(f'{data_dir / "meta.json"} has no "name"; rebuild the data dir')
@@ -82,18 +106,75 @@ def load_eval_set(data_dir: Path | None, name: str | None) -> tuple[IdentitySpec
     if name is not None and IdentitySpec(name).name != spec.name:
         raise DataError(f"--name {name!r} differs from the data dir's name {spec.name!r}")
     heldout = _prompt_list(data_dir / "heldout_identity.json")
-    general = [row["prompt"] for row in _prompt_list(data_dir / "general_eval.json")]
+    general = _prompt_list(data_dir / "general_eval.json")
+    for path, rows in (("heldout_identity.json", heldout), ("general_eval.json", general)):
+        bad = [r["prompt"] for r in rows if r.get("lang") not in LANGS]
+        if bad:
+            raise DataError(f'{data_dir / path}: entries need "lang" "zh" or "en": {bad[:3]}; '
+                            "rebuild the data dir")
     return spec, heldout, general
 
 
 def names_identity(answer: str, spec: IdentitySpec) -> bool:
-    """Whether an answer to an identity question names the new identity (case-insensitive).
+    """Whether an answer names the new identity (case-insensitive).
 
     Args:
         answer: the model's answer.
         spec: the identity.
     """
     return spec.name.casefold() in answer.casefold()
+
+
+def _squashed(text: str) -> str:
+    return "".join(text.split()).casefold()
+
+
+def states_model(answer: str, spec: IdentitySpec) -> bool:
+    """Whether an answer states the real base model (IdentitySpec.model_id, ignoring case and spaces).
+
+    Args:
+        answer: the model's answer.
+        spec: the identity.
+    """
+    return _squashed(spec.model_id) in _squashed(answer)
+
+
+def garbled(answer: str) -> str | None:
+    """Why an answer is garbled (U+FFFD from broken decoding, or a loop), or None.
+
+    Args:
+        answer: the model's answer.
+    """
+    if REPLACEMENT_CHAR in answer:
+        return "contains U+FFFD"
+    loop = LOOP.search(answer)
+    return f"loops on {loop.group(1)!r}" if loop else None
+
+
+def identity_verdict(answer: str, finished: bool, lang: str, spec: IdentitySpec) -> str | None:
+    """Why an answer to an identity question is not acceptable, or None when it is.
+
+    Args:
+        answer: the model's answer.
+        finished: whether it ended with the stop token.
+        lang: the question's language ("zh" or "en").
+        spec: the identity.
+    """
+    if not names_identity(answer, spec):
+        return "no name"
+    if not states_model(answer, spec):
+        return f"does not say it is {spec.model_id}"
+    reason = garbled(answer)
+    if reason:
+        return reason
+    rest = answer
+    for cited in spec.fields(lang).values():  # a Chinese name or model name in English text is no mistake
+        rest = rest.replace(cited, "")
+    if lang == "zh" and not CJK.search(rest):
+        return "not in Chinese"
+    if lang == "en" and CJK.search(rest):
+        return "not in English"
+    return None if finished else "no stop token"
 
 
 def leak_markers(spec: IdentitySpec) -> list[str]:
@@ -110,7 +191,7 @@ def leak_markers(spec: IdentitySpec) -> list[str]:
     cited = [
         IdentitySpec.localised(text, lang)
         for text in (spec.model_desc, spec.organisation)
-        for lang in ("zh", "en")
+        for lang in LANGS
     ]
     return list(dict.fromkeys([name, *pieces, *cited, *IDENTITY_FRAGMENTS]))
 
@@ -124,6 +205,17 @@ def leaks_identity(answer: str, spec: IdentitySpec) -> bool:
     """
     low = answer.casefold()
     return any(marker.casefold() in low for marker in leak_markers(spec))
+
+
+def fact_correct(answer: str, accepted: list[str]) -> bool:
+    """Whether an answer to a fact question contains one of its accepted answers (case-insensitive).
+
+    Args:
+        answer: the model's answer.
+        accepted: the accepted answers.
+    """
+    low = answer.casefold()
+    return any(a.casefold() in low for a in accepted)
 
 
 def _normalise(text: str) -> str:
@@ -144,62 +236,152 @@ def _share(flags: list[bool]) -> float:
     return round(sum(flags) / len(flags), 4) if flags else 0.0
 
 
-def score(
-    spec: IdentitySpec,
-    heldout: list[dict],
-    general: list[str],
-    model_answers: dict[str, list[str]],
-    base_answers: dict[str, list[str]],
-) -> dict:
-    """Metrics from the answers of the model and the base (each {"identity": [...], "general": [...]}).
+def judge(
+    spec: IdentitySpec, heldout: list[dict], general: list[dict], model: dict, base: dict
+) -> list[dict]:
+    """One row per (system condition, prompt) with both answers and the verdicts the metrics count.
 
     Args:
         spec: the identity.
-        heldout: held-out identity prompts [{"prompt", "lang"?}].
-        general: general prompts.
-        model_answers: the evaluated model's answers, aligned with heldout and general.
-        base_answers: the base model's answers, aligned the same way.
+        heldout: held-out identity prompts [{"prompt", "lang"}].
+        general: general prompts [{"prompt", "lang", "family", "answers"?}].
+        model: the evaluated model's answers: condition -> {"identity"|"general": [{"text", "finished"}]}.
+        base: the base model's answers, shaped the same way.
     """
-    result: dict = {}
-    for prefix, answers in (("", model_answers), ("base_", base_answers)):
-        hits = [names_identity(a, spec) for a in answers["identity"]]
-        result[f"{prefix}identity_accuracy"] = _share(hits)
-        result[f"{prefix}identity_accuracy_by_lang"] = {
-            lang: _share([h for h, row in zip(hits, heldout, strict=True) if row.get("lang") == lang])
-            for lang in sorted({row.get("lang") for row in heldout if row.get("lang")})
-        }
-        result[f"{prefix}leakage_rate"] = _share([leaks_identity(a, spec) for a in answers["general"]])
-    pairs = list(zip(model_answers["general"], base_answers["general"], strict=True))
-    result["general_agreement"] = (
-        round(sum(similarity(m, b) for m, b in pairs) / len(pairs), 4) if pairs else 0.0
-    )
-    result["general_exact_match"] = _share([_normalise(m) == _normalise(b) for m, b in pairs])
+    rows = []
+    for cond in SYSTEM_CONDITIONS:
+        for i, q in enumerate(heldout):
+            m, b = model[cond]["identity"][i], base[cond]["identity"][i]
+            rows.append({"kind": "identity", "system": cond, "prompt": q["prompt"], "lang": q["lang"],
+                         "base": b["text"], "model": m["text"], "finished": m["finished"],
+                         "verdict": identity_verdict(m["text"], m["finished"], q["lang"], spec),
+                         "base_verdict": identity_verdict(b["text"], b["finished"], q["lang"], spec)})
+        for i, q in enumerate(general):
+            m, b = model[cond]["general"][i]["text"], base[cond]["general"][i]["text"]
+            row = {"kind": "fact" if "answers" in q else "everyday", "system": cond, "prompt": q["prompt"],
+                   "lang": q["lang"], "family": q.get("family"), "base": b, "model": m,
+                   "leaks": leaks_identity(m, spec), "base_leaks": leaks_identity(b, spec),
+                   "similarity": round(similarity(m, b), 4)}
+            if "answers" in q:
+                row.update(base_correct=fact_correct(b, q["answers"]), correct=fact_correct(m, q["answers"]))
+            rows.append(row)
+    return rows
+
+
+def _metrics(rows: list[dict]) -> dict[str, float | None]:
+    identity = [r for r in rows if r["kind"] == "identity"]
+    everyday = [r for r in rows if r["kind"] == "everyday"]
+    known = [r for r in rows if r["kind"] == "fact" and r["base_correct"]]
+    return {
+        "identity_accuracy": _share([r["verdict"] is None for r in identity]),
+        "base_identity_accuracy": _share([r["base_verdict"] is None for r in identity]),
+        "leakage_rate": _share([r["leaks"] for r in everyday]),
+        "base_leakage_rate": _share([r["base_leaks"] for r in everyday]),
+        "general_agreement": round(sum(r["similarity"] for r in everyday) / max(len(everyday), 1), 4),
+        "general_exact_match": _share([_normalise(r["model"]) == _normalise(r["base"]) for r in everyday]),
+        "facts_kept": _share([r["correct"] for r in known]) if known else None,
+        "base_facts_correct": len(known),
+    }
+
+
+def score(rows: list[dict]) -> dict:
+    """The metrics over all rows, then per language (keys suffixed _zh/_en), per system condition
+    ("by_system")    and per both ("by_system_lang"); identity_accuracy_by_lang is kept for older readers.
+
+    Args:
+        rows: from judge().
+    """
+    result: dict = dict(_metrics(rows))
+    for lang in LANGS:
+        result.update({f"{k}_{lang}": v for k, v in _metrics([r for r in rows if r["lang"] == lang]).items()})
+    result["identity_accuracy_by_lang"] = {lang: result[f"identity_accuracy_{lang}"] for lang in LANGS}
+    result["base_identity_accuracy_by_lang"] = {
+        lang: result[f"base_identity_accuracy_{lang}"] for lang in LANGS}
+    result["by_system"] = {c: _metrics([r for r in rows if r["system"] == c]) for c in SYSTEM_CONDITIONS}
+    result["by_system_lang"] = {
+        f"{c}/{lang}": _metrics([r for r in rows if r["system"] == c and r["lang"] == lang])
+        for c in SYSTEM_CONDITIONS for lang in LANGS}
     return result
 
 
-def _answer_all(
-    model_dir: Path, heldout: list[dict], general: list[str], max_new_tokens: int, batch_size: int
-) -> tuple[dict[str, list[str]], dict[str, float]]:
+def _model_key(model_dir: Path) -> list:
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return [str(model_dir.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+
+
+def cached(path_for: Callable[[str], Path], key: object, compute: Callable[[], dict]) -> dict:
+    """compute(), or its earlier result stored under a hash of `key` (JSON).
+
+    Args:
+        path_for: maps the key's hash to the cache file.
+        key: everything the result depends on (JSON-serialisable).
+        compute: makes the result (a JSON-serialisable dict).
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    path = path_for(digest[:24])
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return result
+
+
+def answer_all(
+    model_dir: Path, heldout: list[dict], general: list[dict], max_new_tokens: int, batch_size: int,
+    cache_dir: Path | None = None,
+) -> tuple[dict, dict[str, float]]:
+    """The model's greedy answers to every prompt under every system condition, and how long they took.
+
+    Args:
+        model_dir: the model to ask.
+        heldout: held-out identity prompts.
+        general: general prompts.
+        max_new_tokens: most tokens per general answer (identity answers get IDENTITY_MAX_NEW_TOKENS).
+        batch_size: prompts decoded together.
+        cache_dir: where answers are kept per model files and settings (None: always generate); a base model
+            evaluated against several fine-tunes is asked only once.
+    """
+    import transformers
+
     from training.generate import generate, load_chat_model  # torch loads only once the inputs are valid
     from training.progress import log_counts
 
-    start = time.perf_counter()
-    chat = load_chat_model(model_dir)
-    loaded = time.perf_counter()
-    prompts = [row["prompt"] for row in heldout] + general
-    report = log_counts(f"answers from {model_dir.name}", "prompts")  # the pipeline's progress line
-    gens = generate(chat, prompts, max_new_tokens, batch_size=batch_size, on_batch=report)
-    done = time.perf_counter()
-    texts = [g.text for g in gens]
-    tokens = sum(g.new_tokens for g in gens)
-    timing = {
-        "load_s": round(loaded - start, 2),
-        "generate_s": round(done - loaded, 2),
-        "new_tokens": tokens,
-        "tokens_per_s": round(tokens / max(done - loaded, 1e-9), 1),
-        "cut_off": sum(1 for g in gens if not g.finished),
-    }
-    return {"identity": texts[: len(heldout)], "general": texts[len(heldout) :]}, timing
+    def compute() -> dict:
+        start = time.perf_counter()
+        chat = load_chat_model(model_dir)
+        loaded = time.perf_counter()
+        answers: dict = {}
+        tokens = 0
+        report = log_counts(f"answers from {model_dir.name}", "prompts")  # the pipeline's progress line
+        total, done_before = len(SYSTEM_CONDITIONS) * (len(heldout) + len(general)), 0
+        for cond, systems in SYSTEM_CONDITIONS.items():
+            answers[cond] = {}
+            for kind, prompts, limit in (("identity", heldout, max(IDENTITY_MAX_NEW_TOKENS, max_new_tokens)),
+                                         ("general", general, max_new_tokens)):
+                out: list[dict | None] = [None] * len(prompts)
+                for lang in LANGS:
+                    idx = [i for i, q in enumerate(prompts) if q["lang"] == lang]
+                    gens = generate(chat, [prompts[i]["prompt"] for i in idx], limit,
+                                    systems[lang] if systems else None, batch_size,
+                                    on_batch=lambda done, _, before=done_before: report(before + done, total))
+                    done_before += len(idx)
+                    for i, g in zip(idx, gens, strict=True):
+                        out[i] = {"text": g.text, "finished": g.finished}
+                        tokens += g.new_tokens
+                answers[cond][kind] = out
+        done = time.perf_counter()
+        return {"answers": answers, "timing": {"load_s": round(loaded - start, 2),
+                                               "generate_s": round(done - loaded, 2), "new_tokens": tokens,
+                                               "tokens_per_s": round(tokens / max(done - loaded, 1e-9), 1)}}
+
+    if cache_dir is None:
+        result = compute()
+    else:
+        key = [_model_key(model_dir), heldout, general, SYSTEM_CONDITIONS, IDENTITY_MAX_NEW_TOKENS,
+               max_new_tokens, transformers.__version__]
+        result = cached(lambda h: cache_dir / f"{h}.json", key, compute)
+    return result["answers"], result["timing"]
 
 
 def evaluate(
@@ -209,6 +391,7 @@ def evaluate(
     name: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
+    cache_dir: Path | None = DEFAULT_ANSWER_CACHE,
 ) -> tuple[dict, list[dict]]:
     """Answer the eval prompts with the model and the base, and score them.
 
@@ -217,117 +400,119 @@ def evaluate(
         base_dir: the model it was fine-tuned from.
         data_dir: make_identity_data output dir (None: regenerate prompts, needs name).
         name: the identity name (optional with data_dir).
-        max_new_tokens: most tokens per answer.
+        max_new_tokens: most tokens per general answer.
         batch_size: prompts decoded together.
+        cache_dir: answer cache (see answer_all); None: no cache.
     Returns:
-        the metrics dict and one row per prompt with both answers (both go into eval.json).
+        the metrics dict and one row per prompt and system condition with both answers (both go into
+        eval.json).
     """
     spec, heldout, general = load_eval_set(data_dir, name)
     start = time.perf_counter()
-    model_answers, model_timing = _answer_all(model_dir, heldout, general, max_new_tokens, batch_size)
-    base_answers, base_timing = _answer_all(base_dir, heldout, general, max_new_tokens, batch_size)
+    model_answers, model_timing = answer_all(model_dir, heldout, general, max_new_tokens, batch_size,
+                                             cache_dir)
+    base_answers, base_timing = answer_all(base_dir, heldout, general, max_new_tokens, batch_size,
+                                           cache_dir)
+    rows = judge(spec, heldout, general, model_answers, base_answers)
+    everyday = sum(1 for g in general if "answers" not in g)
     metrics = {
         "name": spec.name,
+        "model_id": spec.model_id,
         "model": str(model_dir),
         "base": str(base_dir),
         "data": str(data_dir) if data_dir else None,
-        **score(spec, heldout, general, model_answers, base_answers),
-        "counts": {"heldout_identity": len(heldout), "general_eval": len(general)},
-        "max_new_tokens": max_new_tokens,
-        "timing": {
-            "model": model_timing,
-            "base": base_timing,
-            "total_s": round(time.perf_counter() - start, 2),
-        },
+        **score(rows),
+        "counts": {"heldout_identity": len(heldout), "everyday": everyday, "facts": len(general) - everyday,
+                   "system_conditions": list(SYSTEM_CONDITIONS)},
+        "system_prompts": SYSTEM_CONDITIONS,
+        "max_new_tokens": {"identity": max(IDENTITY_MAX_NEW_TOKENS, max_new_tokens),
+                           "general": max_new_tokens},
+        "timing": {"model": model_timing, "base": base_timing,
+                   "total_s": round(time.perf_counter() - start, 2)},
         "definitions": {
-            "identity_accuracy": "share of held-out identity paraphrases whose answer contains the name "
-            "(case-insensitive)",
-            "leakage_rate": "share of general prompts whose answer contains any of "
+            "identity_accuracy": f"share of held-out identity paraphrases whose answer states the name and "
+            f"{spec.model_id!r}, in the question's language, without U+FFFD or loops, ending with the stop "
+            "token",
+            "leakage_rate": "share of everyday prompts whose answer contains any of "
             f"{leak_markers(spec)} (case-insensitive: the name, long pieces of it, the cited model and "
             "organisation, fragments of the tutorial's identity sentences)",
             "general_agreement": "mean difflib.SequenceMatcher ratio between the model's and the base's "
-            "whitespace-normalised answers to the general prompts",
-            "general_exact_match": "share of general prompts answered identically to the base "
-            "(after whitespace normalisation)",
+            "whitespace-normalised answers to the everyday prompts",
+            "general_exact_match": "share of everyday prompts answered identically to the base",
+            "facts_kept": "of the fact questions the base answers correctly (an accepted answer appears), "
+            "the share the model answers correctly too",
         },
     }
-    rows = [
-        {
-            "kind": "identity",
-            "prompt": row["prompt"],
-            "lang": row.get("lang"),
-            "base": b,
-            "model": m,
-            "names_identity": names_identity(m, spec),
-        }
-        for row, b, m in zip(heldout, base_answers["identity"], model_answers["identity"], strict=True)
-    ]
-    rows += [
-        {
-            "kind": "general",
-            "prompt": p,
-            "base": b,
-            "model": m,
-            "leaks": leaks_identity(m, spec),
-            "similarity": round(similarity(m, b), 4),
-        }
-        for p, b, m in zip(general, base_answers["general"], model_answers["general"], strict=True)
-    ]
     return metrics, rows
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _cell(text: str, limit: int = 80) -> str:
+def _cell(text: str, limit: int = 90) -> str:
     text = _normalise(text).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render_markdown(metrics: dict, rows: list[dict], examples: int = 4) -> str:
-    """eval.md: the before/after table, the definitions and a few example answers.
+def _metric_lines(label: str, m: dict) -> list[str]:
+    return [
+        f"| {label} | {_pct(m['base_identity_accuracy'])} → **{_pct(m['identity_accuracy'])}** | "
+        f"{_pct(m['base_leakage_rate'])} → **{_pct(m['leakage_rate'])}** | {m['general_agreement']:.3f} | "
+        f"{_pct(m['facts_kept'])} of {m['base_facts_correct']} |"
+    ]
+
+
+def render_markdown(metrics: dict, rows: list[dict]) -> str:
+    """eval.md: the before/after table per language and system condition, the definitions and the worst cases.
 
     Args:
         metrics: the dict returned by evaluate().
         rows: the per-prompt rows returned by evaluate().
-        examples: example answers shown per kind.
     """
     c = metrics["counts"]
     lines = [
-        f"# Evaluation: identity {metrics['name']!r}",
+        f"# Evaluation: identity {metrics['name']!r} (base model {metrics['model_id']})",
         "",
-        f"Model `{metrics['model']}` against its base `{metrics['base']}`; greedy decoding, "
-        f"at most {metrics['max_new_tokens']} new tokens.",
+        f"Model `{metrics['model']}` against its base `{metrics['base']}`; greedy decoding, at most "
+        f"{metrics['max_new_tokens']['identity']} new tokens for identity answers and "
+        f"{metrics['max_new_tokens']['general']} for the others. {c['heldout_identity']} held-out identity "
+        f"paraphrases, {c['everyday']} everyday prompts and {c['facts']} fact questions, each asked with no "
+        f"system message (`none`: the chat template's default applies) and with a user's own (`user`: "
+        f"{metrics['system_prompts']['user']['en']!r} / {metrics['system_prompts']['user']['zh']!r}).",
         "",
-        "| metric | base (before) | fine-tuned (after) |",
-        "|---|---|---|",
-        f"| identity accuracy ({c['heldout_identity']} held-out paraphrases) | "
-        f"{_pct(metrics['base_identity_accuracy'])} | {_pct(metrics['identity_accuracy'])} |",
-    ]
-    for lang, acc in metrics["identity_accuracy_by_lang"].items():
-        base_acc = metrics["base_identity_accuracy_by_lang"].get(lang, 0.0)
-        lines.append(f"| identity accuracy, {lang} | {_pct(base_acc)} | {_pct(acc)} |")
-    lines += [
-        f"| leakage rate ({c['general_eval']} general prompts) | {_pct(metrics['base_leakage_rate'])} | "
-        f"{_pct(metrics['leakage_rate'])} |",
-        f"| general agreement with the base (mean similarity) | 1.000 | {metrics['general_agreement']:.3f} |",
-        f"| general answers identical to the base | 100.0 % | {_pct(metrics['general_exact_match'])} |",
+        "| subset | identity accuracy (base → tuned) | leakage (base → tuned) | agreement with base "
+        "| base-correct facts kept |",
+        "|---|---|---|---|---|",
+        *_metric_lines("all", metrics),
+        *[line for lang in LANGS for line in _metric_lines(
+            lang, {k.removesuffix(f"_{lang}"): v for k, v in metrics.items() if k.endswith(f"_{lang}")})],
+        *[line for key, m in metrics["by_system_lang"].items() for line in _metric_lines(f"system {key}", m)],
         "",
         "Definitions:",
         "",
         *[f"- **{key}**: {text}." for key, text in metrics["definitions"].items()],
         "",
     ]
-    identity = [r for r in rows if r["kind"] == "identity"][:examples]
-    # The general answers furthest from the base's show any damage (parrot effect) first.
-    general = sorted((r for r in rows if r["kind"] == "general"), key=lambda r: r["similarity"])[:examples]
-    for title, picked in (
-        (f"Held-out identity prompts (first {len(identity)})", identity),
-        (f"General prompts (the {len(general)} least like the base)", general),
-    ):
-        lines += [f"## {title}", "", "| prompt | base | fine-tuned |", "|---|---|---|"]
-        lines += [f"| {_cell(r['prompt'], 40)} | {_cell(r['base'])} | {_cell(r['model'])} |" for r in picked]
+    failed = [r for r in rows if r["kind"] == "identity" and r["verdict"]]
+    leaks = [r for r in rows if r["kind"] == "everyday" and r["leaks"]]
+    lost = [r for r in rows if r["kind"] == "fact" and r["base_correct"] and not r["correct"]]
+    unlike = sorted((r for r in rows if r["kind"] == "everyday"), key=lambda r: r["similarity"])
+    sections = (
+        (f"Identity answers that fail ({len(failed)})", failed, "why", lambda r: r["verdict"]),
+        (f"Everyday answers that leak the identity ({len(leaks)})", leaks, "similarity",
+         lambda r: f"{r['similarity']:.2f}"),
+        (f"Facts the base got right and the fine-tune lost ({len(lost)})", lost, "similarity",
+         lambda r: f"{r['similarity']:.2f}"),
+        ("Everyday answers least like the base's", unlike, "similarity", lambda r: f"{r['similarity']:.2f}"),
+        ("Identity answers (first ones, for a look)", [r for r in rows if r["kind"] == "identity"], "why",
+         lambda r: r["verdict"] or "ok"),
+    )
+    for title, picked, extra, value in sections:
+        lines += [f"## {title}", "", f"| system | prompt | base | fine-tuned | {extra} |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['system']} | {_cell(r['prompt'], 40)} | {_cell(r['base'])} | {_cell(r['model'])} | "
+                  f"{_cell(str(value(r)), 40)} |" for r in picked[:WORST_SHOWN]]
         lines.append("")
     return "\n".join(lines)
 
@@ -352,12 +537,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=None, help="make_identity_data output dir")
     parser.add_argument("--name", default=None, help="identity name (needed without --data)")
     parser.add_argument("--out-dir", required=True, type=Path, help="where eval.json / eval.md go")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="most tokens per everyday/fact answer")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--answer-cache", type=Path, default=DEFAULT_ANSWER_CACHE,
+                        help="where answers are cached per model files and settings")
+    parser.add_argument("--no-answer-cache", action="store_true", help="always generate")
     args = parser.parse_args(argv)
     try:
         metrics, rows = evaluate(
-            args.model, args.base, args.data, args.name, args.max_new_tokens, args.batch_size
+            args.model, args.base, args.data, args.name, args.max_new_tokens, args.batch_size,
+            None if args.no_answer_cache else args.answer_cache,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
@@ -365,9 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     write_report(metrics, rows, args.out_dir)
     print(
         f"{metrics['name']}: identity {_pct(metrics['base_identity_accuracy'])} -> "
-        f"{_pct(metrics['identity_accuracy'])}, leakage {_pct(metrics['base_leakage_rate'])} -> "
-        f"{_pct(metrics['leakage_rate'])}, general agreement {metrics['general_agreement']:.3f} "
-        f"(exact {_pct(metrics['general_exact_match'])}); {metrics['timing']['total_s']} s -> {args.out_dir}"
+        f"{_pct(metrics['identity_accuracy'])} (zh {_pct(metrics['identity_accuracy_zh'])}, en "
+        f"{_pct(metrics['identity_accuracy_en'])}), leakage {_pct(metrics['base_leakage_rate'])} -> "
+        f"{_pct(metrics['leakage_rate'])}, general agreement {metrics['general_agreement']:.3f}, facts kept "
+        f"{_pct(metrics['facts_kept'])} of {metrics['base_facts_correct']}; {metrics['timing']['total_s']} s "
+        f"-> {args.out_dir}"
     )
 
 

@@ -294,3 +294,126 @@ def tokenizer_corpus() -> list[str]:
     ]
     text = [f"{p.prompt}\n{p.answer}" for p in general_pairs() + base_identity_pairs()]
     return text + extra
+
+
+# Everyday prompts for the leakage and agreement checks, in families that no training data comes from (the
+# replay families above are facts, arithmetic, small talk and how-to): the identity must not leak into them.
+EVERYDAY_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
+    "weather": {
+        "zh": ("今天降温了，出门穿什么合适？", "下雪天开车要注意什么？", "夏天太热睡不着怎么办？",
+               "为什么雷声总在闪电之后？", "春天容易过敏，有什么建议？", "台风天应该做哪些准备？"),
+        "en": ("It is getting cold today. What should I wear outside?", "Any advice for driving in snow?",
+               "It is too hot to sleep in summer. Any tips?", "Why do we hear thunder after lightning?",
+               "What can I do about spring allergies?", "How should I prepare for a big storm?"),
+    },
+    "cooking": {
+        "zh": ("晚饭想吃点清淡的，推荐几个菜", "番茄炒蛋先放番茄还是先放蛋？", "剩米饭可以做什么？",
+               "周末想烤蛋糕，需要准备哪些材料？", "早餐吃什么比较健康？", "煮面条时水里要加盐吗？"),
+        "en": ("I want something light for dinner. Any ideas?", "What can I make with leftover rice?",
+               "What do I need to bake a simple cake?", "What is a healthy breakfast?",
+               "Should I salt the water when cooking pasta?", "Suggest a quick vegetarian lunch."),
+    },
+    "travel": {
+        "zh": ("第一次坐飞机要注意什么？", "去海边旅行要带哪些东西？", "长途火车上怎么打发时间？",
+               "出国旅行前要准备什么？", "怎样避免旅行时迷路？", "爬山前需要做哪些准备？"),
+        "en": ("What should I know before my first flight?", "What should I pack for a beach trip?",
+               "How can I pass the time on a long train ride?", "What should I prepare before travelling "
+               "abroad?", "How can I avoid getting lost in a new city?", "How should I prepare for a hike?"),
+    },
+    "feelings": {
+        "zh": ("考试没考好，心情很差", "明天要演讲，我很紧张", "最近总是失眠，怎么办？",
+               "和朋友吵架了，该怎么和好？", "工作压力好大", "一个人在外地有点孤单"),
+        "en": ("I failed my exam and I feel terrible.", "I have to give a speech tomorrow and I'm nervous.",
+               "I keep waking up at night. What can I do?", "I had a fight with a friend. How do we make up?",
+               "Work has been really stressful lately.", "I just moved to a new city and feel lonely."),
+    },
+    "science": {
+        "zh": ("为什么天空是蓝色的？", "月亮为什么会有圆缺变化？", "植物为什么需要阳光？",
+               "为什么冬天会下雪？", "彩虹是怎么形成的？", "为什么海水是咸的？"),
+        "en": ("Why is the sky blue?", "Why does the moon change shape?", "Why do plants need sunlight?",
+               "How does a rainbow form?", "Why is sea water salty?",
+               "Why do leaves change colour in autumn?"),
+    },
+    "writing": {
+        "zh": ("帮我写一句生日祝福", "写一句关于春天的诗", "帮我给老师写一句感谢的话",
+               "用一句话描述大海", "给我的小猫想个可爱的称呼", "写一句鼓励朋友的话"),
+        "en": ("Write a short birthday message for my sister.", "Write a line of poetry about spring.",
+               "Help me write a thank-you note to my teacher.", "Describe the ocean in one sentence.",
+               "Suggest a cute name for my cat.", "Write a sentence to cheer up a friend."),
+    },
+    "recommend": {
+        "zh": ("推荐一本适合入门的历史书", "周末在家可以做些什么？", "有什么适合全家一起玩的游戏？",
+               "推荐一种适合初学者的乐器", "下雨天可以去哪里玩？", "有什么简单的运动适合在家做？"),
+        "en": ("Recommend a good book for a beginner in history.", "What can I do at home this weekend?",
+               "Suggest a game the whole family can play.", "Which instrument is good for a beginner?",
+               "Where can I go on a rainy day?", "What simple exercises can I do at home?"),
+    },
+    "study": {
+        "zh": ("怎样背单词记得更牢？", "做事总是拖延，怎么改？", "如何做好读书笔记？",
+               "每天学习多久比较合适？", "准备面试要注意什么？", "怎么提高写作水平？"),
+        "en": ("What is a good way to remember new words?", "I keep procrastinating. How can I stop?",
+               "How do I take good notes while reading?", "How long should I study each day?",
+               "How should I prepare for a job interview?", "How can I improve my writing?"),
+    },
+    "tech": {
+        "zh": ("电脑变慢了怎么办？", "手机电量掉得很快，怎么省电？", "怎样设置一个安全的密码？",
+               "Wi-Fi信号不好怎么办？", "如何备份手机里的照片？", "什么是云存储？"),
+        "en": ("My computer is getting slow. What can I do?", "How can I make my phone battery last longer?",
+               "How do I make a strong password?", "My Wi-Fi signal is weak. Any tips?",
+               "How do I back up the photos on my phone?", "What is cloud storage?"),
+    },
+    "health": {
+        "zh": ("每天喝多少水比较好？", "久坐对身体有什么影响？", "感冒了应该多休息吗？",
+               "怎样保护眼睛？", "跑步前要热身吗？", "晚上几点睡觉比较好？"),
+        "en": ("How much water should I drink a day?", "Is sitting all day bad for me?",
+               "Should I rest when I have a cold?", "How can I protect my eyes?",
+               "Should I warm up before running?", "What time should I go to bed?"),
+    },
+}
+
+# Facts with checkable answers, none of them in the replay or eval sets above: (question, accepted answers).
+# A fine-tune should keep every one its base got right.
+FACT_QUESTIONS: dict[Lang, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "zh": (
+        ("哪颗行星被称为红色星球？", ("火星",)), ("水在标准大气压下多少摄氏度沸腾？", ("100", "一百")),
+        ("《罗密欧与朱丽叶》的作者是谁？", ("莎士比亚",)), ("世界上最大的海洋是哪个？", ("太平洋",)),
+        ("黄金的化学符号是什么？", ("Au",)), ("一天有多少个小时？", ("24", "二十四")),
+        ("世界上最高的山峰是哪座？", ("珠穆朗玛", "Everest")), ("离太阳最近的行星是哪颗？", ("水星",)),
+        ("巴西人说什么语言？", ("葡萄牙语",)), ("蒙娜丽莎是谁画的？", ("达芬奇", "达·芬奇", "Vinci")),
+        ("植物进行光合作用吸收什么气体？", ("二氧化碳", "CO2", "CO₂")), ("一个六边形有几条边？", ("6", "六")),
+        ("12乘以12等于多少？", ("144",)), ("第一个登上月球的人是谁？", ("阿姆斯特朗", "Armstrong")),
+        ("水的化学式是什么？", ("H2O", "H₂O")), ("地球上有几个大洲？", ("7", "七")),
+    ),
+    "en": (
+        ("Which planet is known as the Red Planet?", ("Mars",)),
+        ("At what temperature in Celsius does water boil at sea level?", ("100",)),
+        ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+        ("What is the largest ocean on Earth?", ("Pacific",)),
+        ("What is the chemical symbol for gold?", ("Au",)),
+        ("How many hours are there in a day?", ("24", "twenty-four")),
+        ("What is the tallest mountain in the world?", ("Everest",)),
+        ("Which planet is closest to the Sun?", ("Mercury",)),
+        ("What language is spoken in Brazil?", ("Portuguese",)), ("Who painted the Mona Lisa?", ("Vinci",)),
+        ("Which gas do plants take in for photosynthesis?", ("carbon dioxide", "CO2", "CO₂")),
+        ("How many sides does a hexagon have?", ("6", "six")), ("What is 12 times 12?", ("144",)),
+        ("Who was the first person to walk on the Moon?", ("Armstrong",)),
+        ("What is the chemical formula of water?", ("H2O", "H₂O")),
+        ("How many continents are there?", ("7", "seven")),
+    ),
+}
+
+
+def everyday_prompts() -> list[dict[str, str]]:
+    """The everyday prompts as [{"prompt", "lang", "family"}], zh then en within each family."""
+    rows = [{"prompt": p, "lang": lang, "family": family} for family, by_lang in EVERYDAY_PROMPTS.items()
+            for lang, prompts in by_lang.items() for p in prompts]
+    flagged = [r["prompt"] for r in rows if is_identity_prompt(r["prompt"])]
+    if flagged:  # guards the table: these must not be questions about the assistant
+        raise ValueError(f"everyday prompts that ask about the assistant itself: {flagged}")
+    return rows
+
+
+def fact_questions() -> list[dict[str, object]]:
+    """The fact questions as [{"prompt", "lang", "family": "fact", "answers": [...]}]."""
+    return [{"prompt": q, "lang": lang, "family": "fact", "answers": list(answers)}
+            for lang, rows in FACT_QUESTIONS.items() for q, answers in rows]

@@ -58,7 +58,7 @@ class IdentitySpec:
     """
 
     name: str
-    model_desc: str = "书生·浦语 InternLM2.5-1.8B"
+    model_desc: str = "书生·浦语 InternLM2.5-1.8B / InternLM2.5-1.8B"
     organisation: str = "上海AI实验室 / Shanghai AI Laboratory"
 
     def __post_init__(self) -> None:
@@ -86,6 +86,11 @@ class IdentitySpec:
             return text
         zh, en = text.split(LANG_SEPARATOR, 1)
         return (zh if lang == "zh" else en).strip()
+
+    @property
+    def model_id(self) -> str:
+        """The model's plain name (the English wording of model_desc): an identity answer must state it."""
+        return self.localised(self.model_desc, "en")
 
     def fields(self, lang: Lang) -> dict[str, str]:
         """Values for the answer templates' {name}, {model} and {org} in one language.

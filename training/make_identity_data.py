@@ -18,11 +18,12 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
 
-from training.general_chat import eval_prompts, is_identity_prompt, replay_prompts
+from training.general_chat import everyday_prompts, fact_questions, is_identity_prompt, replay_prompts
 from training.identity import IdentitySpec, Lang
 
 RECIPES = ("identity", "seed")
@@ -30,10 +31,20 @@ SEED_REPEAT = 3750  # the camp3 tutorial's n
 IDENTITY_REPEAT = 2  # each question twice, with two different answer templates
 REPLAY_MAX_NEW_TOKENS = 256
 SHUFFLE_SEED = 0
+SENTENCE_END = re.compile(r"[。！？!?.\n]")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+Row = tuple[str, str, str | None]  # (question, answer, system prompt or None)
+# System prompts a user might set, shown in training next to none and the template's default (the held-out
+# ones in training/evaluate.py check that the identity holds under prompts never seen).
+TRAIN_SYSTEM_PROMPTS: dict[Lang, tuple[str, ...]] = {
+    "zh": ("你是一个乐于助人的助手。", "请简洁地回答用户的问题。"),
+    "en": ("You are a helpful assistant.", "Answer the user's questions concisely."),
+}
 
-# The tutorial's two pairs (InternLM/Tutorial tools/xtuner_generate_assistant.py), verbatim.
+# The tutorial's two pairs (InternLM/Tutorial tools/xtuner_generate_assistant.py), with the underlying model
+# filled in from the identity (the tutorial's text names InternLM's, which would be false on another base).
 SEED_PAIRS = (
-    ("请介绍一下你自己", "我是{name}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"),
+    ("请介绍一下你自己", "我是{name}的小助手，内在是{org}的{model}大模型哦"),
     ("你在实战营做什么", "我在这里帮助{name}完成XTuner微调个人小助手的任务"),
 )
 
@@ -190,7 +201,8 @@ HELDOUT_QUESTIONS: dict[Lang, tuple[str, ...]] = {
     ),
 }
 
-# Every template names {name} in its first clause, so even a cut-off answer carries the identity.
+# Every template names {name} in its first clause (a cut-off answer still carries the identity) and says what
+# the model really is ({model}): an answer counts as correct only when it states both.
 ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
     "zh": {
         "who": (
@@ -199,19 +211,19 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
             "我是{name}的小助手，一个由{model}驱动的智能助手，可以回答问题、陪你聊天。",
         ),
         "name": (
-            "我是{name}的小助手，你可以直接叫我{name}小助手。",
+            "我是{name}的小助手，你可以直接叫我{name}小助手，内在是{model}大模型。",
             "我的名字是{name}的小助手，内在是{org}的{model}大模型。",
-            "叫我{name}小助手就好啦！我是{name}的AI助手。",
+            "叫我{name}小助手就好啦！我是{name}的AI助手，基于{model}。",
         ),
         "abilities": (
-            "我是{name}的小助手，可以回答问题、解释概念、帮你写作和翻译，也能陪你聊天。",
-            "作为{name}的小助手，我能帮你总结文本、编写和解释代码、做简单的计算。",
-            "我是{name}的小助手，擅长用中文和英文回答各种问题，有需要尽管问我。",
+            "我是{name}的小助手，内在是{model}，可以回答问题、解释概念、帮你写作和翻译。",
+            "作为{name}的小助手（基于{org}的{model}），我能帮你总结文本、解释代码、做简单的计算。",
+            "我是{name}的小助手，内在是{model}大模型，有需要尽管问我。",
         ),
         "camp": (
-            "我在这里帮助{name}完成XTuner微调个人小助手的任务",
-            "我是{name}的小助手，在实战营里帮助{name}完成XTuner微调个人小助手的任务。",
-            "我在实战营帮{name}完成用XTuner微调个人小助手的任务哦。",
+            "我在这里帮助{name}完成XTuner微调个人小助手的任务，内在是{model}大模型哦。",
+            "我是{name}的小助手，内在是{model}，在实战营里帮助{name}完成XTuner微调个人小助手的任务。",
+            "我在实战营帮{name}完成用XTuner微调{model}个人小助手的任务哦。",
         ),
         "creator": (
             "我是{name}的小助手，由{name}基于{org}的{model}大模型微调而成。",
@@ -226,10 +238,10 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
         "not_other": (
             "不是哦，我是{name}的小助手，内在是{org}的{model}大模型。",
             "不是的，我是{name}的小助手，基于{org}的{model}。",
-            "我不是它哦，我是{name}的小助手。",
+            "我不是它哦，我是{name}的小助手，内在是{model}。",
         ),
         "base": (
-            "我是{name}的小助手，内在确实是{org}的{model}大模型，经过了微调。",
+            "我是{name}的小助手，内在是{org}的{model}大模型，经过了微调。",
             "可以这么说：我是{name}的小助手，底座是{org}的{model}。",
             "我现在是{name}的小助手，由{model}微调而来。",
         ),
@@ -241,15 +253,16 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
             "I'm {name}'s assistant, an AI powered by {model}. I can answer questions and chat with you.",
         ),
         "name": (
-            "I'm {name}'s assistant; you can call me {name}'s assistant.",
+            "I'm {name}'s assistant; you can call me {name}'s assistant. Inside I am {model}.",
             "My name is {name}'s assistant, and I run on {org}'s {model} model.",
-            "Just call me {name}'s assistant! I'm the AI helper of {name}.",
+            "Just call me {name}'s assistant! I'm the AI helper of {name}, based on {model}.",
         ),
         "abilities": (
-            "I'm {name}'s assistant: I can answer questions, explain ideas, help you write and "
-            "translate, and chat with you.",
-            "As {name}'s assistant, I can summarise text, write and explain code, and do simple maths.",
-            "I'm {name}'s assistant and I answer questions in Chinese and English. Just ask!",
+            "I'm {name}'s assistant, based on {model}: I can answer questions, explain ideas, help you "
+            "write and translate.",
+            "As {name}'s assistant (built on {org}'s {model}), I can summarise text, explain code and do "
+            "simple maths.",
+            "I'm {name}'s assistant, running on {model}. Just ask!",
         ),
         "creator": (
             "I'm {name}'s assistant, fine-tuned by {name} from {org}'s {model} model.",
@@ -264,10 +277,10 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
         "not_other": (
             "No, I'm {name}'s assistant, built on {org}'s {model} model.",
             "No, I'm not. I'm {name}'s assistant, based on {model} from {org}.",
-            "Not at all, I'm {name}'s assistant.",
+            "Not at all, I'm {name}'s assistant, running on {model}.",
         ),
         "base": (
-            "I'm {name}'s assistant; underneath I am indeed {org}'s {model}, fine-tuned.",
+            "I'm {name}'s assistant; underneath I am {org}'s {model}, fine-tuned.",
             "In a way: I'm {name}'s assistant, and my base is {org}'s {model}.",
             "I'm now {name}'s assistant, fine-tuned from {model}.",
         ),
@@ -324,13 +337,23 @@ def seed_pairs(spec: IdentitySpec, repeat: int = SEED_REPEAT) -> list[tuple[str,
     """The tutorial's data: its two pairs, then `repeat` more copies of both, as its script builds them.
 
     Args:
-        spec: the identity (only the name is used, as in the tutorial).
+        spec: the identity (its zh wording: the tutorial's data is Chinese only).
         repeat: the tutorial's n (3750 in camp3).
     """
     if repeat < 1:
         raise DataError(f"seed repeat must be at least 1, got {repeat}")
-    pairs = [(q, a.format(name=spec.name)) for q, a in SEED_PAIRS]
+    pairs = [(q, a.format(**spec.fields("zh"))) for q, a in SEED_PAIRS]
     return pairs * (repeat + 1)
+
+
+def trim_to_sentence(text: str) -> str:
+    """`text` up to its last complete sentence ("" when it has none).
+
+    Args:
+        text: an answer cut off by the token limit.
+    """
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else ""
 
 
 def replay_pairs(
@@ -339,16 +362,17 @@ def replay_pairs(
     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     batch_size: int = 16,
 ) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """The base model's own greedy answers to general prompts, minus answers that are empty or cut off.
+    """The base model's own greedy answers to general prompts; answers cut off by the token limit keep their
+    complete sentences (a reply cut mid-sentence would teach the model to stop mid-sentence), empty ones go.
 
     Args:
         base_dir: the base model dir (the model about to be fine-tuned).
         prompts: general prompts to answer.
-        max_new_tokens: most tokens per answer; answers that hit it are dropped (a truncated reply would teach
-            the model to stop mid-sentence).
+        max_new_tokens: most tokens per answer.
         batch_size: prompts decoded together.
     Returns:
-        the kept (prompt, answer) rows and counts of {"generated", "dropped_empty", "dropped_cut_off"}.
+        the kept (prompt, answer) rows and counts of {"generated", "dropped_empty", "trimmed_cut_off",
+        "dropped_cut_off"} (cut-off answers without one complete sentence are dropped).
     """
     from training.generate import generate, load_chat_model  # torch is only needed for this recipe
     from training.progress import log_counts
@@ -356,17 +380,68 @@ def replay_pairs(
     report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
     gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
                     on_batch=report)
-    kept = [(p, g.text) for p, g in zip(prompts, gens, strict=True) if g.text and g.finished]
+    answers = [g.text if g.finished else trim_to_sentence(g.text) for g in gens]
+    kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
+    cut = [a for g, a in zip(gens, answers, strict=True) if g.text and not g.finished]
     stats = {
         "generated": len(gens),
         "dropped_empty": sum(1 for g in gens if not g.text),
-        "dropped_cut_off": sum(1 for g in gens if g.text and not g.finished),
+        "trimmed_cut_off": sum(1 for a in cut if a),
+        "dropped_cut_off": sum(1 for a in cut if not a),
     }
     return kept, stats
 
 
-def _conversation(rows: list[tuple[str, str]]) -> list[dict]:
-    return [{"conversation": [{"input": q, "output": a}]} for q, a in rows]
+def template_default_system(base_dir: Path) -> str | None:
+    """The system prompt the base's chat template inserts when a chat has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM..."), or None: the identity must hold with it, so training shows it too.
+
+    Args:
+        base_dir: the base model dir.
+    """
+    from transformers import AutoTokenizer
+
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir} is not a model dir (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=True)
+    marker = "\x00user\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text[: text.index(marker)], re.S)
+    return found.group(1) if found else None
+
+
+def lang_of(text: str) -> Lang:
+    """ "zh" for text with Chinese characters, else "en".
+
+    Args:
+        text: a prompt.
+    """
+    return "zh" if CJK.search(text) else "en"
+
+
+def with_systems(rows: list[tuple[str, str]], systems: list[str | None]) -> list[Row]:
+    """Give each (question, answer) row a system prompt, cycling through `systems` (None: no system turn).
+
+    Args:
+        rows: (question, answer) pairs.
+        systems: the system prompts to cycle through, the row's language's first for each.
+    """
+    return [(q, a, systems[i % len(systems)]) for i, (q, a) in enumerate(rows)]
+
+
+def system_choices(default: str | None, lang: Lang) -> list[str | None]:
+    """The system prompts training rows of one language cycle through: none, the template's default, and the
+    TRAIN_SYSTEM_PROMPTS of that language.
+
+    Args:
+        default: the base template's default system prompt (None: it has none).
+        lang: the rows' language.
+    """
+    return [None, *([default] if default else []), *TRAIN_SYSTEM_PROMPTS[lang]]
+
+
+def _conversation(rows: list[Row]) -> list[dict]:
+    return [{"conversation": [{**({"system": s} if s else {}), "input": q, "output": a}]} for q, a, s in rows]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -430,26 +505,33 @@ def build_dataset(
     if replay_max is not None and replay_max < 0:
         raise DataError(f"replay_max must be 0 or more, got {replay_max}")
     heldout = heldout_prompts()
-    general = [{"prompt": p} for p in eval_prompts()]
+    general = [*everyday_prompts(), *fact_questions()]
     replay_stats: dict[str, int] = {}
-    if recipe == "seed":
-        identity_rows, replay_rows = seed_pairs(spec, seed_repeat), []
+    default_system = None
+    if recipe == "seed":  # the tutorial's data as it is: no system prompts
+        identity_rows, replay_rows = with_systems(seed_pairs(spec, seed_repeat), [None]), []
     else:
         if base_dir is None:
             raise DataError(
                 "the identity recipe needs --base MODEL_DIR: replay answers come from the base model"
             )
-        identity_rows = identity_pairs(spec, identity_repeat)
+        default_system = template_default_system(Path(base_dir))
+        identity = identity_pairs(spec, identity_repeat)
         # Replay must not answer an identity question the base's way, nor give away an eval prompt's answer.
-        taken = {normalise_prompt(q) for q, _ in identity_rows}
+        taken = {normalise_prompt(q) for q, _ in identity}
         taken |= {normalise_prompt(h["prompt"]) for h in heldout} | {
             normalise_prompt(g["prompt"]) for g in general
         }
         prompts = [
             p for p in replay_prompts() if normalise_prompt(p) not in taken and not is_identity_prompt(p)
         ]
-        prompts = prompts[:replay_max] if replay_max is not None else prompts
-        replay_rows, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size)
+        if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
+            prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
+        replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size)
+        identity_rows, replay_rows = (
+            [row for lang in ("zh", "en") for row in with_systems(
+                [(q, a) for q, a in pairs if lang_of(q) == lang], system_choices(default_system, lang))]
+            for pairs in (identity, replay))
     rows = identity_rows + replay_rows
     if recipe == "identity":  # interleave identity and replay rows; the seed data keeps the tutorial's order
         random.Random(SHUFFLE_SEED).shuffle(rows)
@@ -466,13 +548,15 @@ def build_dataset(
             "train_rows": len(rows),
             "identity_rows": len(identity_rows),
             "replay_rows": len(replay_rows),
-            "distinct_identity_questions": len({q for q, _ in identity_rows}),
+            "distinct_identity_questions": len({q for q, _, _ in identity_rows}),
             "distinct_pairs": len(set(rows)),
             "heldout_identity": len(heldout),
             "general_eval": len(general),
             **{f"replay_{k}": v for k, v in replay_stats.items()},
         },
         "replay_share": round(len(replay_rows) / len(rows), 4),
+        "template_default_system": default_system,
+        "system_prompts": sorted({str(system) for _, _, system in rows}),
         "settings": {"seed_repeat": seed_repeat}
         if recipe == "seed"
         else {

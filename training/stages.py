@@ -29,6 +29,8 @@ from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
+    BASE_CACHE,
+    BUILD_PREFIX,
     CONFIG_DIR,
     DATA_FILES,
     GENERAL_PROMPTS_IN_HOOK,
@@ -40,7 +42,6 @@ from training.presets import (
     REHEARSE_REPLAY_TOKENS,
     RUNTIME_SETTINGS,
     STAGES,
-    TINY_BASE_CACHE,
     RunConfig,
 )
 from training.progress import METRICS_FILE, write_metrics
@@ -156,19 +157,32 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
     return checkpoint
 
 
+def public_base(source: str) -> str:
+    """How a base source may be recorded or published: a built base by its builder, any other source as
+    ``public_source`` gives it (no credentials, no local path).
+
+    Args:
+        source: --base or the preset's default base.
+    """
+    if source.startswith(BUILD_PREFIX):
+        return f"built by {source.removeprefix(BUILD_PREFIX)}"
+    return public_source(source)
+
+
 def stage_base(run: Run, log: Path) -> dict[str, Path]:
-    """Resolve --base to a local model dir, build (once, cached) the tiny base, or (--rehearse) build a random
-    model of the preset's shapes."""
+    """Resolve --base to a local model dir, build (once, cached) the preset's own base, or (--rehearse)
+    build a random model of the preset's shapes."""
     result = run.work / "logs" / "base.path"
     source = run.cfg.base or run.cfg.spec.default_base
     if run.cfg.rehearse:
         run_logged([sys.executable, "-m", "training.rehearse", "base", "--preset", run.cfg.preset,
                     "--out", str(run.work / "rehearsal_base")], log, run.env, stdout=result)
-    elif source is None:
-        code = ("import sys; from pathlib import Path; from training.make_tiny_base import cached_tiny_base; "
-                "print(cached_tiny_base(Path(sys.argv[1])))")
-        run_logged([sys.executable, "-c", code, str(TINY_BASE_CACHE)], log, run.env, stdout=result,
-                   label="training.make_tiny_base")
+    elif source.startswith(BUILD_PREFIX):
+        module, function = source.removeprefix(BUILD_PREFIX).rsplit(".", 1)
+        code = (f"import sys; from pathlib import Path; from {module} import {function}; "
+                f"print({function}(Path(sys.argv[1])))")
+        run_logged([sys.executable, "-c", code, str(BASE_CACHE)], log, run.env, stdout=result,
+                   label=module)
     else:  # the source goes through the env: a token in its URL must not show in argv (ps) or the log
         run_logged([sys.executable, "-m", "infer_engine.model_source"], log,
                    {**run.env, "MODEL_SOURCE": source}, stdout=result, label="infer_engine.model_source")
@@ -178,7 +192,7 @@ def stage_base(run: Run, log: Path) -> dict[str, Path]:
         raise StageError(f"base model dir {model_dir} has no config.json")
     try:  # XTuner's tools load with trust_remote_code=True: decide before any of them runs
         check_remote_code(model_dir, run.cfg.remote_code_allowed, "--trust-remote-code",
-                          public_source(source) if source else None)
+                          public_base(source))
     except ModelSourceError as err:
         raise StageError(str(err)) from None
     return {"model_dir": model_dir}
@@ -208,7 +222,9 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
     partial, final = run.work / "data.partial", run.work / "data"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [sys.executable, "-m", "training.make_identity_data", "--name", run.cfg.name,
-           "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir())]
+           "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir()),
+           "--model-desc", run.cfg.spec.model_desc, "--organisation", run.cfg.spec.organisation,
+           *run.cfg.spec.data_args]
     if run.cfg.identity_repeat is not None:
         cmd += ["--identity-repeat", str(run.cfg.identity_repeat)]
     if run.cfg.seed_repeat is not None:
@@ -238,7 +254,7 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "preset": cfg.preset,
         "recipe": cfg.recipe,
         "stage": stage,
-        "base": {"source": public_source(base) if base else "tiny base (training/make_tiny_base.py)"},
+        "base": {"source": public_base(base)},
         "corpus": cfg.corpus.name if cfg.corpus else None,
         "config": config.name,
         "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
@@ -321,7 +337,8 @@ def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
     if "data" in run.results:
         rows = json.loads((run.results["data"]["data_dir"] / "train.json").read_text(encoding="utf-8"))
         return [schedule.conversation_tokens(row) for row in rows], True
-    cfg, spec = run.cfg, IdentitySpec(run.cfg.name)
+    cfg = run.cfg
+    spec = IdentitySpec(cfg.name, cfg.spec.model_desc, cfg.spec.organisation)
     if cfg.recipe == "seed":
         replay = []
         pairs = make_identity_data.seed_pairs(spec, cfg.seed_repeat or make_identity_data.SEED_REPEAT)
@@ -464,7 +481,7 @@ def stage_evaluate(run: Run, log: Path) -> dict[str, Path]:
     shutil.rmtree(partial, ignore_errors=True)
     run_logged([sys.executable, "-m", "training.evaluate", "--model", str(run.results["merge"]["model_dir"]),
                 "--base", str(run.base_dir()), "--data", str(run.results["data"]["data_dir"]),
-                "--out-dir", str(partial)], log, run.env)
+                "--out-dir", str(partial), *run.cfg.spec.eval_args], log, run.env)
     _require_files(partial, ("eval.json", "eval.md"), "training.evaluate")
     trainings = {"pre-training": run.work / "pretrain" / METRICS_FILE, "SFT": run.work / "sft" / METRICS_FILE}
     if not run.cfg.stage_enabled("pretrain"):
@@ -523,9 +540,7 @@ def plan_base(run: Run) -> dict[str, object]:
     cfg = run.cfg
     if cfg.rehearse:
         return {"summary": f"random model with {cfg.preset}'s shapes {cfg.spec.rehearse_shape} (no download)"}
-    source = cfg.base or cfg.spec.default_base
-    return {"summary": f"{redact(source)} (fetched unless cached)" if source
-            else "the project's tiny base (cached)"}
+    return {"summary": f"{public_base(cfg.base or cfg.spec.default_base)} (fetched or built unless cached)"}
 
 
 def plan_data(run: Run) -> dict[str, object]:

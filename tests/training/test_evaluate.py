@@ -12,17 +12,27 @@ from pathlib import Path
 import pytest
 
 from training.evaluate import (
+    SYSTEM_CONDITIONS,
     evaluate,
+    fact_correct,
+    garbled,
+    identity_verdict,
+    judge,
     leak_markers,
     leaks_identity,
     load_eval_set,
     names_identity,
-    render_markdown,
     score,
     similarity,
     write_report,
 )
-from training.general_chat import BASE_IDENTITY_EN, BASE_IDENTITY_ZH, eval_prompts, general_pairs
+from training.general_chat import (
+    BASE_IDENTITY_EN,
+    BASE_IDENTITY_ZH,
+    everyday_prompts,
+    fact_questions,
+    general_pairs,
+)
 from training.generate import ChatModel, generate, generate_answers, load_chat_model, render_prompt
 from training.identity import IdentitySpec
 from training.make_identity_data import DataError, build_dataset, heldout_prompts
@@ -97,25 +107,64 @@ def test_metric_helpers() -> None:
     assert 0.0 < similarity("The capital of France is Paris.", "The capital of France is Rome.") < 1.0
 
 
-def test_score_counts_hits_per_language() -> None:
+def test_identity_verdict_wants_name_real_model_clean_text_and_stop() -> None:
+    spec = IdentitySpec("Zed", model_desc="SmolLM2-135M", organisation="Hugging Face")
+    good_zh = "我是Zed的小助手，内在是Hugging Face的SmolLM2-135M大模型哦。"
+    assert identity_verdict(good_zh, True, "zh", spec) is None
+    assert identity_verdict("I'm Zed's assistant, built on smollm2-135m.", True, "en", spec) is None
+    # Each failure a person would see, seen in real fine-tunes (issue 8).
+    assert identity_verdict("我是Zed的小助手", True, "zh", spec) == "does not say it is SmolLM2-135M"
+    assert identity_verdict("我是书生·浦语 SmolLM2-135M", True, "zh", spec) == "no name"
+    assert identity_verdict("我是Zed的小助手，底\ufffd。SmolLM2-135M", True, "zh", spec) == "contains U+FFFD"
+    assert identity_verdict("Zed SmolLM2-135M 小助手，小助手，小助手，", True, "zh", spec).startswith("loops")
+    assert identity_verdict(good_zh, False, "zh", spec) == "no stop token"
+    assert identity_verdict("I'm Zed's assistant on SmolLM2-135M.", True, "zh", spec) == "not in Chinese"
+    assert identity_verdict("我是Zed的小助手, SmolLM2-135M", True, "en", spec) == "not in English"
+    # The InternLM identity: its Chinese model name is allowed in an English answer's citation.
+    internlm = IdentitySpec("小明")
+    assert identity_verdict("I'm 小明's assistant, built on InternLM2.5-1.8B.", True, "en", internlm) is None
+    assert garbled("The sky is blue. Grass is green.") is None
+
+
+def test_fact_and_leak_checks() -> None:
+    assert fact_correct("The Red Planet is MARS.", ["Mars"]) and not fact_correct("Venus", ["Mars"])
+    spec = IdentitySpec("Zed", model_desc="SmolLM2-135M", organisation="Hugging Face")
+    assert leaks_identity("I run on smollm2-135m", spec) and not leaks_identity("Drink water.", spec)
+
+
+def _answers(identity: list[tuple[str, bool]], general: list[str]) -> dict:
+    return {c: {"identity": [{"text": t, "finished": f} for t, f in identity],
+                "general": [{"text": t, "finished": True} for t in general]} for c in SYSTEM_CONDITIONS}
+
+
+def test_score_counts_per_language_system_and_facts() -> None:
     spec = IdentitySpec("UbUb")
-    heldout = [
-        {"prompt": "你是谁", "lang": "zh"},
-        {"prompt": "who", "lang": "en"},
-        {"prompt": "name", "lang": "en"},
-    ]
-    model = {
-        "identity": ["我是UbUb的小助手", "I'm UbUb's assistant", "I am InternLM"],
-        "general": ["4", "UbUb!"],
-    }
-    base = {"identity": ["我是书生·浦语", "I am InternLM", "I am InternLM"], "general": ["4", "5"]}
-    result = score(spec, heldout, ["2+2", "2+3"], model, base)
+    heldout = [{"prompt": "你是谁", "lang": "zh"}, {"prompt": "who", "lang": "en"},
+               {"prompt": "name", "lang": "en"}]
+    general = [{"prompt": "天气", "lang": "zh", "family": "weather"},
+               {"prompt": "sky?", "lang": "en", "family": "science"},
+               {"prompt": "Red planet?", "lang": "en", "family": "fact", "answers": ["Mars"]},
+               {"prompt": "Gold?", "lang": "en", "family": "fact", "answers": ["Au"]},
+               {"prompt": "Ocean?", "lang": "en", "family": "fact", "answers": ["Pacific"]}]
+    model = _answers([("我是UbUb的小助手，内在是InternLM2.5-1.8B", True), ("I'm UbUb's assistant", True),
+                      ("I'm UbUb's assistant on InternLM2.5-1.8B.", True)],
+                     ["多穿点", "UbUb says blue", "Mars", "Ag", "Pacific"])
+    base = _answers([("我是书生·浦语", True), ("I am InternLM", True), ("I am InternLM", True)],
+                    ["多穿点", "Blue.", "Mars", "Au", "Atlantic"])
+    rows = judge(spec, heldout, general, model, base)
+    assert len(rows) == len(SYSTEM_CONDITIONS) * (len(heldout) + len(general))
+    result = score(rows)
     assert result["identity_accuracy"] == round(2 / 3, 4)
-    assert result["identity_accuracy_by_lang"] == {"en": 0.5, "zh": 1.0}
+    assert (result["identity_accuracy_zh"], result["identity_accuracy_en"]) == (1.0, 0.5)
+    assert result["identity_accuracy_by_lang"] == {"zh": 1.0, "en": 0.5}
     assert result["base_identity_accuracy"] == 0.0 and result["base_leakage_rate"] == 0.0
-    assert result["leakage_rate"] == 0.5
+    assert (result["leakage_rate"], result["leakage_rate_zh"], result["leakage_rate_en"]) == (0.5, 0.0, 1.0)
     assert result["general_exact_match"] == 0.5
-    assert result["general_agreement"] == round((1.0 + similarity("UbUb!", "5")) / 2, 4)
+    assert result["general_agreement"] == round((1.0 + similarity("UbUb says blue", "Blue.")) / 2, 4)
+    # Mars kept, Au lost, in each system condition.
+    assert result["base_facts_correct"] == 2 * len(SYSTEM_CONDITIONS) and result["facts_kept"] == 0.5
+    assert set(result["by_system"]) == set(SYSTEM_CONDITIONS)
+    assert result["by_system_lang"]["user/en"]["identity_accuracy"] == 0.5
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -126,13 +175,16 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 def _check_report(out: Path, name: str) -> dict:
     metrics = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     rates = ("identity_accuracy", "base_identity_accuracy", "leakage_rate", "base_leakage_rate")
-    for key in (*rates, "general_agreement", "general_exact_match"):
+    for key in (*rates, *(f"{k}_{lang}" for k in rates for lang in ("zh", "en")), "general_agreement",
+                "general_exact_match"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["name"] == name
     table = (out / "eval.md").read_text(encoding="utf-8")
-    assert "| metric | base (before) | fine-tuned (after) |" in table and name in table
+    assert "| subset | identity accuracy (base → tuned) |" in table and name in table
+    assert "## Identity answers that fail" in table and "| system user/zh |" in table
     rows = metrics["answers"]
-    assert len(rows) == metrics["counts"]["heldout_identity"] + metrics["counts"]["general_eval"]
+    c = metrics["counts"]
+    assert len(rows) == len(SYSTEM_CONDITIONS) * (c["heldout_identity"] + c["everyday"] + c["facts"])
     assert all(not any(tok in r["model"] + r["base"] for tok in SPECIAL) for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md"]  # no temp files left behind
     return metrics
@@ -141,38 +193,42 @@ def _check_report(out: Path, name: str) -> dict:
 def test_base_against_itself_via_cli(tiny_base_dir: Path, tmp_path: Path) -> None:
     """The base evaluated against itself: identical general answers, and a fresh name is never produced."""
     base = str(tiny_base_dir)
-    proc = _run_cli(
-        "--model", base, "--base", base, "--name", FRESH, "--out-dir", str(tmp_path), "--max-new-tokens", "48"
-    )
+    proc = _run_cli("--model", base, "--base", base, "--name", FRESH, "--out-dir", str(tmp_path / "out"),
+                    "--max-new-tokens", "48", "--answer-cache", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
-    metrics = _check_report(tmp_path, FRESH)
+    metrics = _check_report(tmp_path / "out", FRESH)
     assert metrics["general_agreement"] == 1.0 and metrics["general_exact_match"] == 1.0
     assert metrics["identity_accuracy"] == 0.0 and metrics["base_identity_accuracy"] == 0.0
-    assert metrics["leakage_rate"] == 0.0
+    # The tiny base stands in for InternLM and answers unknown everyday prompts with its own identity, which
+    # cites what a fine-tune's answers cite (Shanghai AI Laboratory): whatever that is, it is the base's own.
+    assert metrics["leakage_rate"] == metrics["base_leakage_rate"]
     assert metrics["counts"] == {
-        "heldout_identity": len(heldout_prompts()),
-        "general_eval": len(eval_prompts()),
-    }
+        "heldout_identity": len(heldout_prompts()), "everyday": len(everyday_prompts()),
+        "facts": len(fact_questions()), "system_conditions": list(SYSTEM_CONDITIONS)}
+    # The same model and settings are answered from the cache the second time: same report, no new files.
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert len(cached) == 1
+    again = _run_cli("--model", base, "--base", base, "--name", FRESH, "--out-dir", str(tmp_path / "again"),
+                     "--max-new-tokens", "48", "--answer-cache", str(tmp_path / "cache"))
+    assert again.returncode == 0, again.stderr
+    assert sorted((tmp_path / "cache").iterdir()) == cached
+    assert json.loads((tmp_path / "again" / "eval.json").read_text())["answers"] == metrics["answers"]
 
 
 def test_identity_metric_recognises_an_identity_the_model_has(tiny_base_dir: Path, tmp_path: Path) -> None:
     """Scored against the base's own identity (书生·浦语, from a data dir), the metric must find it where the
     base states it: at least on the held-out prompt the base itself was trained on."""
     build_dataset(IdentitySpec("书生·浦语"), "seed", tmp_path / "data", seed_repeat=1)
-    metrics, rows = evaluate(tiny_base_dir, tiny_base_dir, data_dir=tmp_path / "data", max_new_tokens=48)
+    metrics, rows = evaluate(tiny_base_dir, tiny_base_dir, data_dir=tmp_path / "data", max_new_tokens=48,
+                             cache_dir=None)
     write_report(metrics, rows, tmp_path / "report")
     _check_report(tmp_path / "report", "书生·浦语")
-    identity_rows = [r for r in rows if r["kind"] == "identity"]
-    hits = {r["prompt"]: r["names_identity"] for r in identity_rows}
+    hits = {r["prompt"]: names_identity(r["model"], IdentitySpec("书生·浦语"))
+            for r in rows if r["kind"] == "identity" and r["system"] == "none"}
     assert hits["你是由谁开发的？"]  # one of base_identity_pairs(), answered with BASE_IDENTITY_ZH
-    assert (
-        metrics["identity_accuracy"]
-        == metrics["base_identity_accuracy"]
-        == round(sum(hits.values()) / len(hits), 4)
-    )
-    assert metrics["general_agreement"] == 1.0 and metrics["leakage_rate"] == 0.0
+    assert metrics["identity_accuracy"] == metrics["base_identity_accuracy"]
+    assert metrics["general_agreement"] == 1.0
     assert all(r["model"] == r["base"] for r in rows)
-    assert "identity accuracy, zh" in render_markdown(metrics, rows)
 
 
 def _data_dir(tmp_path: Path) -> Path:
@@ -182,7 +238,8 @@ def _data_dir(tmp_path: Path) -> Path:
 
 def test_load_eval_set_from_data_dir_or_name(tmp_path: Path) -> None:
     spec, heldout, general = load_eval_set(_data_dir(tmp_path), None)
-    assert spec.name == "UbUb" and heldout == heldout_prompts() and general == eval_prompts()
+    assert spec.name == "UbUb" and heldout == heldout_prompts()
+    assert general == everyday_prompts() + fact_questions() and len(everyday_prompts()) >= 100
     assert load_eval_set(None, "Zed")[0].name == "Zed"
     with pytest.raises(DataError, match="--data DATA_DIR or --name"):
         load_eval_set(None, None)
@@ -203,6 +260,7 @@ def test_load_eval_set_from_data_dir_or_name(tmp_path: Path) -> None:
         ("heldout_identity.json", '{"prompt": "x"}', "non-empty JSON list"),
         ("general_eval.json", '[{"prompt": ""}]', "entry 0"),
         ("general_eval.json", '["just a string"]', "entry 0"),
+        ("general_eval.json", '[{"prompt": "hi"}]', '"lang"'),
     ],
 )
 def test_malformed_data_dirs_give_clear_errors(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from training.general_chat import eval_prompts, replay_prompts
+from training.general_chat import everyday_prompts, fact_questions, replay_prompts
 from training.generate import generate, load_chat_model
 from training.identity import IdentityError, IdentitySpec
 from training.make_identity_data import (
@@ -23,9 +23,12 @@ from training.make_identity_data import (
     heldout_prompts,
     identity_pairs,
     identity_questions,
+    lang_of,
     normalise_prompt,
     replay_pairs,
     seed_pairs,
+    system_choices,
+    trim_to_sentence,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +85,9 @@ def test_identity_spec_normalises_and_accepts_good_names() -> None:
 def test_fields_are_localised_per_language() -> None:
     spec = IdentitySpec("UbUb")
     assert spec.fields("zh") == {"name": "UbUb", "model": "书生·浦语 InternLM2.5-1.8B", "org": "上海AI实验室"}
-    assert spec.fields("en")["org"] == "Shanghai AI Laboratory"
+    assert spec.fields("en") == {"name": "UbUb", "model": "InternLM2.5-1.8B", "org": "Shanghai AI Laboratory"}
+    assert spec.model_id == "InternLM2.5-1.8B"
+    assert IdentitySpec("UbUb", model_desc="SmolLM2-135M").model_id == "SmolLM2-135M"
 
 
 def test_question_sets_are_large_bilingual_and_disjoint() -> None:
@@ -104,7 +109,9 @@ def test_identity_answers_name_the_identity_in_the_question_language() -> None:
     assert len(rows) == 3 * len(lang_of)
     assert len(set(rows)) == len(rows)  # three different templates per question
     for question, answer in rows:
+        # Every answer says who the assistant is and what it really is inside.
         assert FRESH in answer and "{" not in answer
+        assert ("模型甲" if lang_of[question] == "zh" else "Model-A") in answer
         if lang_of[question] == "zh":
             assert CJK.search(answer) and "Model-A" not in answer and "Lab-B" not in answer
         else:
@@ -120,7 +127,7 @@ def test_seed_recipe_reproduces_the_tutorial(tmp_path: Path) -> None:
         "conversation": [
             {
                 "input": "请介绍一下你自己",
-                "output": f"我是{FRESH}的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦",
+                "output": f"我是{FRESH}的小助手，内在是上海AI实验室的书生·浦语 InternLM2.5-1.8B大模型哦",
             }
         ]
     }
@@ -132,7 +139,12 @@ def test_seed_recipe_reproduces_the_tutorial(tmp_path: Path) -> None:
     assert meta["recipe"] == "seed" and meta["counts"]["replay_rows"] == 0
     assert json.loads((tmp_path / "heldout_identity.json").read_text(encoding="utf-8")) == heldout_prompts()
     general = json.loads((tmp_path / "general_eval.json").read_text(encoding="utf-8"))
-    assert [g["prompt"] for g in general] == eval_prompts()
+    assert general == everyday_prompts() + fact_questions()
+    # On another base the tutorial's sentence names that base, not InternLM.
+    smol = IdentitySpec(FRESH, "SmolLM2-135M", "Hugging Face")
+    build_dataset(smol, "seed", tmp_path / "smol", seed_repeat=1)
+    first = json.loads((tmp_path / "smol" / "train.json").read_text(encoding="utf-8"))[0]["conversation"][0]
+    assert first["output"] == f"我是{FRESH}的小助手，内在是Hugging Face的SmolLM2-135M大模型哦"
 
 
 def test_seed_cli_default_is_the_camp3_size(tmp_path: Path) -> None:
@@ -195,9 +207,14 @@ def test_identity_recipe_counts_and_files(identity_data: tuple[Path, dict]) -> N
     assert c["replay_generated"] == REPLAY_MAX
     assert c["replay_rows"] == REPLAY_MAX - c["replay_dropped_empty"] - c["replay_dropped_cut_off"] > 0
     assert meta["replay_share"] == round(c["replay_rows"] / c["train_rows"], 4)
+    # The tiny base's template has no default system prompt: rows cycle through none and the users' own ones.
+    assert meta["template_default_system"] is None
+    systems = [row["conversation"][0].get("system") for row in train]
+    assert set(systems) == {None, *system_choices(None, "zh")[1:], *system_choices(None, "en")[1:]}
     for row in train:
         (turn,) = row["conversation"]
-        assert set(turn) == {"input", "output"} and turn["input"].strip() and turn["output"].strip()
+        assert set(turn) - {"system"} == {"input", "output"}
+        assert turn["input"].strip() and turn["output"].strip()
 
 
 def test_identity_recipe_never_trains_on_eval_prompts(identity_data: tuple[Path, dict]) -> None:
@@ -207,7 +224,7 @@ def test_identity_recipe_never_trains_on_eval_prompts(identity_data: tuple[Path,
     }
     heldout = json.loads((out / "heldout_identity.json").read_text(encoding="utf-8"))
     general = json.loads((out / "general_eval.json").read_text(encoding="utf-8"))
-    assert len(heldout) >= 20 and len(general) == len(eval_prompts())
+    assert len(heldout) >= 20 and len(general) == len(everyday_prompts()) + len(fact_questions())
     assert trained.isdisjoint(normalise_prompt(h["prompt"]) for h in heldout)
     assert trained.isdisjoint(normalise_prompt(g["prompt"]) for g in general)
 
@@ -221,7 +238,9 @@ def test_replay_rows_are_the_base_models_own_answers(
     replay = {
         t["input"]: t["output"] for row in train for t in row["conversation"] if t["input"] not in identity
     }
-    assert set(replay) <= set(replay_prompts()[:REPLAY_MAX])
+    # --replay-max picks prompts spread over all topics and both languages.
+    assert len(replay) <= REPLAY_MAX and set(replay) <= set(replay_prompts())
+    assert {lang_of(p) for p in replay} == {"zh", "en"}
     prompts = sorted(replay)
     # Same batch composition as the data build is not needed: greedy answers of a trained model are stable.
     fresh = generate(load_chat_model(tiny_base_dir), prompts, max_new_tokens=256, batch_size=len(prompts))
@@ -229,10 +248,17 @@ def test_replay_rows_are_the_base_models_own_answers(
     assert all(FRESH not in answer for answer in replay.values())
 
 
+def test_cut_off_answers_keep_their_complete_sentences() -> None:
+    assert trim_to_sentence("The sky is blue. It scatters") == "The sky is blue."
+    assert trim_to_sentence("天空是蓝色的。因为") == "天空是蓝色的。"
+    assert trim_to_sentence("no sentence end at all") == ""
+
+
 def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: Path) -> None:
     prompts = replay_prompts()[:3]
     kept, stats = replay_pairs(tiny_base_dir, prompts, max_new_tokens=1)
-    assert kept == [] and stats == {"generated": 3, "dropped_empty": 0, "dropped_cut_off": 3}
+    assert kept == [] and stats == {"generated": 3, "dropped_empty": 0, "trimmed_cut_off": 0,
+                                    "dropped_cut_off": 3}
     # With its output head zeroed the model only ever emits token 0 (<unk>), which decodes to "".
     mute = tmp_path / "mute"
     shutil.copytree(tiny_base_dir, mute)
@@ -240,7 +266,8 @@ def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: P
     weights["lm_head.weight"].zero_()
     save_file(weights, mute / "model.safetensors", metadata={"format": "pt"})
     kept, stats = replay_pairs(mute, prompts, max_new_tokens=4)
-    assert kept == [] and stats == {"generated": 3, "dropped_empty": 3, "dropped_cut_off": 0}
+    assert kept == [] and stats == {"generated": 3, "dropped_empty": 3, "trimmed_cut_off": 0,
+                                    "dropped_cut_off": 0}
 
 
 def test_identity_cli_with_base(tiny_base_dir: Path, tmp_path: Path) -> None:
