@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import pretrain_map_fn
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 
@@ -38,6 +38,9 @@ from xtuner.model import SupervisedFinetune
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "smollm2-135m-instruct"
+# Whether the model may run Python code it ships (auto_map): the converted SmolLM2 is plain Llama with no
+# code of its own; the pipeline sets this per run (--trust-remote-code).
+trust_remote_code = False
 data_path = "corpus.json"  # [{"text": ...}], from training/make_corpus.py
 max_length = 256
 pack_to_max_length = True
@@ -72,7 +75,7 @@ evaluation_inputs = ["上海是", "Shanghai is"]  # plain continuations: no chat
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -83,7 +86,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.float32,
     ),
     lora=dict(
@@ -152,6 +155,8 @@ train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 #######################################################################
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    # Adds tokens_per_sec (and tflops) to every logged iteration: the progress line and metrics.jsonl show it.
+    dict(type=ThroughputHook),
     dict(
         type=EvaluateChatHook,
         tokenizer=tokenizer,

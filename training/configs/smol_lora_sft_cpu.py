@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import template_map_fn_factory
-from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook
+from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
@@ -41,6 +41,9 @@ from xtuner.utils import PROMPT_TEMPLATE
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "smollm2-135m-instruct"
+# Whether the model may run Python code it ships (auto_map): the converted SmolLM2 is plain Llama with no
+# code of its own; the pipeline sets this per run (--trust-remote-code).
+trust_remote_code = False
 data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
 # ChatML, SmolLM2's own chat format (XTuner's internlm2_chat template is exactly it).
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
@@ -77,7 +80,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
+    trust_remote_code=trust_remote_code,
     padding_side="right",
 )
 
@@ -88,7 +91,7 @@ model = dict(
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
+        trust_remote_code=trust_remote_code,
         torch_dtype=torch.float32,
     ),
     lora=dict(
@@ -156,6 +159,8 @@ train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 #######################################################################
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    # Adds tokens_per_sec (and tflops) to every logged iteration: the progress line and metrics.jsonl show it.
+    dict(type=ThroughputHook),
     dict(
         type=EvaluateChatHook,
         tokenizer=tokenizer,
