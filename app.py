@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a Space or an offline box
+# Tracebacks in the log without local variable values (loguru reads this at import): they can hold user
+# text, keys or tokens.
+os.environ.setdefault("LOGURU_DIAGNOSE", "False")
 
 from loguru import logger  # noqa: E402
 
@@ -83,9 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
     args = parser.parse_args(argv)
 
-    # Tracebacks in the log without local variable values: they can hold user text, keys or tokens.
-    logger.remove()
-    logger.add(sys.stderr, diagnose=False)
     route_std_logging()
     try:
         server = server_settings_from_env()

@@ -8,6 +8,9 @@ Run: python -m pytest tests/app/test_app.py
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -218,3 +221,20 @@ def test_stdlib_logging_of_the_model_source_reaches_the_app_log(loguru_messages:
     logging.getLogger("some.library").warning("careful")
     logging.getLogger("some.library").info("chatter")  # libraries' info stays out
     assert loguru_messages == ["INFO model m: using cache /c (no network)\n", "WARNING careful\n"]
+
+
+def test_logged_tracebacks_show_no_local_values(tmp_path: Path) -> None:
+    """A traceback in the app's log names the failing lines but never the values of local variables (user
+    text, keys, tokens): app.py turns loguru's diagnose mode off before loguru is imported."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import app\nfrom loguru import logger\n\n"
+        "def answer():\n    token = 'hf_secret_in_a_local'\n    return token + 1\n\n"
+        "try:\n    answer()\nexcept TypeError:\n    logger.exception('reply failed')\n"
+    )
+    root = Path(app.__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "LOGURU_DIAGNOSE"} | {"PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=root, env=env)
+    assert "reply failed" in result.stderr and "return token + 1" in result.stderr, result.stderr
+    assert "hf_secret_in_a_local" not in result.stderr
