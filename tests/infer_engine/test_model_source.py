@@ -1,9 +1,12 @@
 # Model source tests: .venv/bin/python -m pytest tests/infer_engine/test_model_source.py -q
 # Real git + git-lfs repositories over file:// and a tiny real HF model; no hub is contacted (HF_HUB_OFFLINE,
-# a dead local proxy for the network-failure cases, and a local server answering as the Hub for hf:).
+# a dead local proxy for the network-failure cases, and local servers answering as the Hub for hf: and as
+# OpenXLab for openxlab:).
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import http.server
 import json
 import logging
@@ -12,12 +15,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostile_inputs import SECRET
 from lfs_repo import build_tiny_model, git, make_bare_repo, push_model_dir, push_plain_repo
 
 from infer_engine.model_source import (
@@ -424,3 +429,139 @@ def test_hf_download_through_the_real_client_then_served_offline(
     assert not (model_dir / ".cache").exists()  # the hub client's bookkeeping is not part of the model
     offline = run_cli(["hf:someone/ubub@main", "--cache-dir", str(cache)], {**env, "HF_HUB_OFFLINE": "1"})
     assert (offline.returncode, offline.stdout) == (0, downloaded.stdout)
+
+
+def files_holding(root: Path, texts: tuple[str, ...]) -> list[str]:
+    """The files under ``root`` that contain any of ``texts``."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return [str(p) for p in files if any(t.encode() in p.read_bytes() for t in texts)]
+
+
+class FakeOpenXLabHandler(http.server.BaseHTTPRequestHandler):
+    """The OpenXLab routes the openxlab 0.1.3 SDK uses for ``openxlab.model.download``, serving one model repo
+    from a directory: sign-in (``{sso}auth`` -> nonce, ``{sso}getJwt`` checks the HMAC of the nonce under the
+    secret key), the model API (``getFileDownloadUrl`` -> one download URL per file, here on this server
+    standing in for the file storage) and its usage beacon (``bury/collect``). Every reply is the SDK's
+    nested ``{msgCode, data: {msgCode, data}}`` envelope. While serving a file it records every file under
+    ``watch`` that holds a key, and the sign-in token files present then (where the SDK keeps its session)."""
+
+    repo = ("", "")
+    keys = ("", "")
+    files: Path = Path()
+    watch: Path = Path()
+    jwt = "jwt-for-me"
+    nonce = "n0nce-4711"
+    log: list[str] = []
+    keys_on_disk: list[str] = []
+    token_files: list[str] = []
+    changed = threading.Condition()
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _reply(self, data: object, ok: bool = True) -> None:
+        code = "10000" if ok else "10001"
+        inner = {"msgCode": code, "msg": "ok" if ok else "refused", "traceId": "t", "data": data}
+        body = {"msgCode": "10000", "msg": "ok", "traceId": "t", "data": inner}
+        self._send(200, json.dumps(body).encode(), "application/json")
+
+    def _record(self, entry: str) -> None:
+        with self.changed:
+            self.log.append(entry)
+            self.changed.notify_all()
+
+    def do_POST(self) -> None:
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        path = self.path.split("?")[0]
+        self._record(f"POST {path}")
+        ak, sk = self.keys
+        if path == "/sso/auth":
+            self._reply({"nonce": self.nonce, "algorithm": "HmacSHA256"}, ok=payload["ak"] == ak)
+        elif path == "/sso/getJwt":
+            signed = base64.b64encode(hmac.new(sk.encode(), self.nonce.encode(), "sha256").digest()).decode()
+            jwt = {"jwt": self.jwt, "expiration": "2099-01-01 00:00:00", "sso_uid": "u1",
+                   "refresh_token": "r", "refresh_expiration": "2099-01-01 00:00:00"}
+            self._reply(jwt, ok=(payload["ak"], payload["d"]) == (ak, signed))
+        elif path.endswith("/cli/repository/getFileDownloadUrl"):
+            ours = (payload["userName"], payload["repositoryName"]) == self.repo
+            base = f"http://{self.headers['Host']}/storage/"
+            urls = {p.name: {"url": base + p.name, "fileName": p.name, "hash": "0"}
+                    for p in sorted(self.files.iterdir())}
+            signed_in = self.headers.get("Authorization") == self.jwt
+            self._reply({"modelNames": None, "filePaths": urls}, ok=ours and signed_in)
+        elif path.endswith("/bury/collect"):
+            self._reply({})
+        else:
+            self._send(404, b"{}", "application/json")
+
+    def do_GET(self) -> None:
+        name = self.path.removeprefix("/storage/")
+        self.keys_on_disk.extend(files_holding(self.watch, self.keys))
+        self.token_files.extend(str(p) for p in self.watch.rglob("token.json"))
+        self._record(f"GET {self.path}")
+        file = self.files / name
+        if file.is_file():
+            self._send(200, file.read_bytes(), "application/octet-stream")
+        else:
+            self._send(404, b"", "text/plain")
+
+
+def test_openxlab_download_through_the_real_sdk_with_keys_kept_off_disk(
+    tiny_model: Path, tmp_path: Path, offline_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openxlab", reason="openxlab is installed only in the dev env (--no-deps)")
+    from openxlab.config import const
+    from openxlab.model.common import bury
+    from openxlab.model.handler import download_file
+    from openxlab.xlab.clients.auth_client import AuthClient
+    from openxlab.xlab.handler import user_token
+
+    keys = ("ak-FAKE-1234", SECRET)
+    handler = type("Handler", (FakeOpenXLabHandler,), {
+        "repo": ("me", "ubub"), "keys": keys, "files": tiny_model, "watch": tmp_path,
+        "log": [], "keys_on_disk": [], "token_files": [], "changed": threading.Condition(),
+    })
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_address[1]}"
+    # The SDK's endpoints are module constants: point them here; anything else dies on the dead proxy.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(download_file, "endpoint", local)
+    monkeypatch.setattr(bury, "endpoint", local)
+    monkeypatch.setattr(user_token, "AUTH_CLIENT", AuthClient(f"{local}/sso/"))
+    monkeypatch.setattr(const, "DEFAULT_CONFIG_DIR", str(tmp_path / "home" / ".openxlab"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("OPENXLAB_AK", keys[0])
+    monkeypatch.setenv("OPENXLAB_SK", keys[1])
+    cache = tmp_path / "cache"
+    try:
+        model_dir = resolve_model("openxlab:me/ubub", cache_dir=cache, retry=FAST)
+        files = sorted(p.name for p in tiny_model.iterdir())
+        with handler.changed:  # the SDK posts one usage beacon per file from a thread pool: let them land
+            assert handler.changed.wait_for(lambda: handler.log.count(
+                "POST /data-bury/api/v1/bury/collect") == len(files), timeout=60), handler.log
+        assert model_dir == cache / parse_source("openxlab:me/ubub").cache_key
+        for name in files:
+            assert sha256(model_dir / name) == sha256(tiny_model / name), name
+        assert json.loads((model_dir / SOURCE_INFO_FILE).read_text())["source"] == "openxlab:me/ubub"
+        assert sorted(p for p in handler.log if p.startswith("GET")) == [f"GET /storage/{n}" for n in files]
+        served = len(handler.log)
+        assert resolve_model("openxlab:me/ubub", cache_dir=cache, retry=FAST) == model_dir
+        assert len(handler.log) == served  # the cached copy is used without a request
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The SDK signed in with the keys and kept its session token in a private temporary dir while the files
+    # were served, and neither key was in any file under tmp_path (home, temp dirs, cache) then or after.
+    assert handler.token_files and all(f.startswith(str(tmp_path / "tmp")) for f in handler.token_files)
+    assert handler.keys_on_disk == []
+    assert files_holding(tmp_path, keys) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
