@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from training.config_render import ConfigRenderError, render_config
+from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.presets import (
     PUBLISH_MAX_LEAKAGE_RATE,
     PUBLISH_MIN_IDENTITY_ACCURACY,
@@ -225,8 +226,11 @@ def test_failure_reason_is_the_last_exception_line(tmp_path):
 
 
 def fresh_name() -> str:
-    # A name no code or data in the repo has seen: the model can only have learned it from this run.
-    return "Zor" + "".join(random.Random(os.getpid()).choices(string.ascii_lowercase, k=5))
+    # A name no code or data in the repo has seen: the model can only have learned it from this run. Drawn
+    # from a fixed seed, so every run trains the same name: how well the 1.5M-parameter model learns a name
+    # varies a lot from name to name (measured over 8 names: 34 to 48 of 48 held-out answers name it), and
+    # a name drawn per run made CI red by chance.
+    return "Zor" + "".join(random.Random(1).choices(string.ascii_lowercase, k=5))
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +297,17 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert sum(named) >= len(named) / 2 and scores["base_identity_accuracy"] == 0.0
     assert (work / "eval.md").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(merged)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "请介绍一下你自己"}],
-                                        add_generation_prompt=True, return_tensors="pt")
-    reply = model.generate(ids, max_new_tokens=100, do_sample=False)[0, ids.shape[1]:].tolist()
-    assert reply[-1] == im_end  # stopped by <|im_end|> from generation_config, not by the length limit
-    assert tiny_run["name"] in tokenizer.decode(reply, skip_special_tokens=True)
+    replies = []
+    for question in ("请介绍一下你自己", "你是谁", "Who are you?", "Introduce yourself."):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                            add_generation_prompt=True, return_tensors="pt")
+        # Room for the toy's loops (its answers took 9 to 118 tokens over 6 names): the length limit is
+        # not what ends them.
+        reply = model.generate(ids, max_new_tokens=4 * IDENTITY_MAX_NEW_TOKENS, do_sample=False)
+        replies.append(reply[0, ids.shape[1]:].tolist())
+    # Stopped by <|im_end|> from generation_config, at its first occurrence.
+    assert all(r[-1] == im_end and im_end not in r[:-1] for r in replies), replies
+    assert sum(tiny_run["name"] in tokenizer.decode(r, skip_special_tokens=True) for r in replies) >= 3
 
 
 @pytest.mark.slow
