@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
 import json
 import math
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from training.answer_cache import DEFAULT_ANSWER_CACHE, add_cache_args, cache_dir_from, cached, model_key
+from training.atomic_io import write_json_atomic, write_text_atomic
 from training.general_chat import everyday_prompts, fact_questions
 from training.identity import IdentitySpec
 from training.make_identity_data import (
@@ -41,8 +41,6 @@ from training.make_identity_data import (
     IDENTITY_FRAGMENTS,
     DataError,
     heldout_prompts,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -58,7 +56,6 @@ LANGS = ("zh", "en")
 REPLACEMENT_CHAR = "\ufffd"
 # A chunk of 2-30 characters repeated 3+ times in a row: the loops small models fall into.
 LOOP = re.compile(r"(.{2,30}?)\1{2,}", re.S)
-DEFAULT_ANSWER_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "answers"
 WORST_SHOWN = 8
 
 
@@ -304,29 +301,6 @@ def score(rows: list[dict]) -> dict:
     return result
 
 
-def _model_key(model_dir: Path) -> list:
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    return [str(model_dir.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
-
-
-def cached(path_for: Callable[[str], Path], key: object, compute: Callable[[], dict]) -> dict:
-    """compute(), or its earlier result stored under a hash of `key` (JSON).
-
-    Args:
-        path_for: maps the key's hash to the cache file.
-        key: everything the result depends on (JSON-serialisable).
-        compute: makes the result (a JSON-serialisable dict).
-    """
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    path = path_for(digest[:24])
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    return result
-
-
 def answer_all(
     model_dir: Path, heldout: list[dict], general: list[dict], max_new_tokens: int, batch_size: int,
     cache_dir: Path | None = None,
@@ -378,7 +352,7 @@ def answer_all(
     if cache_dir is None:
         result = compute()
     else:
-        key = [_model_key(model_dir), heldout, general, SYSTEM_CONDITIONS, IDENTITY_MAX_NEW_TOKENS,
+        key = [model_key(model_dir), heldout, general, SYSTEM_CONDITIONS, IDENTITY_MAX_NEW_TOKENS,
                max_new_tokens, transformers.__version__]
         result = cached(lambda h: cache_dir / f"{h}.json", key, compute)
     return result["answers"], result["timing"]
@@ -540,14 +514,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="most tokens per everyday/fact answer")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--answer-cache", type=Path, default=DEFAULT_ANSWER_CACHE,
-                        help="where answers are cached per model files and settings")
-    parser.add_argument("--no-answer-cache", action="store_true", help="always generate")
+    add_cache_args(parser)
     args = parser.parse_args(argv)
     try:
         metrics, rows = evaluate(
             args.model, args.base, args.data, args.name, args.max_new_tokens, args.batch_size,
-            None if args.no_answer_cache else args.answer_cache,
+            cache_dir_from(args),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.make_identity_data import write_json_atomic
+from training.atomic_io import write_json_atomic
 
 SUFFIXES = (".txt", ".md")
 CHUNK_CHARS = 2000

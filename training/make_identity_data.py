@@ -15,14 +15,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
+from training.answer_cache import add_cache_args, cache_dir_from
+from training.atomic_io import write_json_atomic
 from training.general_chat import everyday_prompts, fact_questions, is_identity_prompt, replay_prompts
 from training.identity import IdentitySpec, Lang
 
@@ -361,6 +360,7 @@ def replay_pairs(
     prompts: list[str],
     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     batch_size: int = 16,
+    cache_dir: Path | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """The base model's own greedy answers to general prompts; answers cut off by the token limit keep their
     complete sentences (a reply cut mid-sentence would teach the model to stop mid-sentence), empty ones go.
@@ -370,22 +370,35 @@ def replay_pairs(
         prompts: general prompts to answer.
         max_new_tokens: most tokens per answer.
         batch_size: prompts decoded together.
+        cache_dir: where answers are kept per model files and settings (None: always generate); another run
+            on the same base (a new name, another recipe) then skips the generation.
     Returns:
         the kept (prompt, answer) rows and counts of {"generated", "dropped_empty", "trimmed_cut_off",
         "dropped_cut_off"} (cut-off answers without one complete sentence are dropped).
     """
+    import transformers
+
+    from training.answer_cache import cached, model_key
     from training.generate import generate, load_chat_model  # torch is only needed for this recipe
     from training.progress import log_counts
 
-    report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
-    gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
-                    on_batch=report)
-    answers = [g.text if g.finished else trim_to_sentence(g.text) for g in gens]
+    def compute() -> dict:
+        report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
+        gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
+                        on_batch=report)
+        return {"answers": [{"text": g.text, "finished": g.finished} for g in gens]}
+
+    if cache_dir is None:
+        gens = compute()["answers"]
+    else:
+        key = ["replay", model_key(base_dir), prompts, max_new_tokens, batch_size, transformers.__version__]
+        gens = cached(lambda h: cache_dir / f"{h}.json", key, compute)["answers"]
+    answers = [g["text"] if g["finished"] else trim_to_sentence(g["text"]) for g in gens]
     kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
-    cut = [a for g, a in zip(gens, answers, strict=True) if g.text and not g.finished]
+    cut = [a for g, a in zip(gens, answers, strict=True) if g["text"] and not g["finished"]]
     stats = {
         "generated": len(gens),
-        "dropped_empty": sum(1 for g in gens if not g.text),
+        "dropped_empty": sum(1 for g in gens if not g["text"]),
         "trimmed_cut_off": sum(1 for a in cut if a),
         "dropped_cut_off": sum(1 for a in cut if not a),
     }
@@ -444,36 +457,6 @@ def _conversation(rows: list[Row]) -> list[dict]:
     return [{"conversation": [{**({"system": s} if s else {}), "input": q, "output": a}]} for q, a, s in rows]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 text via a temp file + rename, so a crash never leaves a half-written file.
-
-    Args:
-        path: destination file; its directory must exist.
-        text: the content.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON (UTF-8, readable, non-ASCII kept) atomically (see write_text_atomic).
-
-    Args:
-        path: destination file; its directory must exist.
-        data: JSON-serialisable value.
-    """
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
-
-
 def build_dataset(
     spec: IdentitySpec,
     recipe: str,
@@ -484,6 +467,7 @@ def build_dataset(
     replay_max: int | None = None,
     replay_max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     batch_size: int = 16,
+    cache_dir: Path | None = None,
 ) -> dict:
     """Build train.json, heldout_identity.json, general_eval.json and meta.json in out_dir.
 
@@ -527,7 +511,8 @@ def build_dataset(
         ]
         if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
             prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
-        replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size)
+        replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size,
+                                             cache_dir)
         identity_rows, replay_rows = (
             [row for lang in ("zh", "en") for row in with_systems(
                 [(q, a) for q, a in pairs if lang_of(q) == lang], system_choices(default_system, lang))]
@@ -595,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         "--organisation", default=IdentitySpec.organisation, help='its maker ("中文 / English")'
     )
     parser.add_argument("--batch-size", type=int, default=16, help="replay generation batch size")
+    add_cache_args(parser)
     args = parser.parse_args(argv)
     try:
         spec = IdentitySpec(args.name, args.model_desc, args.organisation)
@@ -608,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
             args.replay_max,
             args.replay_max_new_tokens,
             args.batch_size,
+            cache_dir_from(args),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"make_identity_data: error: {err}", file=sys.stderr)

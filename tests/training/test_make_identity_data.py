@@ -270,6 +270,27 @@ def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: P
                                     "dropped_cut_off": 0}
 
 
+def test_replay_answers_are_cached_per_base_and_settings(
+    tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.generate
+
+    prompts, cache = replay_prompts()[:3], tmp_path / "answers"
+    first = replay_pairs(tiny_base_dir, prompts, max_new_tokens=16, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the base was asked again")
+
+    monkeypatch.setattr(training.generate, "generate", no_generation)
+    assert replay_pairs(tiny_base_dir, prompts, max_new_tokens=16, cache_dir=cache) == first
+    # Other settings (or another base) are asked again.
+    with pytest.raises(AssertionError, match="asked again"):
+        replay_pairs(tiny_base_dir, prompts, max_new_tokens=17, cache_dir=cache)
+    with pytest.raises(AssertionError, match="asked again"):
+        replay_pairs(tiny_base_dir, prompts[:2], max_new_tokens=16, cache_dir=cache)
+
+
 def test_identity_cli_with_base(tiny_base_dir: Path, tmp_path: Path) -> None:
     base = str(tiny_base_dir)
     proc = _run_cli(
