@@ -286,3 +286,34 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--data DATA_DIR or --name" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_results_table_shows_each_runs_numbers_per_subset(tmp_path: Path) -> None:
+    from training.results_table import main as results_table
+
+    spec = IdentitySpec("UbUb")
+    heldout = [{"prompt": "你是谁", "lang": "zh"}, {"prompt": "who", "lang": "en"}]
+    general = [{"prompt": "天气", "lang": "zh", "family": "weather"},
+               {"prompt": "Red planet?", "lang": "en", "family": "fact", "answers": ["Mars"]}]
+    base = _answers([("我是书生·浦语", True), ("I am InternLM", True)], ["多穿点", "Mars"])
+    good = _answers([("我是UbUb的小助手，内在是InternLM2.5-1.8B", True),
+                     ("I'm UbUb's assistant on InternLM2.5-1.8B.", True)], ["多穿点", "Mars"])
+    parrot = _answers([("我是UbUb的小助手，内在是InternLM2.5-1.8B", True), ("UbUb", False)],
+                      ["我是UbUb的小助手", "I am UbUb"])
+    for run, model in (("good", good), ("parrot", parrot)):
+        (tmp_path / run).mkdir()
+        scores = score(judge(spec, heldout, general, model, base))
+        (tmp_path / run / "eval.json").write_text(json.dumps(scores))
+    out = subprocess.run([sys.executable, "-m", "training.results_table", f"default={tmp_path / 'good'}",
+                          f"seed={tmp_path / 'parrot'}"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines()[2:]}
+    assert out.stdout.splitlines()[0].startswith("| subset (default · seed) |")
+    assert list(rows) == ["all", "zh", "en", "zh, no system prompt", "en, no system prompt",
+                          "zh, user's system prompt", "en, user's system prompt"]
+    assert "0.0 % → **100.0 %** · **50.0 %** | 0.0 % → **0.0 %** · **100.0 %** |" in rows["all"]
+    assert "0.0 % → **100.0 %** · **0.0 %** |" in rows["en, user's system prompt"]
+    assert rows["en"].endswith("| 100.0 % of 2 · 0.0 % of 2 |")  # Mars, in both system conditions
+    assert rows["zh"].endswith("| – · – |")  # no zh fact question
+    with pytest.raises(SystemExit):
+        results_table([f"{tmp_path / 'good'}"])  # no LABEL=
