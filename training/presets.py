@@ -109,7 +109,7 @@ PRESETS = {
                                    "num_attention_heads": 9, "num_key_value_heads": 3,
                                    "intermediate_size": 1536, "max_position_embeddings": 8192},
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
-                   data_args=("--replay-max", "120", "--replay-max-new-tokens", "64", "--batch-size", "32"),
+                   data_args=("--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32")),
 }
 BUILD_PREFIX = "build:"
