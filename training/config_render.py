@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from training.presets import REPO_ROOT
+from training.presets import REPO_ROOT, Preset
 
 
 class ConfigRenderError(ValueError):
@@ -89,19 +89,39 @@ def render_config(source: str, overrides: Mapping[str, object], header: str = ""
     return rendered
 
 
-def write_rendered_config(template: Path, overrides: Mapping[str, object], out: Path, run_name: str) -> Path:
-    """Render a config template into `out` (atomically), with a header saying what it is.
+def template_settings(spec: Preset, stage: str) -> dict[str, object]:
+    """The literal top-level settings of a preset's stage config before the run's own: its template's, with
+    the preset's values applied. Everything that reads a template's settings reads them here.
+
+    Raises ConfigRenderError when a preset value names no top-level setting of the template.
 
     Args:
-        template: the shipped config.
-        overrides: top-level settings to replace.
+        spec: the preset.
+        stage: "sft" or "pretrain".
+    """
+    template, values = spec.stage_config(stage)
+    return literal_settings(render_config(template.read_text(encoding="utf-8"), values))
+
+
+def write_stage_config(spec: Preset, stage: str, overrides: Mapping[str, object], out: Path,
+                       run_name: str) -> Path:
+    """Render a preset's stage config into `out` (atomically): its template with the preset's values, then
+    the run's `overrides`, applied; the header says what it is and which settings each of them replaced.
+
+    Args:
+        spec: the preset.
+        stage: "sft" or "pretrain".
+        overrides: top-level settings this run replaces (they win over the preset's values).
         out: the rendered file to write.
         run_name: the run, named in the header.
     """
+    template, values = spec.stage_config(stage)
+    replaced = [f"by preset {spec.name} (training/presets.py): {', '.join(values)}"] if values else []
+    replaced.append(f"by this run: {', '.join(overrides)}")
     header = (f"# Rendered by training/pipeline.py for run {run_name!r} from "
               f"{template.relative_to(REPO_ROOT)}\n"
-              f"# with these settings replaced: {', '.join(overrides)}. This file is what ran.\n")
-    text = render_config(template.read_text(encoding="utf-8"), overrides, header)
+              f"# with these settings replaced: {'; then '.join(replaced)}. This file is what ran.\n")
+    text = render_config(template.read_text(encoding="utf-8"), {**values, **overrides}, header)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -334,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and all later ones")
     p.add_argument("--max-iters", type=int, help="SFT iterations (CPU presets: smol, tiny)")
     p.add_argument("--epochs", type=int, help="SFT epochs (internlm2_5-1_8b preset)")
-    p.add_argument("--lr", type=float, help="SFT learning rate (default: the config's)")
+    p.add_argument("--lr", type=float, help="SFT learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, default=42, help="SFT random seed (default 42)")
     p.add_argument("--save-every", type=int, help="SFT checkpoint interval in iterations (resume points)")
     p.add_argument("--identity-repeat", type=int, help="identity recipe: rows per identity question")

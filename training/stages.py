@@ -24,14 +24,13 @@ from infer_engine.model_source import (
     redact,
 )
 from training import convert_merge, launcher, make_identity_data, schedule
-from training.config_render import literal_settings, write_rendered_config
+from training.config_render import literal_settings, template_settings, write_stage_config
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     BASE_CACHE,
     BUILD_PREFIX,
-    CONFIG_DIR,
     DATA_FILES,
     GENERAL_PROMPTS_IN_HOOK,
     IDENTITY_PROMPTS,
@@ -276,20 +275,20 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
         run_logged([sys.executable, "-m", "training.make_corpus", "--corpus", str(run.cfg.corpus),
                     "--out", str(corpus_json)], log, run.env)
         _require_files(d, ("corpus.json",), "make_corpus")
-    template = CONFIG_DIR / run.cfg.spec.pretrain_config
     overrides: dict[str, object] = {"pretrained_model_name_or_path": str(run.base_dir()),
                                     "data_path": str(corpus_json),
                                     "trust_remote_code": run.cfg.remote_code_allowed}
     config = d / "pretrain_config.py"  # beside XTuner's work dir, for the reason given in stage_sft
-    write_rendered_config(template, overrides, config, run.cfg.name)
-    settings = template_settings(run.cfg.spec.pretrain_config)
+    write_stage_config(run.cfg.spec, "pretrain", overrides, config, run.cfg.name)
+    settings = template_settings(run.cfg.spec, "pretrain")
     samples, exact = None, False
     if "max_epochs" in settings:  # epochs become iterations: count the packed samples XTuner will build
         counted = run.work / "logs" / "pretrain.samples.json"
         run_logged([sys.executable, "-m", "training.schedule", str(config)], log, run.env, stdout=counted)
         samples, exact = json.loads(counted.read_text().strip().splitlines()[-1])["samples"], True
     plan = train_schedule(run, settings, samples or corpus_samples(run, settings), exact)
-    write_rendered_config(template, {**overrides, **schedule_overrides(run, plan)}, config, run.cfg.name)
+    write_stage_config(run.cfg.spec, "pretrain", {**overrides, **schedule_overrides(run, plan)}, config,
+                       run.cfg.name)
     say(f"  pretrain: {describe_schedule(plan)}")
     checkpoint = xtuner_train(run, config, d / "train", log)
     runner = _logging_runner(run, log)
@@ -312,15 +311,6 @@ def evaluation_inputs(data_dir: Path) -> list[str]:
     general = json.loads((data_dir / "general_eval.json").read_text(encoding="utf-8"))
     prompts = [g["prompt"] for g in general if isinstance(g, dict) and isinstance(g.get("prompt"), str)]
     return [*IDENTITY_PROMPTS, *prompts[:GENERAL_PROMPTS_IN_HOOK]]
-
-
-def template_settings(name: str) -> dict[str, object]:
-    """The literal top-level settings of a shipped config template.
-
-    Args:
-        name: file name in training/configs/.
-    """
-    return literal_settings((CONFIG_DIR / name).read_text(encoding="utf-8"))
 
 
 def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
@@ -358,7 +348,7 @@ def corpus_samples(run: Run, settings: dict[str, object]) -> int:
 
     Args:
         run: the run (with --corpus).
-        settings: the pre-training template's literal settings (max_length).
+        settings: the pre-training settings, from config_render.template_settings (max_length).
     """
     assert run.cfg.corpus is not None
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(run.cfg.corpus.rglob("*"))
@@ -373,7 +363,8 @@ def train_schedule(run: Run, settings: dict[str, object], samples: int, exact: b
 
     Args:
         run: the run (--gpus, --rehearse).
-        settings: the stage template's literal settings (max_epochs when it trains by epochs, else max_iters).
+        settings: the stage's settings, from config_render.template_settings (max_epochs when it trains by
+            epochs, else max_iters).
         samples: training samples per epoch.
         exact: whether `samples` is a count (not an estimate).
         length: epochs or iterations (the template's unit) in place of the template's (--epochs/--max-iters).
@@ -391,7 +382,7 @@ def train_schedule(run: Run, settings: dict[str, object], samples: int, exact: b
 
 def sft_schedule(run: Run) -> schedule.Schedule:
     """The SFT schedule: rows (or packed samples, estimated from tokens) -> iterations -> optimizer steps."""
-    settings = template_settings(run.cfg.spec.sft_config)
+    settings = template_settings(run.cfg.spec, "sft")
     tokens, exact = sft_row_tokens(run)
     if settings["pack_to_max_length"]:
         samples, exact = schedule.packed_samples(tokens, int(settings["max_length"]))[0], False
@@ -452,8 +443,7 @@ def stage_sft(run: Run, log: Path) -> dict[str, Path]:
     d = run.work / "sft"
     # Not inside XTuner's work dir: mmengine dumps its flattened copy of the config there under the same name,
     # which would lose the config's top-of-file code (the CPU bf16 patch) that pth_to_hf needs.
-    config = write_rendered_config(CONFIG_DIR / run.cfg.spec.sft_config, sft_overrides(run),
-                                   d / "sft_config.py", run.cfg.name)
+    config = write_stage_config(run.cfg.spec, "sft", sft_overrides(run), d / "sft_config.py", run.cfg.name)
     checkpoint = xtuner_train(run, config, d / "train", log)
     return {"config": config, "checkpoint": checkpoint}
 
@@ -559,13 +549,13 @@ def _plan_training(run: Run, config: Path, plan: schedule.Schedule, packed: bool
 
 
 def plan_pretrain(run: Run) -> dict[str, object]:
-    settings = template_settings(run.cfg.spec.pretrain_config)
+    settings = template_settings(run.cfg.spec, "pretrain")
     plan = train_schedule(run, settings, corpus_samples(run, settings), False)
     return _plan_training(run, run.work / "pretrain" / "pretrain_config.py", plan, True)
 
 
 def plan_sft(run: Run) -> dict[str, object]:
-    packed = bool(template_settings(run.cfg.spec.sft_config)["pack_to_max_length"])
+    packed = bool(template_settings(run.cfg.spec, "sft")["pack_to_max_length"])
     return _plan_training(run, run.work / "sft" / "sft_config.py", sft_schedule(run), packed)
 
 

@@ -1,6 +1,7 @@
-# Every shipped XTuner config loads with mmengine and has the settings it promises; the pipeline's renderer
-# changes them only where it should. Run in the training env:
+# Every shipped XTuner config, with each preset's own values applied, loads with mmengine and has the settings
+# it promises; the pipeline's renderer changes them only where it should. Run in the training env:
 #   .venv-train/bin/python -m pytest tests/training/test_configs.py
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -27,40 +28,51 @@ from xtuner.engine.hooks import EvaluateChatHook  # noqa: E402
 from xtuner.engine.runner import TrainLoop  # noqa: E402
 from xtuner.utils import PROMPT_TEMPLATE  # noqa: E402
 
-from training.config_render import render_config  # noqa: E402
+from training.config_render import (  # noqa: E402
+    ConfigRenderError,
+    literal_settings,
+    render_config,
+    template_settings,
+    write_stage_config,
+)
 from training.presets import PRESETS  # noqa: E402
 
 INTERNLM_MODULES = ["wqkv", "wo", "w1", "w2", "w3"]
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# What each shipped config must say (torchtune's test_configs style): one row per file.
+# What each preset's stage config must say (torchtune's test_configs style): one row per preset and stage,
+# checked on its template with the preset's values applied (what the pipeline renders before a run's own).
 # `epochs`: the user-facing length of configs trained by epochs (the pipeline renders max_iters from it);
 # `pack`: the real SFT trains one row per sample, so its step count follows the data size.
 EXPECTED = {
-    "internlm2_5_1_8b_qlora_sft.py": dict(
-        kind="sft", gpu=True, lr=2e-4, epochs=3, max_iters=300, max_length=2048, accumulate=4, pack=False,
-        targets=None, dtype="float16"),
-    "internlm2_5_1_8b_qlora_pretrain.py": dict(
-        kind="pretrain", gpu=True, lr=2e-5, epochs=1, max_iters=100, max_length=2048, accumulate=16,
-        pack=True, targets=INTERNLM_MODULES, dtype="bfloat16"),
-    "tiny_lora_sft_cpu.py": dict(
-        kind="sft", gpu=False, lr=2e-3, epochs=None, max_iters=300, max_length=256, accumulate=1, pack=True,
-        targets=LLAMA_MODULES, dtype="torch.float32", modules_to_save=["lm_head"]),
-    "tiny_lora_pretrain_cpu.py": dict(
-        kind="pretrain", gpu=False, lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1,
-        pack=True, targets=LLAMA_MODULES, dtype="torch.float32"),
+    ("internlm2_5-1_8b", "sft"): dict(
+        lr=2e-4, epochs=3, max_iters=300, max_length=2048, accumulate=4, pack=False, targets=None,
+        dtype="float16", save_steps=500, evaluation_freq=500),
+    ("internlm2_5-1_8b", "pretrain"): dict(
+        lr=2e-5, epochs=1, max_iters=100, max_length=2048, accumulate=16, pack=True, targets=INTERNLM_MODULES,
+        dtype="bfloat16", save_steps=500, evaluation_freq=500),
+    ("tiny", "sft"): dict(
+        lr=2e-3, epochs=None, max_iters=300, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
+        dtype="torch.float32", modules_to_save=["lm_head"], save_steps=300, evaluation_freq=100),
+    ("tiny", "pretrain"): dict(
+        lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
+        dtype="torch.float32", save_steps=60, evaluation_freq=60),
     # A real pretrained model: plain LoRA, no trained output head, a moderate step (no parrot effect).
-    "smol_lora_sft_cpu.py": dict(
-        kind="sft", gpu=False, lr=1e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=True,
-        targets=LLAMA_MODULES, dtype="torch.float32", lora=(16, 32, 0.05)),
-    "smol_lora_pretrain_cpu.py": dict(
-        kind="pretrain", gpu=False, lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1,
-        pack=True, targets=LLAMA_MODULES, dtype="torch.float32", lora=(16, 32, 0.1)),
+    ("smol", "sft"): dict(
+        lr=1e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
+        dtype="torch.float32", lora=(16, 32, 0.05), save_steps=50, evaluation_freq=150),
+    ("smol", "pretrain"): dict(
+        lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
+        dtype="torch.float32", lora=(16, 32, 0.1), save_steps=60, evaluation_freq=60),
 }
+SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
 
 
-def load(name: str) -> Config:
-    return Config.fromfile(str(CONFIG_DIR / name))
+def load(key: tuple[str, str]) -> Config:
+    """The preset's stage config: its template with the preset's values rendered in."""
+    preset, stage = key
+    template, values = PRESETS[preset].stage_config(stage)
+    return Config.fromstring(render_config(template.read_text(encoding="utf-8"), values), ".py")
 
 
 def hook(cfg: Config, hook_type: type) -> dict:
@@ -69,13 +81,53 @@ def hook(cfg: Config, hook_type: type) -> dict:
 
 
 def test_every_shipped_config_is_checked_and_used_by_a_preset():
-    shipped = {p.name for p in CONFIG_DIR.glob("*.py")}
-    assert shipped == set(EXPECTED)
-    used = {name for preset in PRESETS.values() for name in (preset.sft_config, preset.pretrain_config)}
-    assert used == shipped
+    assert set(EXPECTED) == {(preset, stage) for preset in PRESETS for stage in ("sft", "pretrain")}
+    used = {PRESETS[preset].stage_config(stage)[0].name for preset, stage in EXPECTED}
+    assert used == set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_presets_values_are_settings_of_its_templates():
+    for preset, stage in EXPECTED:
+        spec = PRESETS[preset]
+        values = spec.stage_config(stage)[1]
+        settings = template_settings(spec, stage)  # raises ConfigRenderError on a name the template lacks
+        assert {k: settings[k] for k in values} == dict(values)
+
+
+def test_a_preset_value_that_names_no_setting_of_its_template_is_refused():
+    typo = dataclasses.replace(PRESETS["smol"], sft_settings={**PRESETS["smol"].sft_settings, "lora_rank": 8})
+    with pytest.raises(ConfigRenderError, match="override 'lora_rank' matches no top-level setting"):
+        template_settings(typo, "sft")
+
+
+def test_presets_sharing_a_template_set_the_same_settings():
+    # Each preset sets all of a shared template's per-preset settings: none silently trains with the values
+    # written in the template, which are the tiny preset's (as its header says) for a run by hand.
+    by_template: dict[tuple[str, str], list] = {}
+    for preset, stage in EXPECTED:
+        template, values = PRESETS[preset].stage_config(stage)
+        by_template.setdefault((template.name, stage), []).append(values)
+    for (name, stage), all_values in by_template.items():
+        if len(all_values) > 1:
+            assert len({tuple(values) for values in all_values}) == 1, name
+            written = literal_settings((CONFIG_DIR / name).read_text(encoding="utf-8"))
+            tiny = PRESETS["tiny"].stage_config(stage)[1]
+            assert {k: written[k] for k in tiny} == dict(tiny), name
+
+
+def test_the_rendered_header_names_what_the_preset_and_the_run_replaced(tmp_path):
+    out = write_stage_config(PRESETS["smol"], "sft", {"lr": 5e-4, "seed": 7}, tmp_path / "sft.py", "Zx")
+    text = out.read_text(encoding="utf-8")
+    assert text.splitlines()[:2] == [
+        "# Rendered by training/pipeline.py for run 'Zx' from training/configs/lora_sft_cpu.py",
+        "# with these settings replaced: by preset smol (training/presets.py): max_iters, lr, save_steps, "
+        "evaluation_freq, lora_r, lora_alpha, lora_dropout, modules_to_save; then by this run: lr, seed. "
+        "This file is what ran."]
+    settings = literal_settings(text)
+    assert (settings["lr"], settings["seed"], settings["lora_r"], settings["max_iters"]) == (5e-4, 7, 16, 150)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_header_says_how_to_run(name):
     head = (CONFIG_DIR / name).read_text(encoding="utf-8").splitlines()[:8]
     assert all(line.startswith("#") for line in head[:3])
@@ -84,16 +136,16 @@ def test_header_says_how_to_run(name):
                in line for line in head)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_lora_optimizer_and_schedule(name):
-    want, cfg = EXPECTED[name], load(name)
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_lora_optimizer_and_schedule(key):
+    want, cfg = EXPECTED[key], load(key)
     lora = cfg.model.lora
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == want.get("lora", (64, 16, 0.1))
     assert lora.task_type == "CAUSAL_LM"
     assert lora.get("target_modules") == want["targets"]
     assert lora.get("modules_to_save") == want.get("modules_to_save")
     # Only the official InternLM2.5 base's own code may run by default; the pipeline sets it per run.
-    assert cfg.model.llm.trust_remote_code is cfg.tokenizer.trust_remote_code is name.startswith("internlm")
+    assert cfg.model.llm.trust_remote_code is cfg.tokenizer.trust_remote_code is key[0].startswith("internlm")
     assert str(cfg.model.llm.torch_dtype) == want["dtype"]
     assert cfg.optim_wrapper.optimizer.lr == want["lr"]
     assert cfg.optim_wrapper.optimizer.type.__name__ == "AdamW"
@@ -110,14 +162,16 @@ def test_lora_optimizer_and_schedule(name):
     assert cosine.end == cfg.max_iters
     assert 0 < cfg.warmup_iters < cfg.max_iters and 0 < cfg.warmup_ratio < 0.05
     assert cfg.default_hooks.checkpoint.type is CheckpointHook
+    assert cfg.default_hooks.checkpoint.interval == want["save_steps"]
+    assert hook(cfg, EvaluateChatHook).every_n_iters == want["evaluation_freq"]
     assert cfg.randomness.seed == cfg.seed == 42
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_quantisation_and_precision_match_the_device(name):
-    want, cfg = EXPECTED[name], load(name)
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_quantisation_and_precision_match_the_device(key):
+    want, cfg = EXPECTED[key], load(key)
     quant = cfg.model.llm.get("quantization_config")
-    if want["gpu"]:
+    if PRESETS[key[0]].needs_cuda:
         assert quant.type is BitsAndBytesConfig
         assert quant.load_in_4bit and not quant.load_in_8bit
         assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("nf4", True)
@@ -134,15 +188,15 @@ def test_quantisation_and_precision_match_the_device(name):
         assert cfg.train_dataloader.dataset.map_num_proc == 1
         assert cfg.train_dataloader.sampler.type is InfiniteSampler
         patch = 'if not hasattr(__import__("torch").cpu, "is_bf16_supported"):'
-        assert patch in (CONFIG_DIR / name).read_text()
+        assert patch in PRESETS[key[0]].stage_config(key[1])[0].read_text()
         import torch
 
         assert torch.cpu.is_bf16_supported() is False  # the patch ran while the config loaded
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_data_and_chat_format(name):
-    want, cfg = EXPECTED[name], load(name)
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_data_and_chat_format(key):
+    want, cfg = EXPECTED[key], load(key)
     dataset = cfg.train_dataloader.dataset
     assert dataset.max_length == cfg.max_length == want["max_length"]
     assert dataset.pack_to_max_length is cfg.pack_to_max_length is want["pack"]
@@ -150,7 +204,7 @@ def test_data_and_chat_format(name):
     assert dataset.dataset.data_files == {"train": cfg.data_path}
     chat = hook(cfg, EvaluateChatHook)
     assert chat.evaluation_inputs == cfg.evaluation_inputs and chat.every_n_iters == cfg.evaluation_freq
-    if want["kind"] == "sft":
+    if key[1] == "sft":
         # The model's own InternLM2 chat format, never XTuner's `default` template.
         assert cfg.prompt_template == PROMPT_TEMPLATE.internlm2_chat
         assert dataset.template_map_fn.template == PROMPT_TEMPLATE.internlm2_chat
@@ -175,10 +229,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
         "max_iters": 7,
         "warmup_iters": 2,
     }
-    rendered = tmp_path / "rendered.py"
-    rendered.write_text(render_config((CONFIG_DIR / spec.sft_config).read_text(encoding="utf-8"), overrides,
-                                      "# rendered for a test\n"), encoding="utf-8")
-    cfg = Config.fromfile(str(rendered))
+    cfg = Config.fromfile(str(write_stage_config(spec, "sft", overrides, tmp_path / "rendered.py", "test")))
     assert cfg.model.llm.pretrained_model_name_or_path == "/models/base"
     assert cfg.tokenizer.pretrained_model_name_or_path == "/models/base"
     assert cfg.train_dataloader.dataset.dataset.data_files == {"train": "/work/data/train.json"}
@@ -192,9 +243,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_rendered_pretrain_settings_reach_the_built_objects(preset, tmp_path):
     overrides = {"pretrained_model_name_or_path": "/models/base", "data_path": "/work/pretrain/corpus.json"}
-    rendered = tmp_path / "rendered.py"
-    source = (CONFIG_DIR / PRESETS[preset].pretrain_config).read_text(encoding="utf-8")
-    rendered.write_text(render_config(source, overrides), encoding="utf-8")
+    rendered = write_stage_config(PRESETS[preset], "pretrain", overrides, tmp_path / "rendered.py", "test")
     cfg = Config.fromfile(str(rendered))
     assert cfg.model.llm.pretrained_model_name_or_path == cfg.tokenizer.pretrained_model_name_or_path
     assert cfg.model.llm.pretrained_model_name_or_path == "/models/base"

@@ -18,6 +18,7 @@ import pytest
 from training.config_render import ConfigRenderError, render_config
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.presets import (
+    PRESETS,
     PUBLISH_MAX_LEAKAGE_RATE,
     PUBLISH_MIN_IDENTITY_ACCURACY,
     REPO_ROOT,
@@ -27,7 +28,7 @@ from training.presets import (
     slug,
 )
 from training.runner import failure_reason
-from training.stages import latest_checkpoint, publish_gate
+from training.stages import Run, latest_checkpoint, plan_sft, publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -179,6 +180,15 @@ def test_dry_run_of_the_real_preset_plans_at_least_150_steps_without_gpu_or_mode
     plan2 = json.loads((work / "stages" / "sft.json").read_text())["plan"]["schedule"]
     assert two.returncode == 0 and plan2["world_size"] == 2
     assert plan2["max_iters"] == 3 * -(-plan["samples"] // 2)
+
+
+def test_the_plan_trains_each_cpu_preset_for_its_own_iterations_not_the_shared_templates(tmp_path):
+    # tiny and smol share one SFT template; the schedule must read it with the preset's values applied.
+    lengths = {preset: PRESETS[preset].sft_settings["max_iters"] for preset in ("tiny", "smol")}
+    assert len(set(lengths.values())) == 2
+    for preset, max_iters in lengths.items():
+        run = Run(RunConfig("Alice", preset=preset, work_dir=tmp_path / preset), dict(os.environ))
+        assert plan_sft(run)["schedule"]["max_iters"] == max_iters
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from training.config_render import render_config
+from training.config_render import render_config, write_stage_config
 from training.presets import CONFIG_DIR, PRESETS
 from training.schedule import (
     ScheduleError,
@@ -76,9 +76,9 @@ def test_every_config_warms_up_to_the_full_lr_then_decays(preset, max_iters):
     from mmengine.config import Config
     from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
 
-    spec = PRESETS[preset]
-    for name in (spec.sft_config, spec.pretrain_config):
-        source = (CONFIG_DIR / name).read_text(encoding="utf-8")
+    for stage in ("sft", "pretrain"):
+        template_path, values = PRESETS[preset].stage_config(stage)
+        source = render_config(template_path.read_text(encoding="utf-8"), values)  # as the preset trains
         template = Config.fromstring(source, ".py")
         warmup = warmup_iters(max_iters, template.warmup_ratio)
         rendered = render_config(source, {"max_iters": max_iters, "warmup_iters": warmup})
@@ -108,10 +108,8 @@ def test_exact_sample_count_comes_from_xtuners_own_dataset_build(tiny_base_dir, 
     corpus = tmp_path / "corpus.json"
     texts = [f"Paragraph {i}: " + "the lighthouse keeper counts the waves. " * (5 + i % 7) for i in range(60)]
     corpus.write_text(json.dumps([{"text": t} for t in texts]))
-    source = (CONFIG_DIR / PRESETS["tiny"].pretrain_config).read_text(encoding="utf-8")
-    config = tmp_path / "pretrain_config.py"
-    config.write_text(render_config(source, {"pretrained_model_name_or_path": str(tiny_base_dir),
-                                             "data_path": str(corpus)}))
+    settings = {"pretrained_model_name_or_path": str(tiny_base_dir), "data_path": str(corpus)}
+    config = write_stage_config(PRESETS["tiny"], "pretrain", settings, tmp_path / "pretrain.py", "test")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CONFIG_DIR.parents[1]), *sys.path])}
     proc = subprocess.run([sys.executable, "-m", "training.schedule", str(config)], capture_output=True,
                           text=True, env=env, timeout=600)

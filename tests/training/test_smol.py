@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from training import convert_merge
-from training.config_render import write_rendered_config
+from training.config_render import write_stage_config
 from training.generate import generate, load_chat_model
 from training.identity import IdentitySpec
 from training.make_identity_data import build_dataset, template_default_system
-from training.presets import CONFIG_DIR, PRESETS
+from training.presets import PRESETS
 from training.smol_base import (
     CHECK_ANSWER,
     CHECK_PROMPT,
@@ -84,8 +84,8 @@ def test_template_injects_smollms_own_system_prompt(smol_dir: Path) -> None:
 def test_a_few_real_sft_steps_convert_and_merge(smol_dir: Path, tmp_path: Path) -> None:
     spec = IdentitySpec("Qorvia Zed", "SmolLM2-135M", "Hugging Face")
     build_dataset(spec, "seed", tmp_path / "data", seed_repeat=3)
-    config = write_rendered_config(
-        CONFIG_DIR / PRESETS["smol"].sft_config,
+    config = write_stage_config(
+        PRESETS["smol"], "sft",
         {"pretrained_model_name_or_path": str(smol_dir), "data_path": str(tmp_path / "data" / "train.json"),
          "max_iters": 3, "warmup_iters": 1, "save_steps": 3, "evaluation_inputs": ["Hi"]},
         tmp_path / "sft_config.py", "test")

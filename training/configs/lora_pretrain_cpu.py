@@ -1,11 +1,12 @@
-# XTuner LoRA SFT on CPU for the `tiny` preset: the identity fine-tune of the project's tiny chat model.
-# Run it through the pipeline, which renders a per-run copy with the settings below filled in:
-#   bash training/run.sh --preset tiny --name NAME
-# By hand (after editing the settings), from the repo root:
+# XTuner LoRA continued pre-training on CPU for the `tiny` and `smol` presets (plain text into their model).
+# The pipeline renders a per-run copy with the preset's values (`pretrain_settings` of its row in
+# training/presets.py) and then the run's settings filled in, merges the result and fine-tunes that:
+#   bash training/run.sh --preset tiny --name NAME --corpus DIR_OF_TXT_AND_MD
+# By hand (the values below are the tiny preset's; set the model and data paths), from the repo root:
 #   PYTHONPATH=.:training/cpu_shims .venv-train/bin/python -m xtuner.tools.train \
-#       training/configs/tiny_lora_sft_cpu.py --work-dir WORK
-# Same recipe as internlm2_5_1_8b_qlora_sft.py, changed only where CPU or the tiny model need it
-# (../shared/notes/xtuner-0.2-on-cpu.md): plain LoRA in fp32 (plus a trained lm_head), OptimWrapper, one map
+#       training/configs/lora_pretrain_cpu.py --work-dir WORK
+# Same recipe as internlm2_5_1_8b_qlora_pretrain.py, changed only where CPU needs it
+# (../shared/notes/xtuner-0.2-on-cpu.md): plain LoRA in fp32 instead of 4-bit bf16, OptimWrapper, one map
 # process, InfiniteSampler with an iteration-based loop and schedule, Llama module names.
 
 # ruff: noqa: E402 (the patch below must run before the imports)
@@ -28,22 +29,20 @@ from torch.optim import AdamW
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from xtuner.dataset import process_hf_dataset
 from xtuner.dataset.collate_fns import default_collate_fn
-from xtuner.dataset.map_fns import template_map_fn_factory
+from xtuner.dataset.map_fns import pretrain_map_fn
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.model import SupervisedFinetune
-from xtuner.utils import PROMPT_TEMPLATE
 
 #######################################################################
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
 pretrained_model_name_or_path = "tiny-base"
-# Whether the model may run Python code it ships (auto_map): the tiny base is plain Llama with no code
-# of its own; the pipeline sets this per run (--trust-remote-code).
+# Whether the model may run Python code it ships (auto_map): the CPU presets' bases (the tiny model, the
+# converted SmolLM2) are plain Llama with no code of their own; the pipeline sets this per run
+# (--trust-remote-code).
 trust_remote_code = False
-data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
-# The InternLM2 chat format the model is served with; XTuner's `default` template would teach another one.
-prompt_template = PROMPT_TEMPLATE.internlm2_chat
+data_path = "corpus.json"  # [{"text": ...}], from training/make_corpus.py
 max_length = 256
 pack_to_max_length = True
 
@@ -52,24 +51,29 @@ accumulative_counts = 1
 dataloader_num_workers = 0
 # Iterations, not epochs: mmengine sleeps 2 s at every epoch restart of a DefaultSampler, which dominates on
 # tiny data, and an epoch-based 3 % warm-up rounds to 0 iterations (LinearLR then raises begin == end).
-max_iters = 300
+max_iters = 60
 # Rendered by the pipeline (training/schedule.py): round(warmup_ratio × max_iters), at least 1 and below
 # max_iters, so that --max-iters 1 still has a (never reached) cosine phase.
 warmup_ratio = 0.034
 warmup_iters = 10
 optim_type = AdamW
-lr = 2e-3  # the LoRA-only tiny model needs a far larger step than the 1.8B model's 2e-4
+lr = 2e-4  # ten times the 1.8B model's 2e-5 (LoRA only): a gentle shift that keeps the chat skills
 betas = (0.9, 0.999)
 weight_decay = 0
 max_norm = 1
 seed = 42
 
-save_steps = 300
+save_steps = 60
 save_total_limit = 1
 
-evaluation_freq = 100
-SYSTEM = ""  # the identity data carries no system prompt
-evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
+evaluation_freq = 60
+SYSTEM = ""
+evaluation_inputs = ["上海是", "Shanghai is"]  # plain continuations: no chat template in pre-training
+
+# LoRA: r and alpha per preset (training/presets.py).
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.1
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -93,15 +97,12 @@ model = dict(
     ),
     lora=dict(
         type=LoraConfig,
-        r=64,
-        lora_alpha=16,
-        lora_dropout=0.1,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
         bias="none",
+        # Llama's names for InternLM2's wqkv, wo, w1, w2, w3.
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        # The tiny base's output layer has never produced the new name's tokens; with LoRA on the projections
-        # alone the loss stalls near 1.5 after 800 CPU iterations, with lm_head trained too the identity is
-        # learned in 300 (lm_head is 0.5M parameters here; a LoRA on it cannot be converted by pth_to_hf).
-        modules_to_save=["lm_head"],
         task_type="CAUSAL_LM",
     ),
 )
@@ -114,10 +115,10 @@ train_dataset = dict(
     dataset=dict(type=load_dataset, path="json", data_files=dict(train=data_path)),
     tokenizer=tokenizer,
     max_length=max_length,
-    dataset_map_fn=None,
-    template_map_fn=dict(type=template_map_fn_factory, template=prompt_template),
+    dataset_map_fn=pretrain_map_fn,  # loss on every token of the text
+    template_map_fn=None,
     remove_unused_columns=True,
-    shuffle_before_pack=True,
+    shuffle_before_pack=False,  # keep neighbouring chunks of a document together
     pack_to_max_length=pack_to_max_length,
     use_varlen_attn=False,
     # The default (32) forks 32 workers and packs each shard on its own: slow, and short packed samples.
@@ -168,7 +169,6 @@ custom_hooks = [
         every_n_iters=evaluation_freq,
         evaluation_inputs=evaluation_inputs,
         system=SYSTEM,
-        prompt_template=prompt_template,
         max_new_tokens=64,
     ),
 ]

