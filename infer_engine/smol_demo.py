@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from infer_engine.model_source import ModelSourceError, validate_model_dir
+
+log = logging.getLogger(__name__)
 
 DEMO_ADAPTER_DIR = Path(__file__).resolve().parent / "demo_adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -153,11 +156,14 @@ def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
         slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32].lower() or "model"
         target = Path(cache_root) / f"demo-{slug}-{key}"
         if _is_built(target, key):  # no lock needed to read a complete dir
+            log.info("demo model: using cache %s", target)
             return target
         Path(cache_root).mkdir(parents=True, exist_ok=True)
         with _locked(Path(cache_root) / ".demo.lock"):
             if _is_built(target, key):  # another process built it while we waited
                 return target
+            log.info("demo model: merging %s into %s -> %s (first start only; checked, then cached)",
+                     adapter_dir.name, base_dir.name, target)
             partial = target.with_name(f".{target.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)  # a killed build's leftovers (we hold the lock)
             try:
