@@ -88,7 +88,8 @@ def build_key(adapter_dir: Path, base_dir: Path) -> str:
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
     """Write base + LoRA adapter, merged (peft ``merge_and_unload``), into ``out`` in the base's dtype, with
-    the base's own config, generation config, tokenizer and chat template (so it reads as the base does).
+    the base's own config, generation config, tokenizer and chat template (so it reads as the base does);
+    raises ModelSourceError when the merge changes no weight.
 
     Args:
         base_dir: the converted base model dir.
@@ -100,7 +101,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    before = {name: w.clone() for name, w in base.state_dict().items() if name.endswith("proj.weight")}
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    after = merged.state_dict()
+    # An adapter whose weights peft cannot place, or an untrained one, leaves the base as it was and still
+    # passes the check below: the demo would silently be the base.
+    if all(torch.equal(weight, after[name]) for name, weight in before.items()):
+        raise ModelSourceError(f"demo adapter {adapter_dir}: merging it changed no weight of {base_dir.name}")
     merged.save_pretrained(out)
     for path in base_dir.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name != "provenance.json":

@@ -118,3 +118,16 @@ def test_a_half_built_or_damaged_cache_is_rebuilt_not_served(
     with pytest.raises(AssertionError, match="rebuilt"):
         smol_demo.cached_demo_model(cache, base_dir=base)
     assert not any(p.name.endswith(".partial") for p in cache.iterdir())
+
+
+def test_an_adapter_that_changes_nothing_is_refused(built: Path, cache: Path, tmp_path: Path) -> None:
+    """An untrained adapter (lora_B all zero, as peft initialises it) leaves the base unchanged: refused."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = Path(shutil.copytree(smol_demo.DEMO_ADAPTER_DIR, tmp_path / "untrained"))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
+              adapter / "adapter_model.safetensors")
+    with pytest.raises(ModelSourceError, match="changed no weight"):
+        smol_demo.cached_demo_model(tmp_path / "cache", adapter, resolve_model("demo:base", cache))
+    assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / ".demo.lock"]  # nothing half-built
