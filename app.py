@@ -1,6 +1,7 @@
 # Chat Space entry point: serves a chat model as a Gradio 6 page, a public `/chat` API and, on the same port,
 # an OpenAI-compatible `/v1` API (chat completions, models).
 #   python app.py                          # the built-in tiny demo model on http://127.0.0.1:7860
+#   MODEL_SOURCE=demo:tuned python app.py  # SmolLM2 with the committed demo adapter (what `make demo` serves)
 #   python app.py --model hf:owner/repo    # or MODEL_SOURCE=...: a local dir, git URL, openxlab:owner/repo
 #   GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 python app.py    # what a Space runs
 # Engine and server settings come from env vars (BACKEND, SESSION_LEN, MAX_BATCH_SIZE, QUANT_POLICY,
@@ -34,6 +35,7 @@ from infer_engine.settings import (  # noqa: E402
     engine_settings_from_env,
     server_settings_from_env,
 )
+from infer_engine.smol_demo import display_name  # noqa: E402
 from infer_engine.ui import ModelInfo, build_ui, launch_options  # noqa: E402
 
 
@@ -70,6 +72,9 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     """
     if not source or model_dir.resolve() == DEMO_MODEL_DIR.resolve():
         return ModelInfo(name="Tiny demo model", source="built-in demo model", is_demo=True)
+    if source.strip().startswith("demo:"):  # SmolLM2, with or without the committed demo adapter
+        shown = source.strip()
+        return ModelInfo(name=display_name(shown.removeprefix("demo:")), source=f"built-in demo {shown}")
     location = redact(source)
     if source.startswith(("hf:", "openxlab:")):  # hf:owner/repo@rev -> owner/repo
         location = location.split(":", 1)[1].split("@", 1)[0]

@@ -2,7 +2,8 @@
 #   python -m infer_engine.model_source [SOURCE] [--cache-dir DIR] [--refresh]    # prints the local directory
 # SOURCE (default: $MODEL_SOURCE; empty -> the embedded demo model):
 #   a local directory | a git URL (https://, http://, ssh://, git@host:path, file://, /path/repo.git) |
-#   openxlab:OWNER/REPO (openxlab SDK) | hf:OWNER/REPO[@REVISION] (huggingface_hub).
+#   openxlab:OWNER/REPO (openxlab SDK) | hf:OWNER/REPO[@REVISION] (huggingface_hub) |
+#   demo:tuned | demo:base (SmolLM2 with / without the committed demo adapter, built once: smol_demo.py).
 # Standard library only at import time: the training env (transformers 4.48, huggingface-hub 0.36) reuses this
 # module for `training/run.sh --base SOURCE`, so huggingface_hub / openxlab are imported by the fetchers only.
 """Model source: local dir, git (+ LFS), openxlab:, hf: -> one validated local model directory.
@@ -76,7 +77,8 @@ OPENXLAB_INSTALL = (
     "(its own pins downgrade setuptools/requests), or use the git route: https://code.openxlab.org.cn/OWNER/REPO.git"
 )
 
-SourceKind = Literal["local", "git", "openxlab", "hf"]
+SourceKind = Literal["local", "git", "openxlab", "hf", "demo"]
+DEMO_KINDS = ("tuned", "base")  # demo:tuned (base + committed adapter) and demo:base, built by smol_demo.py
 # Hub repo ids: OWNER/REPO, each part starting with a letter or digit, no "--" or ".." (the Hub's own rule).
 _REPO_ID = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 _REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w./-]{0,199}")
@@ -185,8 +187,9 @@ class ModelSource:
     """A parsed model source; ``str()`` and ``repr()`` show it with credentials redacted.
 
     Args:
-        kind: "local", "git", "openxlab" or "hf".
-        location: absolute directory path, git URL (an http(s) URL without its credentials), or OWNER/REPO.
+        kind: "local", "git", "openxlab", "hf" or "demo".
+        location: absolute directory path, git URL (an http(s) URL without its credentials), OWNER/REPO, or
+            one of DEMO_KINDS.
         revision: only for hf:OWNER/REPO@REVISION.
         credentials: (user, token) split off an http(s) URL; they reach git through the credential helper.
     """
@@ -271,7 +274,8 @@ def parse_source(source: str) -> ModelSource:
     transports (``ext::``, ``fd::``), URL schemes only from ``GIT_SCHEMES``.
 
     Args:
-        source: a local dir, a git URL or ``*.git`` path, ``openxlab:OWNER/REPO`` or ``hf:OWNER/REPO[@REV]``.
+        source: a local dir, a git URL or ``*.git`` path, ``openxlab:OWNER/REPO``, ``hf:OWNER/REPO[@REV]``,
+            ``demo:tuned`` or ``demo:base``.
     """
     text = source.strip()
     if not text:
@@ -290,6 +294,12 @@ def parse_source(source: str) -> ModelSource:
         if not _REPO_ID.fullmatch(repo):
             raise ModelSourceError(f"bad source {text!r}: expected openxlab:OWNER/REPO")
         return ModelSource("openxlab", repo)
+    if text.startswith("demo:"):
+        kind = text.removeprefix("demo:")
+        if kind not in DEMO_KINDS:
+            expected = " or ".join(f"demo:{k}" for k in DEMO_KINDS)
+            raise ModelSourceError(f"bad source {text!r}: expected {expected}")
+        return ModelSource("demo", kind)
     if _HELPER_TRANSPORT.match(text):
         raise _reject(text, "git remote-helper transports (ext::, fd::, ...) are not allowed")
     scheme = _SCHEME.match(text)
@@ -536,7 +546,8 @@ def resolve_model(
     """Return a validated local model directory for ``source``, fetching it into the cache the first time.
 
     Args:
-        source: local dir, git URL, ``openxlab:OWNER/REPO`` or ``hf:OWNER/REPO[@REV]``; None/"" -> demo model.
+        source: local dir, git URL, ``openxlab:OWNER/REPO``, ``hf:OWNER/REPO[@REV]`` or ``demo:tuned|base``
+            (built on first use); None/"" -> the embedded tiny demo model.
         cache_dir: cache root for fetched models; default ``$MODEL_CACHE_DIR`` or ``~/.cache/ubub-models``.
         retry: attempts and backoff for network failures; default ``RetryPolicy()``.
         refresh: fetch again even if cached (the cached copy is replaced only once the new one is complete).
@@ -555,6 +566,10 @@ def resolve_model(
         log.warning("model %s follows the repo's moving main branch: pin the version you checked, "
                     "e.g. %s@<commit id from the repo's 'Files and versions' page>", src, src)
     root = cache_dir or default_cache_dir()
+    if src.kind == "demo":
+        from infer_engine.smol_demo import resolve_demo  # torch, transformers, peft: app env only
+
+        return validate_model_dir(resolve_demo(src.location, root))
     target = root / src.cache_key
     if target.is_dir() and not refresh:
         # A complete entry needs no lock, so a read-only, pre-built cache works.

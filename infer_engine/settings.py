@@ -167,8 +167,9 @@ class ServerSettings:
     """Where the model comes from and how the Gradio server runs.
 
     Args:
-        model_source: local dir, git URL, ``openxlab:owner/repo`` or ``hf:owner/repo[@rev]``; empty = the
-            embedded demo model.
+        model_source: local dir, git URL, ``openxlab:owner/repo``, ``hf:owner/repo[@rev]`` or ``demo:tuned`` /
+            ``demo:base`` (SmolLM2 with / without the committed demo adapter); empty = the embedded tiny demo
+            model.
         cache_dir: where downloaded models are cached (None = the model source's default).
         host: interface to listen on.
         port: TCP port to listen on (1-65535).

@@ -110,6 +110,9 @@ def convert(gguf: Path, out: Path) -> None:
     ids = plain.generation_config
     config.update(rope_theta=ROPE_THETA, bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
                   pad_token_id=ids.eos_token_id)
+    # transformers 5 copies the GGUF quantization_config into the saved config, which then refuses to be saved
+    # again (a merge of the demo adapter saves it): the weights here are plain float32.
+    config.pop("quantization_config", None)
     _write_json(out / "config.json", config)
     tok_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=source.chat_template)

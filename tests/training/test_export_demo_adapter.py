@@ -1,0 +1,51 @@
+"""`make demo-adapter`'s last step: a smol run's adapter and facts copied into the repo as the demo adapter.
+Run: .venv-train/bin/python -m pytest tests/training/test_export_demo_adapter.py -q"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from infer_engine.smol_demo import ADAPTER_FILES, DEMO_ADAPTER_DIR, META_FILE, adapter_meta
+from training.export_demo_adapter import ExportError, export_adapter
+from training.smol_base import find_gguf, provenance
+
+
+def _run_dir(work: Path, preset: str) -> Path:
+    """A finished run's outputs as the pipeline leaves them (adapter files taken from the committed one)."""
+    (work / "merged").mkdir(parents=True)
+    shutil.copytree(DEMO_ADAPTER_DIR, work / "hf_adapter")
+    meta = {"name": "Qorvia Zed", "preset": preset, "recipe": "seed", "created": "2026-11-30T19:14:28+00:00",
+            "lora": {"r": 16}, "settings": {"max_iters": 150, "lr": 0.001, "data_path": "/home/me/data.json"}}
+    (work / "merged" / "training_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (work / "eval.json").write_text(json.dumps({"identity_accuracy": 0.98, "leakage_rate": 0.01,
+                                                "rows": [1, 2, 3]}), encoding="utf-8")
+    return work
+
+
+def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
+    work = _run_dir(tmp_path / "work", "smol")
+    out = tmp_path / "demo_adapter"
+    out.mkdir()
+    (out / "README.md").write_text("how it was made\n", encoding="utf-8")
+    assert export_adapter(work, out) == out
+    for name in ADAPTER_FILES[1:]:
+        assert (out / name).read_bytes() == (work / "hf_adapter" / name).read_bytes()
+    assert "/" not in json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    meta = adapter_meta(out)
+    assert (meta["name"], meta["recipe"], meta["settings"]) == ("Qorvia Zed", "seed", {"max_iters": 150,
+                                                                                        "lr": 0.001})
+    assert meta["eval"] == {"identity_accuracy": 0.98, "leakage_rate": 0.01}
+    assert meta["base"]["source"] == provenance(find_gguf())
+    assert (out / "README.md").read_text() == "how it was made\n"  # the hand-written header stays
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, META_FILE, "README.md"])
+
+
+def test_export_refuses_a_run_on_another_base(tmp_path: Path) -> None:
+    out = tmp_path / "demo_adapter"
+    with pytest.raises(ExportError, match="preset 'tiny'"):
+        export_adapter(_run_dir(tmp_path / "work", "tiny"), out)
+    assert not out.exists()
