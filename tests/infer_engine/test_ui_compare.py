@@ -21,7 +21,7 @@ from recording_engine import RecordingEngine
 from infer_engine.engine import ChatEngine, create_engine
 from infer_engine.lmdeploy_engine import one_card_settings, turbomind_config
 from infer_engine.settings import EngineSettings, GenerationParams, ServerSettings, SettingsError
-from infer_engine.ui import COMPARE_POOL, GENERATION_POOL, Comparison, ModelInfo, build_ui, page_session
+from infer_engine.ui import GENERATION_POOL, Comparison, ModelInfo, build_ui, page_session
 
 AFTER = ModelInfo(name="UbUb", source="test")
 BEFORE = ModelInfo(name="base", source="test base")
@@ -59,17 +59,16 @@ def slow_pair(slow_rambling_model_dir: Path) -> Iterator[tuple[ChatEngine, ChatE
 
 
 def handlers(demo: gr.Blocks) -> dict[str, Callable]:
-    """The page's event functions by name; the answer events as ``answer`` (After) and ``answer-before``."""
-    found = {fn.name: fn.fn for fn in demo.fns.values()}
-    for fn in demo.fns.values():
-        if fn.name == "answer":
-            found["answer" + fn.outputs[0].elem_id.removeprefix("chatbot")] = fn.fn
-    return found
+    """The page's event functions by name (``answer_side_by_side``: the answer event of both chats)."""
+    return {fn.name: fn.fn for fn in demo.fns.values()}
 
 
-def last_chat(updates: Iterator) -> list:
-    """The chat an answer event leaves (its last update that changes it)."""
-    return [chat for chat, _ in updates if not isinstance(chat, dict)][-1]
+def last_chats(updates: Iterator) -> tuple[list, list]:
+    """The "Before" and "After" chats as the answer event leaves them (the last update that sets each)."""
+    chats = list(updates)
+    before = [update[0] for update in chats if update[0] != gr.skip()]
+    after = [update[2] for update in chats if update[2] != gr.skip()]
+    return before[-1], after[-1]
 
 
 def own_answer(engine: ChatEngine, messages: list[dict]) -> str:
@@ -87,8 +86,8 @@ def test_one_question_goes_to_both_models_and_each_chat_keeps_its_own_answers(
     before_chat, after_chat, textbox = page["add_question"]([], [], "你是谁？")
     question = [{"role": "user", "content": "你是谁？"}]
     assert (before_chat, after_chat, textbox) == (question, question, "")
-    before_chat = last_chat(page["answer-before"](before_chat, *GREEDY.values(), request))
-    after_chat = last_chat(page["answer"](after_chat, *GREEDY.values(), request))
+    answer = page["answer_side_by_side"]
+    before_chat, after_chat = last_chats(answer(before_chat, after_chat, *GREEDY.values(), request))
     before_text, after_text = before_chat[-1]["content"], after_chat[-1]["content"]
     assert after_text == own_answer(tuned, question) and "UbUb" in after_text
     assert before_text == own_answer(base, question)
@@ -96,8 +95,7 @@ def test_one_question_goes_to_both_models_and_each_chat_keeps_its_own_answers(
 
     # The next question: each model gets its own history back, never the other's answers.
     before_chat, after_chat, _ = page["add_question"](before_chat, after_chat, "你可以做什么？")
-    last_chat(page["answer-before"](before_chat, *GREEDY.values(), request))
-    last_chat(page["answer"](after_chat, *GREEDY.values(), request))
+    last_chats(answer(before_chat, after_chat, *GREEDY.values(), request))
     sent_to_base, sent_to_tuned = before.asked[-1][0], after.asked[-1][0]
     assert sent_to_base[1] == {"role": "assistant", "content": before_text}
     assert sent_to_tuned[1] == {"role": "assistant", "content": after_text}
@@ -128,14 +126,14 @@ def test_retry_undo_and_clear_act_on_both_chats(tuned: ChatEngine, base: ChatEng
     assert {block.elem_id for block in drop.inputs} == both and icon_chats(drop, "retry") == both
     (undo,) = [fn for fn in functions if fn.name == "undo_turn"]
     assert {block.elem_id for block in undo.inputs} == both
-    # Each chat's answer runs on its own engine's pool; Stop, Undo and Clear cancel all four answer events.
-    answers = [fn for fn in functions if fn.name == "answer"]
-    assert sorted((fn.outputs[0].elem_id, fn.concurrency_id) for fn in answers) == [
-        ("chatbot", GENERATION_POOL),
-        ("chatbot", GENERATION_POOL),
-        ("chatbot-before", COMPARE_POOL),
-        ("chatbot-before", COMPARE_POOL),
-    ]
+    # One event answers in both chats, on the generation pool; Stop, Undo and Clear cancel it.
+    answers = [fn for fn in functions if fn.name == "answer_side_by_side"]
+    assert len(answers) == 2 and {fn.concurrency_id for fn in answers} == {GENERATION_POOL}
+    for fn in answers:
+        assert [block.elem_id for block in fn.inputs[:2]] == ["chatbot-before", "chatbot"]
+        assert [block.elem_id for block in fn.outputs] == [
+            "chatbot-before", "notice-before", "chatbot", "notice"
+        ]
     stops = [fn for fn in functions if fn.name == "stop_reply" and fn.targets[0][1] != "unload"]
     assert sorted(len(fn.targets) for fn in stops) == [1, 3, 3]  # Stop; Undo + 2 icons; Clear + 2 icons
     icons = [icon_chats(fn, "undo") | icon_chats(fn, "clear") for fn in stops if len(fn.targets) == 3]
@@ -163,16 +161,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-def start_both(page: dict[str, Callable], session_hash: str) -> list[Iterator]:
-    """Start one long reply on each side of the page of ``session_hash``; wait for both first texts."""
-    request = gr.Request(session_hash=session_hash)
+def start_both(page: dict[str, Callable], session_hash: str) -> Iterator:
+    """Start the side-by-side answer to a long reply on the page ``session_hash``; wait for a first text."""
     chats = page["add_question"]([], [], "请介绍一下你自己")[:2]
-    sides = zip(("answer-before", "answer"), chats, strict=True)
-    replies = [page[name](chat, *LONG.values(), request) for name, chat in sides]
-    for reply in replies:
-        chat, _ = next(reply)
-        assert chat[-1]["role"] == "assistant" and chat[-1]["content"]
-    return replies
+    updates = page["answer_side_by_side"](*chats, *LONG.values(), gr.Request(session_hash=session_hash))
+    assert any(chat != gr.skip() and chat[-1]["content"] for chat in next(updates)[::2])
+    return updates
 
 
 def test_stop_aborts_the_reply_in_both_engines_and_leaves_other_pages_alone(
@@ -180,20 +174,21 @@ def test_stop_aborts_the_reply_in_both_engines_and_leaves_other_pages_alone(
 ) -> None:
     after, before = slow_pair
     page = handlers(build_ui(after, ServerSettings(), AFTER, compare=Comparison(before, BEFORE)))
-    other_replies = start_both(page, "page-other")
-    replies = start_both(page, "page-stopping")
+    other_updates = start_both(page, "page-other")
+    updates = start_both(page, "page-stopping")
     session = page_session(gr.Request(session_hash="page-stopping"))
+    wait_until(lambda: all(session in engine._by_session for engine in (before, after)))
     running = [engine._by_session[session] for engine in (before, after)]  # the engines' own records
     wait_until(lambda: all(request.generated >= 2 for request in running))
     page["stop_reply"](gr.Request(session_hash="page-stopping"))
-    # Both engines end the page's reply at once, while its answer events are still paused.
+    # Both engines end the page's reply at once, while its answer event is still paused.
     assert wait_for_ends(engine_log, session, 2) == ["abort", "abort"]
     assert all(request.generated < LONG["max_new_tokens"] for request in running)
-    for reply in replies:
-        assert list(reply) == [(gr.skip(), gr.skip())]  # the chats stay as Stop left them
+    # No update after Stop: the chats stay as Stop / Undo / Clear left them (text on its way is dropped).
+    assert list(updates) == [(gr.skip(),) * 4]
     # The other page's replies ran to their end on both sides.
-    for reply in other_replies:
-        assert last_chat(reply)[-1]["content"]
+    other_before, other_after = last_chats(other_updates)
+    assert other_before[-1]["content"] and other_after[-1]["content"]
     other = page_session(gr.Request(session_hash="page-other"))
     assert wait_for_ends(engine_log, other, 2) == ["length", "length"]
 
