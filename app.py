@@ -7,9 +7,11 @@
 # Engine and server settings come from env vars (BACKEND, SESSION_LEN, MAX_BATCH_SIZE, QUANT_POLICY,
 # QUEUE_SIZE, SYSTEM_PROMPT, MODEL_CACHE_DIR, API_KEYS, TRUST_REMOTE_CODE, ...): see infer_engine/settings.py.
 # Flags override the env. A model that ships its own Python code (InternLM2.5) needs TRUST_REMOTE_CODE=1.
+#   COMPARE_MODEL_SOURCE=hf:owner/base python app.py    # the page shows the base's replies beside the model's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,17 +28,19 @@ os.environ.setdefault("LOGURU_DIAGNOSE", "False")
 from loguru import logger  # noqa: E402
 
 from infer_engine.engine import create_engine  # noqa: E402
+from infer_engine.lmdeploy_engine import one_card_settings  # noqa: E402
 from infer_engine.model_source import DEMO_MODEL_DIR, check_remote_code, redact, resolve_model  # noqa: E402
 from infer_engine.openai_api import model_id, openai_routes  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
     BACKENDS,
     GenerationParams,
+    ServerSettings,
     SettingsError,
     engine_settings_from_env,
     server_settings_from_env,
 )
 from infer_engine.smol_demo import display_name  # noqa: E402
-from infer_engine.ui import ModelInfo, build_ui, launch_options  # noqa: E402
+from infer_engine.ui import Comparison, ModelInfo, build_ui, launch_options  # noqa: E402
 
 
 class InterceptHandler(logging.Handler):
@@ -83,6 +87,20 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     return ModelInfo(name=name, source=shown, is_demo=False)
 
 
+def fetch_model(source: str, server: ServerSettings, trust_remote_code: bool) -> tuple[Path, ModelInfo]:
+    """Resolve a model source to a checked local directory (else ``ModelSourceError``) and say what it is.
+
+    Args:
+        source: the model source as given (empty = the built-in demo model).
+        server: the server settings (``cache_dir``).
+        trust_remote_code: whether a model that ships its own Python code may be served.
+    """
+    model_dir = resolve_model(source or None, server.cache_dir)
+    info = model_info(source, model_dir)
+    check_remote_code(model_dir, trust_remote_code, "TRUST_REMOTE_CODE=1", info.name)
+    return model_dir, info
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python app.py", description="Serve a chat model as a Gradio app.")
     parser.add_argument("--model", help="model source (overrides MODEL_SOURCE; empty = the demo model)")
@@ -117,38 +135,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     started = time.perf_counter()
-    try:
-        model_dir = resolve_model(server.model_source or None, server.cache_dir)
-        info = model_info(server.model_source, model_dir)
-        check_remote_code(model_dir, engine_settings.trust_remote_code, "TRUST_REMOTE_CODE=1", info.name)
-    except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download, remote code
-        print(f"app.py: cannot get the model: {exc}", file=sys.stderr)
-        return 1
-    logger.info("model: {} ({})", info.source, model_dir)
-    try:
-        engine = create_engine(model_dir, engine_settings)
-    except SettingsError as exc:  # known only now: BACKEND=lmdeploy or DEVICE=cuda without a GPU
-        print(f"app.py: invalid setting: {exc}", file=sys.stderr)
-        return 2
-    try:
-        demo = build_ui(engine, server, info)
+    sources = {"model": server.model_source}
+    if server.compare_model_source:
+        sources["compare model (COMPARE_MODEL_SOURCE)"] = server.compare_model_source
+    models = []
+    for what, source in sources.items():
+        try:
+            models.append(fetch_model(source, server, engine_settings.trust_remote_code))
+        except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download, remote code
+            print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
+            return 1
+        logger.info("{}: {} ({})", what, models[-1][1].source, models[-1][0])
+    # Two engines on one GPU share the KV-cache memory that one would take (no effect on transformers).
+    each = one_card_settings(engine_settings, len(models))
+    with contextlib.ExitStack() as engines:
+        try:
+            engine, *compared = [
+                engines.enter_context(contextlib.closing(create_engine(model_dir, settings)))
+                for (model_dir, _), settings in zip(models, each, strict=True)
+            ]
+        except SettingsError as exc:  # known only now: BACKEND=lmdeploy or DEVICE=cuda without a GPU
+            print(f"app.py: invalid setting: {exc}", file=sys.stderr)
+            return 2
+        info = models[0][1]
+        compare = Comparison(compared[0], models[1][1]) if compared else None
+        demo = build_ui(engine, server, info, compare=compare)
         options = launch_options(engine, server)
-        # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes
+        # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes; it (and
+        # /chat) serves the main model only
         options["app_kwargs"]["routes"] = openai_routes(engine, server, model_id(info.name))
         logger.info(
             "starting on http://{}:{}: engine {}, concurrency {}, queue size {}, {} server threads, "
-            "model loaded in {:.1f}s",
+            "model{} loaded in {:.1f}s",
             server.host,
             server.port,
             engine.name,
             engine.max_concurrency,
             server.queue_size,
             options["max_threads"],
+            "s" if compare else "",
             time.perf_counter() - started,
         )
         demo.launch(**options)
-    finally:
-        engine.close()
     return 0
 
 if __name__ == "__main__":

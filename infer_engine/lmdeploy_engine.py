@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,26 @@ def turbomind_config(settings: EngineSettings) -> Any:
         enable_prefix_caching=settings.enable_prefix_caching,
         enable_metrics=False,  # on by default in 0.18: per-step bookkeeping nobody reads here
     )
+
+
+def one_card_settings(settings: EngineSettings, engines: int) -> list[EngineSettings]:
+    """Settings for ``engines`` TurboMind engines opened one after another on the same GPU(s) (the compare
+    view's base and tuned models), whose KV caches together take what one engine's would: each gets an equal
+    part of ``settings.cache_max_entry_count`` of the memory that was free for the first one.
+
+    TurboMind reads ``cache_max_entry_count`` as a share of the memory free when *that* engine allocates its
+    cache, i.e. after the engines before it took theirs: with 0.8 and two engines, the first gets 0.4 and the
+    second 0.4 / 0.6 = 0.667 of the 60 % left. The second model's weights come out of that rest too, so its
+    cache is that much smaller, never larger (each share stays below 1).
+
+    Args:
+        settings: the validated engine settings for one engine alone.
+        engines: how many engines share the card, in the order they are opened (1-8).
+    """
+    if isinstance(engines, bool) or not isinstance(engines, int) or not 1 <= engines <= 8:
+        raise SettingsError(f"engines must be an integer between 1 and 8, got {engines!r}")
+    part = settings.cache_max_entry_count / engines
+    return [replace(settings, cache_max_entry_count=part / (1 - taken * part)) for taken in range(engines)]
 
 
 def generation_config(params: GenerationParams, stop_ids: Sequence[int]) -> Any:

@@ -176,6 +176,8 @@ class ServerSettings:
         queue_size: most requests waiting in Gradio's queue before new ones are refused (1-10000).
         system_prompt: default system prompt shown in the UI ("" = none, as the identity data was trained).
         api_keys: bearer keys the OpenAI-compatible API (``/v1``) accepts (none = open); kept out of reprs.
+        compare_model_source: a second model (the base before tuning), in ``model_source``'s syntax, whose
+            replies the page shows beside the served model's ("before / after"); empty = no comparison.
     """
 
     model_source: str = ""
@@ -185,11 +187,13 @@ class ServerSettings:
     queue_size: int = 64
     system_prompt: str = ""
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    compare_model_source: str = ""
 
     def __post_init__(self) -> None:
         _check_int("port", self.port, 1, 65535)
         _check_int("queue_size", self.queue_size, 1, 10_000)
         _check_str("model_source", self.model_source)
+        _check_str("compare_model_source", self.compare_model_source)
         _check_str("system_prompt", self.system_prompt)
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             raise SettingsError(f"cache_dir must be a path, got {self.cache_dir!r}")
@@ -249,7 +253,7 @@ def trust_remote_code_from_env(env: Mapping[str, str] = os.environ) -> bool:
 
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
-    ``QUEUE_SIZE``, ``SYSTEM_PROMPT`` and ``API_KEYS`` (comma-separated).
+    ``QUEUE_SIZE``, ``SYSTEM_PROMPT``, ``API_KEYS`` (comma-separated) and ``COMPARE_MODEL_SOURCE``.
 
     Args:
         env: the environment to read (defaults to the process environment).
@@ -265,4 +269,5 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,
         system_prompt=env.get("SYSTEM_PROMPT", ""),
         api_keys=tuple(key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()),
+        compare_model_source=env.get("COMPARE_MODEL_SOURCE", "").strip(),
     )

@@ -4,6 +4,11 @@
 
     demo.launch(**launch_options(engine, server_settings))
 
+With a ``Comparison`` (``COMPARE_MODEL_SOURCE``), the page shows two chats side by side, the compare model's
+("Before") and the served model's ("After"): one question goes to both, each chat keeps its own history and
+streams from its own engine at the same time; Stop, Retry, Undo and Clear act on both. ``/chat`` and ``/v1``
+serve the main engine only.
+
 Per-page state only: the conversation lives in the page's Chatbot value, and the engine session is derived
 from Gradio's ``session_hash`` (random per page load, never the client IP). Generation events share one
 concurrency pool sized to ``engine.max_concurrency``; UI-only events (add the question, undo, clear, stop)
@@ -21,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +77,26 @@ class ModelInfo:
     is_demo: bool = False
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The model whose replies the page shows beside the served one's (the base before tuning).
+
+    Args:
+        engine: its own engine (the served model's engine is the main one).
+        model_info: what the page says about it.
+    """
+
+    engine: ChatEngine
+    model_info: ModelInfo
+
+
 def stream_reply(
     engine: ChatEngine,
     messages: Sequence[Message],
     params: GenerationParams,
     session_id: str,
     min_interval_s: float = STREAM_INTERVAL_S,
+    engine_label: str = "main",
 ) -> tuple[ChatStream, Iterator[str]]:
     """Start a reply; return its stream (for the counters) and an iterator of the growing reply text.
 
@@ -90,9 +110,11 @@ def stream_reply(
         params: validated sampling values.
         session_id: the engine session of the page or API call (also named in the log).
         min_interval_s: shortest time between two yields.
+        engine_label: which engine the log lines name: ``main`` or ``compare`` (the compare view's "Before").
     """
     started = time.perf_counter()
-    logger.info("reply {}: sampling {}", session_id, params)  # tests read back what a page really sent
+    # tests read back what a page really sent, and to which engine
+    logger.info("reply {}: sampling {}, engine {}", session_id, params, engine_label)
     stream = engine.stream_chat(messages, params, session_id)  # ChatInputError surfaces here, not mid-stream
 
     def texts() -> Iterator[str]:
@@ -113,7 +135,7 @@ def stream_reply(
             stream.close()  # a no-op once the reply is finished; before that it aborts the reply
             logger.info(
                 "reply {}: prompt {} tok, completion {} tok, dropped {} msgs, finish {}, first text {}, "
-                "total {:.2f}s",
+                "total {:.2f}s, engine {}",
                 session_id,
                 stream.prompt_tokens,
                 stream.completion_tokens,
@@ -121,6 +143,7 @@ def stream_reply(
                 stream.finish_reason,
                 "-" if first_token_s is None else f"{first_token_s:.3f}s",
                 time.perf_counter() - started,
+                engine_label,
             )
 
     return stream, texts()
@@ -304,8 +327,95 @@ def launch_options(engine: ChatEngine, settings: ServerSettings) -> dict[str, An
     }
 
 
+def _chat_box(label: str, id_suffix: str) -> tuple[gr.Chatbot, gr.Markdown]:
+    """A chat and, under it, the notice of dropped turns (``#chatbot`` / ``#notice`` plus ``id_suffix``).
+
+    Args:
+        label: the chat's label (the model's name, with "Before: " / "After: " in the compare view).
+        id_suffix: added to the elements' ids ("" for the served model's chat).
+    """
+    chatbot = gr.Chatbot(
+        label=label,
+        buttons=["copy", "copy_all"],
+        render_markdown=True,
+        height=480,
+        elem_id=f"chatbot{id_suffix}",
+    )
+    return chatbot, gr.Markdown(elem_id=f"notice{id_suffix}")
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One chat on the page and the engine that answers in it."""
+
+    engine: ChatEngine
+    slots: ReplySlots  # which reply may still update this chat, per page
+    engine_label: str  # ``main`` or ``compare``, in the log
+
+
+def side_by_side(
+    replies: Sequence[Iterator[tuple[Any, Any]]], current: Callable[[], bool]
+) -> Iterator[tuple[Any, ...]]:
+    """Run several chats' answer events at once as one event: each runs in a thread of its own, and each of
+    its updates fills its own chat's two outputs (chat, notice) and skips the others'.
+
+    One event rather than one per chat: Gradio's page did not reliably start two events chained on the same
+    step (seen in the browser test: one of them never reached the server). Closing this early (a new
+    question, Gradio cancelling it) stops every reply at its next update, which aborts it in its engine; a
+    failure in one (a ``gr.Error``) is raised here once the others are told to stop. Once ``current()`` is
+    false (Stop, Undo, Clear, a newer reply), updates still on their way are dropped and the last output
+    skips every chat: Gradio would deliver them, and repeat the last one, after the Undo / Clear.
+
+    Args:
+        replies: the chats' answer events (generators of ``(chat, notice)``), in the order of the outputs.
+        current: whether this event may still update the chats.
+    """
+    updates: queue.Queue = queue.Queue()
+    stopping = threading.Event()
+
+    def run(index: int, reply: Iterator[tuple[Any, Any]]) -> None:
+        try:
+            for update in reply:
+                if stopping.is_set():
+                    break
+                updates.put((index, update))
+        except Exception as exc:  # a gr.Error worded by shown_to_user: the event shows it
+            updates.put((index, exc))
+        finally:
+            reply.close()  # stopped early: its reply is aborted (a no-op once it has ended)
+            updates.put((index, None))
+
+    for index, reply in enumerate(replies):
+        threading.Thread(target=run, args=(index, reply), name=f"side-by-side-{index}", daemon=True).start()
+    running = len(replies)
+    try:
+        while running:
+            index, update = updates.get()
+            if update is None:
+                running -= 1
+            elif isinstance(update, Exception):
+                raise update
+            elif current():
+                outputs = [(gr.skip(), gr.skip())] * len(replies)
+                outputs[index] = update
+                yield tuple(value for pair in outputs for value in pair)
+        if not current():
+            yield (gr.skip(),) * 2 * len(replies)
+    finally:
+        stopping.set()
+
+
+def _one_or_all(values: list) -> Any:
+    """An event's outputs, one per chat: Gradio takes a lone output bare and several as a tuple."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def build_ui(
-    engine: ChatEngine, settings: ServerSettings, model_info: ModelInfo, slots: ReplySlots | None = None
+    engine: ChatEngine,
+    settings: ServerSettings,
+    model_info: ModelInfo,
+    slots: ReplySlots | None = None,
+    compare: Comparison | None = None,
 ) -> gr.Blocks:
     """Build the chat page and the ``/chat`` API, with the queue sized for ``engine``.
 
@@ -314,6 +424,7 @@ def build_ui(
         settings: server settings (``queue_size`` bounds the queue; ``system_prompt`` is the default one).
         model_info: what the page says about the served model.
         slots: the per-session reply slots (None: a new ``ReplySlots``; pass one to look at it).
+        compare: a model to show beside the served one, "Before" next to its "After" (None: one chat).
     """
 
     defaults = engine.settings.default_params()  # max_new_tokens fits the engine's session_len
@@ -322,58 +433,74 @@ def build_ui(
     # repeats its last output when the event completes, so an answer that kept yielding could land after
     # Undo / Clear and bring the removed turn back (seen in the browser test).
     slots = ReplySlots() if slots is None else slots
+    panels = [_Panel(engine, slots, "main")]
+    shown = ReplySlots()  # the compare view: which side-by-side event may still update each page's chats
+    if compare is not None:  # the compare chat first: it is shown on the left
+        panels.insert(0, _Panel(compare.engine, ReplySlots(), "compare"))
 
-    def add_question(chat: list, text: str) -> tuple[list[Message], str]:
+    def add_question(*chats_and_text: Any) -> tuple[Any, ...]:
+        *chats, text = chats_and_text
         with shown_to_user("add the question"):
-            return append_user(plain_messages(chat), text), ""
+            return (*(append_user(plain_messages(chat), text) for chat in chats), "")
 
-    def drop_answer(chat: list) -> list[Message]:
+    def drop_answer(*chats: list) -> Any:
         with shown_to_user("retry"):
-            return retry(plain_messages(chat))[0]
+            return _one_or_all([retry(plain_messages(chat))[0] for chat in chats])
 
     def stop_reply(request: gr.Request) -> None:
         with shown_to_user("stop the reply"):
             session = page_session(request)
-            slots.release(session)
-            engine.abort(session)
+            logger.info("stop {}: its replies end now", session)  # Stop, Undo, Clear or the tab closed
+            shown.release(session)
+            for panel in panels:
+                panel.slots.release(session)
+                panel.engine.abort(session)
 
-    def undo_turn(chat: list) -> tuple[list[Message], str]:
+    def undo_turn(*chats: list) -> tuple[Any, ...]:
         with shown_to_user("undo the last turn"):
-            return undo(plain_messages(chat))
+            undone = [undo(plain_messages(chat)) for chat in chats]
+            return (*(history for history, _ in undone), undone[-1][1])  # the question goes back
 
-    def answer(
-        chat: list,
-        system_prompt: str,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        request: gr.Request,
-    ) -> Iterator[tuple[list[Message], str]]:
-        session = page_session(request)
-        with shown_to_user("answer"):
-            history = plain_messages(chat)
-            if not needs_answer(history):
-                return
-            params = GenerationParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
-            )
-            conversation = with_system_prompt(history, system_prompt)
-        token = slots.claim(session)  # before the reply starts: a Stop from now on reaches it
-        try:
+    def answerer(panel: _Panel) -> Callable[..., Iterator[tuple[list[Message], str]]]:
+        """The page's answer event for the chat of ``panel``."""
+
+        def answer(
+            chat: list,
+            system_prompt: str,
+            max_new_tokens: int,
+            temperature: float,
+            top_p: float,
+            top_k: int,
+            request: gr.Request,
+        ) -> Iterator[tuple[list[Message], str]]:
+            session = page_session(request)
             with shown_to_user("answer"):
-                # One reply per page: the engine aborts this session's previous one if still running.
-                stream, texts = stream_reply(engine, conversation, params, session)
-            notice = dropped_notice(stream.dropped_messages)
-            with contextlib.closing(failures_shown(texts)) as shown:  # Gradio closing this generator aborts
-                for text in shown:
-                    if not slots.holds(session, token):  # stopped, undone, cleared or replaced
-                        break
-                    yield [*history, {"role": "assistant", "content": text}], notice
-            if not slots.holds(session, token):
-                yield gr.skip(), gr.skip()  # the output Gradio repeats on completion: leave the chat as it is
-        finally:
-            slots.release(session, token)  # also when the reply failed or Gradio cancelled it
+                history = plain_messages(chat)
+                if not needs_answer(history):
+                    return
+                params = GenerationParams(
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+                )
+                conversation = with_system_prompt(history, system_prompt)
+            token = panel.slots.claim(session)  # before the reply starts: a Stop from now on reaches it
+            try:
+                with shown_to_user("answer"):
+                    # One reply per page: the engine aborts this session's previous one if still running.
+                    stream, texts = stream_reply(
+                        panel.engine, conversation, params, session, engine_label=panel.engine_label
+                    )
+                notice = dropped_notice(stream.dropped_messages)
+                with contextlib.closing(failures_shown(texts)) as shown:  # Gradio closing this aborts it
+                    for text in shown:
+                        if not panel.slots.holds(session, token):  # stopped, undone, cleared or replaced
+                            break
+                        yield [*history, {"role": "assistant", "content": text}], notice
+                if not panel.slots.holds(session, token):
+                    yield gr.skip(), gr.skip()  # what Gradio repeats on completion: leave the chat as it is
+            finally:
+                panel.slots.release(session, token)  # also when the reply failed or Gradio cancelled it
+
+        return answer
 
     def chat(
         message: str,
@@ -424,14 +551,20 @@ def build_ui(
                 "answers. Set `MODEL_SOURCE` (or `--model`) to serve your own merged model.",
                 elem_id="demo-banner",
             )
-        chatbot = gr.Chatbot(
-            label=model_info.name,
-            buttons=["copy", "copy_all"],
-            render_markdown=True,
-            height=480,
-            elem_id="chatbot",
-        )
-        notice = gr.Markdown(elem_id="notice")
+        if compare is None:
+            chats = [_chat_box(model_info.name, "")]
+        else:
+            gr.Markdown(
+                "Each question goes to both models: **Before** is the base model as it was before tuning, "
+                "**After** the tuned one; each side keeps its own conversation.",
+                elem_id="compare-note",
+            )
+            with gr.Row():
+                with gr.Column():
+                    before = _chat_box(f"Before: {compare.model_info.name}", "-before")
+                with gr.Column():
+                    chats = [before, _chat_box(f"After: {model_info.name}", "")]
+        chatbots = [chatbot for chatbot, _ in chats]
         with gr.Row():
             textbox = gr.Textbox(
                 placeholder="Type a message: Enter sends, Shift+Enter adds a line",
@@ -467,16 +600,43 @@ def build_ui(
             temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="Temperature")
             top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
             top_k = gr.Slider(1, 100, value=defaults.top_k, step=1, precision=0, label="Top-k")
-        gr.Markdown(f"{DISCLAIMER}\n\nModel: `{model_info.source}`", elem_id="disclaimer")
+        compared = "" if compare is None else f"\n\nBase model (Before): `{compare.model_info.source}`"
+        gr.Markdown(f"{DISCLAIMER}\n\nModel: `{model_info.source}`{compared}", elem_id="disclaimer")
 
-        inputs = [chatbot, system_prompt, max_new_tokens, temperature, top_p, top_k]
+        options = [system_prompt, max_new_tokens, temperature, top_p, top_k]
         ui_only = {"queue": False, "api_visibility": "private"}
         generation = {"concurrency_limit": engine.max_concurrency, "concurrency_id": GENERATION_POOL}
-        ask, redo = [textbox.submit, send.click], [retry_button.click, chatbot.retry]
-        asked = gr.on(ask, add_question, [chatbot, textbox], [chatbot, textbox], **ui_only)
-        retried = gr.on(redo, drop_answer, chatbot, chatbot, **ui_only)
+        ask = [textbox.submit, send.click]
+        redo = [retry_button.click, *(chatbot.retry for chatbot in chatbots)]
+        asked = gr.on(ask, add_question, [*chatbots, textbox], [*chatbots, textbox], **ui_only)
+        retried = gr.on(redo, drop_answer, chatbots, chatbots, **ui_only)
+        answers = [answerer(panel) for panel in panels]
+
+        def answer_side_by_side(
+            before_chat: list,
+            after_chat: list,
+            system_prompt: str,
+            max_new_tokens: int,
+            temperature: float,
+            top_p: float,
+            top_k: int,
+            request: gr.Request,
+        ) -> Iterator[tuple[Any, ...]]:
+            values = (system_prompt, max_new_tokens, temperature, top_p, top_k, request)
+            before, after = answers
+            session = page_session(request)
+            token = shown.claim(session)
+            try:
+                replies = [before(before_chat, *values), after(after_chat, *values)]
+                yield from side_by_side(replies, lambda: shown.holds(session, token))
+            finally:
+                shown.release(session, token)
+
+        # Both chats' answers run in one event (see side_by_side), on the shared generation pool.
+        answer = answers[0] if compare is None else answer_side_by_side
+        outputs = [box for chat in chats for box in chat]
         replies = [
-            step.success(answer, inputs, [chatbot, notice], api_visibility="private", **generation)
+            step.success(answer, [*chatbots, *options], outputs, api_visibility="private", **generation)
             for step in (asked, retried)
         ]
         # A new question or a retry cancels the reply on screen (the engine aborts it as the new one starts);
@@ -485,12 +645,13 @@ def build_ui(
         # left it: run side by side, the reply's last update could land after theirs and undo the Undo.
         gr.on(ask + redo, None, cancels=replies, **ui_only)
         gr.on(stop.click, stop_reply, cancels=replies, **ui_only)
-        remove, wipe = [undo_button.click, chatbot.undo], [clear.click, chatbot.clear]
+        remove = [undo_button.click, *(chatbot.undo for chatbot in chatbots)]
+        wipe = [clear.click, *(chatbot.clear for chatbot in chatbots)]
         gr.on(remove, stop_reply, cancels=replies, **ui_only).then(
-            undo_turn, chatbot, [chatbot, textbox], **ui_only
+            undo_turn, chatbots, [*chatbots, textbox], **ui_only
         )
         gr.on(wipe, stop_reply, cancels=replies, **ui_only).then(
-            lambda: ([], ""), None, [chatbot, notice], **ui_only
+            lambda: ([], "") * len(chats), None, [box for chat in chats for box in chat], **ui_only
         )
         demo.unload(stop_reply)
 

@@ -78,6 +78,17 @@ def rambling_app(
 
 
 @pytest.fixture(scope="session")
+def compare_app(
+    slow_rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    """``python app.py`` in the compare view: what a user gets (``MODEL_SOURCE`` or the demo model) as "After"
+    and, as "Before" (``COMPARE_MODEL_SOURCE``), the slow rambling model, whose long replies can be stopped.
+    """
+    compare = {"COMPARE_MODEL_SOURCE": str(slow_rambling_model_dir)}
+    yield from _run_app(os.environ.get("MODEL_SOURCE", ""), tmp_path_factory, compare)
+
+
+@pytest.fixture(scope="session")
 def api_keys() -> tuple[str, ...]:
     """The ``API_KEYS`` that ``keyed_app`` accepts."""
     return ("test-key-one", "test-key-two")

@@ -203,6 +203,29 @@ def test_settings_that_need_a_gpu_fail_clearly_without_one(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("-oops", "must not start with '-'"),
+        ("ext::sh -c touch% /tmp/pwned", "remote-helper transports"),
+        ("hf:not a repo", "expected hf:OWNER/REPO"),
+        ("/nonexistent/base-model", "/nonexistent/base-model"),
+    ],
+)
+def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
+    source: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``COMPARE_MODEL_SOURCE`` goes through ``MODEL_SOURCE``'s checks, before any engine is built."""
+    for variable, what in (("COMPARE_MODEL_SOURCE", "the compare model (COMPARE_MODEL_SOURCE)"),
+                           ("MODEL_SOURCE", "the model")):
+        for name in ("COMPARE_MODEL_SOURCE", "MODEL_SOURCE"):
+            monkeypatch.setenv(name, source if name == variable else "")
+        assert app.main(["--backend", "transformers"]) == 1
+        err = capsys.readouterr().err
+        assert f"app.py: cannot get {what}: " in err and message in err, err
+        assert "Traceback" not in err
+
+
 @pytest.fixture
 def loguru_messages() -> Iterator[list[str]]:
     messages: list[str] = []

@@ -2,14 +2,16 @@
 
 Needs `apt-get install -y chromium fonts-noto-cjk` (no `playwright install`: the system Chromium is used).
 Run: python -m pytest -m browser tests/app/test_browser.py
-It runs against ``rambling_app`` (see conftest), whose greedy replies are long enough to stop. The app log
-is the ground truth the tests wait on, never a fixed time: a reply's first line tells which page session it
-belongs to and the sampling values the page really sent; its last line when it ended and why ("finish abort"
-= the engine stopped it).
+It runs against ``rambling_app`` (see conftest), whose greedy replies are long enough to stop, and the compare
+view against ``compare_app``. The app log is the ground truth the tests wait on, never a fixed time: a reply's
+first line tells which page session and engine (``main``, or ``compare`` for the "Before" chat) it belongs to
+and the sampling values the page really sent; its last line when it ended and why ("finish abort" = the engine
+stopped it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -21,6 +23,8 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 import app
+from infer_engine.engine import create_engine
+from infer_engine.settings import EngineSettings, GenerationParams
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +43,10 @@ REPLY_STARTED_LOG = (
     r"reply (page-\w+): sampling GenerationParams\(max_new_tokens=(\d+), temperature=[\d.]+, top_p=[\d.]+, "
     r"top_k=(\d+), do_sample=\w+\)"
 )
-REPLY_ENDED_LOG = r"reply {session}: prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
+REPLY_ENDED_LOG = (
+    r"reply {session}: prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
+    r"[^\n]*, engine {engine}\b"
+)
 LONG_PROMPT = "Tell me a very long story about the sea."
 TIMEOUT_MS = 60_000
 SHORT, LONG = 64, 2048  # max new tokens: a reply that ends by itself soon, and one long enough to stop
@@ -112,8 +119,10 @@ def greedy(page: Page, max_new_tokens: int) -> None:
     set_options(page, OPTIONS[page])
 
 
-def messages(page: Page, role: str) -> list[str]:
-    return page.locator(f'#chatbot [data-testid="{role}"]').all_inner_texts()
+def messages(page: Page, role: str, chat: str = "chatbot") -> list[str]:
+    """The texts of the ``role`` messages in the chat of id ``chat`` (``chatbot-before``: the compare view's
+    "Before")."""
+    return page.locator(f'#{chat} [data-testid="{role}"]').all_inner_texts()
 
 
 def send(page: Page, text: str) -> None:
@@ -123,63 +132,89 @@ def send(page: Page, text: str) -> None:
     textbox.press("Enter")
 
 
-def wait_until_streaming(page: Page, bots: int) -> None:
-    """Wait until the page shows ``bots`` answers, the last one with some text."""
+def wait_until_streaming(page: Page, bots: int, chat: str = "chatbot") -> None:
+    """Wait until the chat of id ``chat`` shows ``bots`` answers, the last one with some text."""
     page.wait_for_function(
-        """n => { const b = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        """([n, chat]) => { const b = document.querySelectorAll(`#${chat} [data-testid="bot"]`);
                   return b.length === n && b[n - 1].innerText.trim().length > 0; }""",
-        arg=bots,
+        arg=[bots, chat],
     )
 
 
 def wait_until_settled(page: Page) -> None:
-    """Wait until the page shows no pending event and the last answer stops changing."""
+    """Wait until the page shows no pending event and the answers (in every chat) stop changing."""
     page.wait_for_function("() => document.querySelectorAll('.generating, .pending').length === 0")
     before = None
-    while (now := messages(page, "bot")) != before:
+    while (now := page.locator('[data-testid="bot"]').all_inner_texts()) != before:
         before = now
         time.sleep(0.3)
 
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply the app started, as its log tells: the page session and the sampling values it got."""
+    """A reply the app started, as its log tells: the page session, the engine, the sampling values it got."""
 
     session: str
     max_new_tokens: int
     top_k: int
     logged_at: int  # log offset of its first line: its last line comes after
+    engine: str = "main"  # ``compare`` for the compare view's "Before" chat
 
 
-def reply_started(app_server, offset: int) -> Reply:
-    """Wait for the first reply the app starts past log offset ``offset``; return what it was asked for."""
-    started = app_server.wait_for_log(REPLY_STARTED_LOG, after=offset)
+def reply_started(app_server, offset: int, engine: str = "main") -> Reply:
+    """Wait for the first reply the app starts on ``engine`` past log offset ``offset``; return what it was
+    asked for."""
+    started = app_server.wait_for_log(rf"{REPLY_STARTED_LOG}, engine {engine}\b", after=offset)
     return Reply(
         session=started.group(1),
         max_new_tokens=int(started.group(2)),
         top_k=int(started.group(3)),
         logged_at=started.end(),
+        engine=engine,
     )
 
 
-def greedy_reply_started(app_server, offset: int, max_new_tokens: int) -> Reply:
+def greedy_reply_started(app_server, offset: int, max_new_tokens: int, engine: str = "main") -> Reply:
     """``reply_started``, checking that the page's greedy options really reached the engine."""
-    reply = reply_started(app_server, offset)
+    reply = reply_started(app_server, offset, engine)
     assert (reply.top_k, reply.max_new_tokens) == (1, max_new_tokens), reply
     return reply
 
 
 def wait_for_reply(app_server, page: Page, reply: Reply) -> tuple[int, str]:
     """Wait for ``reply`` to end (per the app log) and the page to settle; return (tokens, finish)."""
-    finished = app_server.wait_for_log(REPLY_ENDED_LOG.format(session=reply.session), after=reply.logged_at)
+    ended = REPLY_ENDED_LOG.format(session=reply.session, engine=reply.engine)
+    finished = app_server.wait_for_log(ended, after=reply.logged_at)
     wait_until_settled(page)
     return int(finished.group(1)), finished.group(2)
 
 
 def has_ended(app_server, reply: Reply) -> bool:
     """Whether the app has logged the end of ``reply``."""
-    ended = re.compile(REPLY_ENDED_LOG.format(session=reply.session))
+    ended = re.compile(REPLY_ENDED_LOG.format(session=reply.session, engine=reply.engine))
     return ended.search(app_server.log(), reply.logged_at) is not None
+
+
+def click_until_logged(page: Page, app_server, button: str, session: str) -> None:
+    """Click ``button`` until the app logs that it stopped ``session``'s replies (Stop, Undo and Clear do).
+
+    Under load a click can land while the page still moves (an output's progress indicator appearing or
+    going), and miss the button; the app's log line says the click really reached the server.
+
+    Args:
+        page: the chat page.
+        app_server: the running app.
+        button: the button's element id.
+        session: the page's engine session (from the log).
+    """
+    offset = len(app_server.log())
+    tries = 3
+    for _ in range(tries):
+        page.click(button)
+        with contextlib.suppress(pytest.fail.Exception):
+            app_server.wait_for_log(rf"stop {session}: its replies end now", after=offset, timeout_s=20)
+            return
+    pytest.fail(f"{button} clicked {tries} times: the app never stopped {session}")
 
 
 def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Path) -> None:
@@ -345,4 +380,99 @@ def test_example_question_gets_the_identity_answer(
     # The server logs the reply when it ends; the page renders the last throttled chunk a moment later.
     expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text(identity_name, timeout=10_000)
     page.screenshot(path=tmp_path / "identity.png", full_page=True)
+    assert errors == []
+
+
+def own_greedy_answer(model_dir: Path, question: str, max_new_tokens: int) -> str:
+    """What the model in ``model_dir`` answers to ``question`` on its own engine, with the page's greedy
+    values (top-k 1, the other sliders at their defaults)."""
+    engine = create_engine(model_dir, EngineSettings(backend="transformers"))
+    try:
+        params = GenerationParams(max_new_tokens=max_new_tokens, top_k=1)
+        return "".join(engine.stream_chat([{"role": "user", "content": question}], params, "own-answer"))
+    finally:
+        engine.close()
+
+
+def answers(page: Page) -> tuple[list[str], list[str]]:
+    """The compare view's answers: the "After" chat's and the "Before" chat's."""
+    return messages(page, "bot"), messages(page, "bot", "chatbot-before")
+
+
+def letters(text: str) -> str:
+    """``text`` without spaces and punctuation: a random model's reply may hold Markdown syntax, which the
+    page renders (``**`` -> bold) rather than shows."""
+    return re.sub(r"[\W_]", "", text)
+
+
+def test_compare_view_asks_both_models_and_stop_retry_undo_clear_act_on_both(
+    browser: Browser, compare_app, served_model_dir: Path, slow_rambling_model_dir: Path, tmp_path: Path
+) -> None:
+    app_server = compare_app
+    errors: list[str] = []
+    page = open_page(browser, app_server.url, errors)
+    expect(page.locator("#chatbot-before")).to_contain_text("Before: ")
+    expect(page.locator("#chatbot")).to_contain_text("After: ")
+    textbox = page.locator("#msg textarea")
+    greedy(page, SHORT)
+
+    # One question goes to both models, each answers on its own engine, each chat shows its model's answer.
+    offset = len(app_server.log())
+    send(page, "你是谁？")
+    after = greedy_reply_started(app_server, offset, SHORT, "main")
+    before = greedy_reply_started(app_server, offset, SHORT, "compare")
+    assert after.session == before.session
+    for reply in (after, before):
+        assert wait_for_reply(app_server, page, reply)[1] in ("stop", "length")
+    for chat in ("chatbot", "chatbot-before"):
+        assert messages(page, "user", chat) == ["你是谁？"]
+    (after_answer,) = messages(page, "bot")
+    (before_answer,) = messages(page, "bot", "chatbot-before")
+    assert after_answer.strip() == own_greedy_answer(served_model_dir, "你是谁？", SHORT).strip()
+    assert letters(before_answer) == letters(own_greedy_answer(slow_rambling_model_dir, "你是谁？", SHORT))
+    assert before_answer != after_answer
+    page.screenshot(path=tmp_path / "compare.png", full_page=True)
+
+    # Retry generates both last answers again (the same ones: decoding is greedy).
+    offset = len(app_server.log())
+    set_options(page, OPTIONS[page])
+    page.click("#retry")
+    for engine in ("main", "compare"):
+        wait_for_reply(app_server, page, greedy_reply_started(app_server, offset, SHORT, engine))
+    assert answers(page) == ([after_answer], [before_answer])
+
+    # Stop ends the long "Before" answer in its engine, and the page stays as Stop left it.
+    greedy(page, LONG)
+    offset = len(app_server.log())
+    send(page, LONG_PROMPT)
+    replies = [greedy_reply_started(app_server, offset, LONG, engine) for engine in ("main", "compare")]
+    wait_until_streaming(page, bots=2, chat="chatbot-before")
+    click_until_logged(page, app_server, "#stop", replies[1].session)
+    tokens, finish = wait_for_reply(app_server, page, replies[1])
+    assert (finish, tokens < LONG) == ("abort", True)
+    wait_for_reply(app_server, page, replies[0])  # the tuned model's short answer (or its abort) ended too
+    stopped = answers(page)
+    time.sleep(QUIET_S)
+    assert answers(page) == stopped and [len(answer) for answer in stopped] == [2, 2]
+    for chat in ("chatbot", "chatbot-before"):
+        assert messages(page, "user", chat) == ["你是谁？", LONG_PROMPT]
+
+    # Undo removes the last turn from both chats and puts its question back.
+    page.click("#undo")
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=\"user\"]').length === 2")
+    expect(textbox).to_have_value(LONG_PROMPT)
+    assert answers(page) == ([after_answer], [before_answer])
+
+    # Clear while the "Before" answer streams empties both chats for good and stops that answer.
+    offset = len(app_server.log())
+    send(page, LONG_PROMPT)
+    long_before = greedy_reply_started(app_server, offset, LONG, "compare")
+    wait_until_streaming(page, bots=2, chat="chatbot-before")
+    click_until_logged(page, app_server, "#clear", long_before.session)
+    tokens, finish = wait_for_reply(app_server, page, long_before)
+    assert (finish, tokens < LONG) == ("abort", True)
+    everywhere = '[data-testid="user"], [data-testid="bot"]'
+    page.wait_for_function(f"() => document.querySelectorAll('{everywhere}').length === 0")
+    time.sleep(QUIET_S)
+    assert page.locator(everywhere).count() == 0
     assert errors == []

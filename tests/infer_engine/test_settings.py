@@ -180,6 +180,7 @@ def test_server_settings_from_env() -> None:
         "GRADIO_SERVER_PORT": "8080",
         "QUEUE_SIZE": "16",
         "SYSTEM_PROMPT": "Be brief.",
+        "COMPARE_MODEL_SOURCE": " hf:someone/base@v1 ",
     }
     assert server_settings_from_env(env) == ServerSettings(
         model_source="hf:someone/model",
@@ -188,8 +189,10 @@ def test_server_settings_from_env() -> None:
         port=8080,
         queue_size=16,
         system_prompt="Be brief.",
+        compare_model_source="hf:someone/base@v1",
     )
     assert server_settings_from_env({}) == ServerSettings()
+    assert server_settings_from_env({"COMPARE_MODEL_SOURCE": "  "}).compare_model_source == ""  # off
 
 
 def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() -> None:
@@ -225,6 +228,7 @@ def test_server_settings_from_env_errors(env: dict[str, str], match: str) -> Non
         ({"host": " "}, "host must not be empty"),
         ({"host": None}, "host must be text"),
         ({"model_source": 3}, "model_source must be text"),
+        ({"compare_model_source": None}, "compare_model_source must be text"),
         ({"system_prompt": None}, "system_prompt must be text"),
         ({"cache_dir": "/tmp/x"}, "cache_dir must be a path"),
         ({"port": True}, "port must be an integer"),

@@ -11,12 +11,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pytest
 from gradio_client import Client
 from log_capture import EngineLog
+from recording_engine import RecordingEngine
 
 from bench.bench_serving import free_port
 from infer_engine.engine import ChatEngine, create_engine
@@ -78,25 +78,6 @@ def page_handlers(demo: gr.Blocks) -> tuple[Callable[..., Iterator], Callable[[g
     (answer,) = {fn.fn for fn in demo.fns.values() if fn.name == "answer"}
     stop = next(fn.fn for fn in demo.fns.values() if fn.name == "stop_reply")
     return answer, stop
-
-
-class RecordingEngine:
-    """The real engine, noting what each ``stream_chat`` was asked (to see what the page and API send)."""
-
-    def __init__(self, engine: ChatEngine) -> None:
-        self.engine, self.name, self.settings = engine, engine.name, engine.settings
-        self.max_concurrency = engine.max_concurrency
-        self.asked: list[tuple[list[dict], GenerationParams]] = []
-
-    def stream_chat(self, messages: Any, params: GenerationParams, session_id: str) -> Any:
-        self.asked.append((list(messages), params))
-        return self.engine.stream_chat(messages, params, session_id)
-
-    def abort(self, session_id: str) -> None:
-        self.engine.abort(session_id)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def test_the_page_shows_the_dropped_turns_notice(engine: ChatEngine) -> None:
