@@ -382,8 +382,9 @@ def replay_pairs(
     from training.generate import generate, load_chat_model  # torch is only needed for this recipe
     from training.progress import log_counts
 
+    report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
+
     def compute() -> dict:
-        report = log_counts("replay answers from the base", "prompts")  # the pipeline's progress line
         gens = generate(load_chat_model(base_dir), prompts, max_new_tokens, batch_size=batch_size,
                         on_batch=report)
         return {"answers": [{"text": g.text, "finished": g.finished} for g in gens]}
@@ -393,6 +394,7 @@ def replay_pairs(
     else:
         key = ["replay", model_key(base_dir), prompts, max_new_tokens, batch_size, transformers.__version__]
         gens = cached(lambda h: cache_dir / f"{h}.json", key, compute)["answers"]
+        report(len(gens), len(gens))  # the count also when the cache answered, so the progress line shows it
     answers = [g["text"] if g["finished"] else trim_to_sentence(g["text"]) for g in gens]
     kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
     cut = [a for g, a in zip(gens, answers, strict=True) if g["text"] and not g["finished"]]

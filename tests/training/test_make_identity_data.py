@@ -271,9 +271,10 @@ def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: P
 
 
 def test_replay_answers_are_cached_per_base_and_settings(
-    tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import training.generate
+    from training.progress import count_line
 
     prompts, cache = replay_prompts()[:3], tmp_path / "answers"
     first = replay_pairs(tiny_base_dir, prompts, max_new_tokens=16, cache_dir=cache)
@@ -283,7 +284,10 @@ def test_replay_answers_are_cached_per_base_and_settings(
         raise AssertionError("the base was asked again")
 
     monkeypatch.setattr(training.generate, "generate", no_generation)
+    capsys.readouterr()
     assert replay_pairs(tiny_base_dir, prompts, max_new_tokens=16, cache_dir=cache) == first
+    # The pipeline's progress line still shows the stage's count.
+    assert count_line("replay answers from the base", 3, 3, "prompts") in capsys.readouterr().err
     # Other settings (or another base) are asked again.
     with pytest.raises(AssertionError, match="asked again"):
         replay_pairs(tiny_base_dir, prompts, max_new_tokens=17, cache_dir=cache)
