@@ -10,7 +10,8 @@
 # make demo-model — rebuild infer_engine/demo_model (the tiny toy the fast tests and a bare `python app.py`
 #               serve) with the project's own training pipeline (tiny preset)
 # make demo-adapter — retrain the demo's LoRA adapter (smol preset; 34 min measured on a busy 2-core machine)
-#               and copy it with its metadata into infer_engine/demo_adapter; DEMO_ADAPTER_ARGS adds run.sh flags (e.g. --recipe seed)
+#               and copy it with its metadata into infer_engine/demo_adapter; DEMO_ADAPTER_ARGS adds run.sh flags
+#               (e.g. --recipe seed)
 VENV := .venv
 TRAIN_VENV := .venv-train
 export GRADIO_ANALYTICS_ENABLED := False
