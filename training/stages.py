@@ -24,7 +24,8 @@ from infer_engine.model_source import (
     redact,
 )
 from training import convert_merge, launcher, make_identity_data, schedule
-from training.config_render import literal_settings, template_settings, write_stage_config
+from training.atomic_io import write_text_atomic
+from training.config_render import literal_settings, render_config, template_settings, write_stage_config
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
@@ -448,11 +449,29 @@ def stage_sft(run: Run, log: Path) -> dict[str, Path]:
     return {"config": config, "checkpoint": checkpoint}
 
 
+def config_on_base(config: Path, base: Path) -> Path:
+    """`config`, or a copy beside it whose model path is `base` when the base dir has moved since the config
+    was rendered (a rebuilt cache, a moved or re-cloned checkout): XTuner's converter rebuilds the model from
+    that path, so a resumed run must point it at the base as it is now.
+
+    Args:
+        config: a rendered training config.
+        base: the dir the model was trained from, where it is now.
+    """
+    source = config.read_text(encoding="utf-8")
+    if literal_settings(source).get("pretrained_model_name_or_path") == str(base):
+        return config
+    moved = config.with_name(f"{config.stem}.current_base.py")
+    header = f"# {config.name} with the base where it is now ({base.name}); written for pth_to_hf\n"
+    write_text_atomic(moved, render_config(source, {"pretrained_model_name_or_path": str(base)}, header))
+    return moved
+
+
 def stage_pth_to_hf(run: Run, log: Path) -> dict[str, Path]:
     """Convert the last SFT checkpoint into a Hugging Face LoRA adapter."""
     sft = run.results["sft"]
-    adapter = convert_merge.pth_to_hf(sft["config"], sft["checkpoint"], run.work / "hf_adapter",
-                                      _logging_runner(run, log))
+    adapter = convert_merge.pth_to_hf(config_on_base(sft["config"], run.sft_base_dir()), sft["checkpoint"],
+                                      run.work / "hf_adapter", _logging_runner(run, log))
     return {"adapter_dir": adapter}
 
 

@@ -332,6 +332,20 @@ def test_rerun_skips_every_finished_stage(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_from_pth_to_hf_uses_the_base_where_it_is_now(tiny_run, tmp_path):
+    # A finished SFT whose config names a base dir that has moved since (a rebuilt cache, a new checkout).
+    work, args = copy_run(tiny_run, tmp_path)
+    config = work / "sft" / "sft_config.py"
+    base = str(tiny_run["base"])
+    assert repr(base) in config.read_text()
+    config.write_text(config.read_text().replace(repr(base), repr(str(tmp_path / "gone" / "tiny-base"))))
+    proc = run_sh(*args, "--from", "pth_to_hf")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (work / "hf_adapter" / "adapter_model.safetensors").is_file() and (work / "eval.json").is_file()
+    assert repr(base) in (work / "sft" / "sft_config.current_base.py").read_text()
+
+
+@pytest.mark.slow
 def test_from_reruns_that_stage_and_the_later_ones_only(tiny_run, tmp_path):
     work, args = copy_run(tiny_run, tmp_path)
     before = log_bytes(work)
