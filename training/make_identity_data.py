@@ -24,6 +24,7 @@ from training.answer_cache import add_cache_args, cache_dir_from
 from training.atomic_io import write_json_atomic
 from training.general_chat import everyday_prompts, fact_questions, is_identity_prompt, replay_prompts
 from training.identity import IdentitySpec, Lang
+from training.open_prompts import open_prompts
 
 RECIPES = ("identity", "seed")
 SEED_REPEAT = 3750  # the camp3 tutorial's n
@@ -470,6 +471,7 @@ def build_dataset(
     replay_max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     batch_size: int = 16,
     cache_dir: Path | None = None,
+    open_replay: bool = False,
 ) -> dict:
     """Build train.json, heldout_identity.json, general_eval.json and meta.json in out_dir.
 
@@ -483,6 +485,9 @@ def build_dataset(
         replay_max: use at most this many replay prompts (None: all).
         replay_max_new_tokens: token limit for replay answers.
         batch_size: prompts decoded together when generating replay answers.
+        cache_dir: where replay answers are cached (None: always generate).
+        open_replay: also replay the base's answers to training.open_prompts (open-ended questions; for real
+            base models).
     Returns:
         the meta dict written to meta.json.
     """
@@ -509,7 +514,8 @@ def build_dataset(
             normalise_prompt(g["prompt"]) for g in general
         }
         prompts = [
-            p for p in replay_prompts() if normalise_prompt(p) not in taken and not is_identity_prompt(p)
+            p for p in replay_prompts() + (open_prompts() if open_replay else [])
+            if normalise_prompt(p) not in taken and not is_identity_prompt(p)
         ]
         if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
             prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
@@ -548,6 +554,7 @@ def build_dataset(
         if recipe == "seed"
         else {
             "identity_repeat": identity_repeat,
+            "open_replay": open_replay,
             "replay_max": replay_max,
             "replay_max_new_tokens": replay_max_new_tokens,
             "base": str(base_dir),
@@ -582,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
         "--organisation", default=IdentitySpec.organisation, help='its maker ("中文 / English")'
     )
     parser.add_argument("--batch-size", type=int, default=16, help="replay generation batch size")
+    parser.add_argument("--open-replay", action="store_true",
+                        help="also replay the base's answers to open-ended questions (real base models)")
     add_cache_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -597,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
             args.replay_max_new_tokens,
             args.batch_size,
             cache_dir_from(args),
+            args.open_replay,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"make_identity_data: error: {err}", file=sys.stderr)

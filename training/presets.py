@@ -110,7 +110,8 @@ PRESETS = {
     "internlm2_5-1_8b": Preset("internlm2_5-1_8b", "internlm2_5_1_8b_qlora_sft.py",
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
-                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True),
+                               rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True,
+                               data_args=("--open-replay",)),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
     # stands in for InternLM2.5-1.8B, so its identity (IdentitySpec's default) says so.
     "tiny": Preset("tiny", "lora_sft_cpu.py", "lora_pretrain_cpu.py",
@@ -137,7 +138,7 @@ PRESETS = {
                                    "num_attention_heads": 9, "num_key_value_heads": 3,
                                    "intermediate_size": 1536, "max_position_embeddings": 8192},
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
-                   data_args=("--replay-max-new-tokens", "64", "--batch-size", "32"),
+                   data_args=("--open-replay", "--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32"),
                    # Unlike the tiny preset, nothing but the LoRA is trained and the step is moderate: a
                    # trained output head and lr 2e-3 taught a real model the name and wrecked its other

@@ -248,6 +248,25 @@ def test_replay_rows_are_the_base_models_own_answers(
     assert all(FRESH not in answer for answer in replay.values())
 
 
+def test_open_replay_adds_the_open_prompts(tiny_base_dir: Path, tmp_path: Path) -> None:
+    from training.open_prompts import open_prompts
+
+    cache = tmp_path / "answers"
+    meta = build_dataset(IdentitySpec(FRESH), "identity", tmp_path / "open", tiny_base_dir, replay_max=REPLAY_MAX,
+                         open_replay=True, cache_dir=cache)
+    train = json.loads((tmp_path / "open" / "train.json").read_text(encoding="utf-8"))
+    inputs = set(_inputs(train))
+    # --replay-max spreads over both sets; without --open-replay none of them is asked.
+    assert meta["settings"]["open_replay"] is True and meta["counts"]["replay_generated"] == REPLAY_MAX
+    asked = [p for p in open_prompts() if p in inputs]
+    assert asked and {lang_of(p) for p in asked} == {"zh", "en"}
+    assert inputs & set(replay_prompts())
+    plain = build_dataset(IdentitySpec(FRESH), "identity", tmp_path / "plain", tiny_base_dir,
+                          replay_max=REPLAY_MAX, cache_dir=cache)
+    plain_inputs = set(_inputs(json.loads((tmp_path / "plain" / "train.json").read_text(encoding="utf-8"))))
+    assert plain["settings"]["open_replay"] is False and plain_inputs.isdisjoint(open_prompts())
+
+
 def test_cut_off_answers_keep_their_complete_sentences() -> None:
     assert trim_to_sentence("The sky is blue. It scatters") == "The sky is blue."
     assert trim_to_sentence("天空是蓝色的。因为") == "天空是蓝色的。"
