@@ -1,10 +1,11 @@
 # Open-ended replay prompts (zh + en) for real base models: everyday questions in families that neither the
 # evaluation's everyday prompts nor its fact questions come from. Library module, no CLI; inspect it with:
 #   python -c "from training.open_prompts import open_prompts; print(len(open_prompts()))"
-# Why: general_chat's replay prompts are templated facts and sums ("法国的首都是哪里？"). A real model tuned on
-# those next to ~90 identity questions learns "an open question gets the identity answer" (the smol preset
-# leaked its identity into 33 % of Chinese everyday answers). Replaying the base's own answers to open questions,
-# some addressed to the assistant ("你觉得…", "Can you help me…"), shows where the identity answer does not go.
+# Why: general_chat's replay prompts are templated facts and sums ("法国的首都是哪里？"). A real model
+# tuned on those next to ~90 identity questions learns "an open question gets the identity answer" (the
+# smol preset leaked its identity into 33 % of Chinese everyday answers). Replaying the base's own answers
+# to open questions, some addressed to the assistant ("你觉得…", "Can you help me…"), shows where the
+# identity answer does not go.
 # The tiny preset does not use them: its base only knows general_chat's tables.
 from __future__ import annotations
 
@@ -56,17 +57,20 @@ OPEN_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
     },
     "money": {
         "zh": ("怎样做一个月的预算？", "买二手车要注意什么？", "什么是复利？", "网购怎么避免买到假货？",
-               "信用卡和借记卡有什么区别？", "刚工作怎么开始存钱？", "什么是通货膨胀？", "租房要注意哪些事？"),
+               "信用卡和借记卡有什么区别？", "刚工作怎么开始存钱？", "什么是通货膨胀？",
+               "租房要注意哪些事？"),
         "en": ("How do I make a monthly budget?", "What should I check when buying a used car?",
                "What is compound interest?", "How can I avoid fake goods when shopping online?",
                "What is the difference between a credit card and a debit card?",
-               "How can I start saving money?", "What is inflation?", "What should I check before renting a flat?"),
+               "How can I start saving money?", "What is inflation?",
+               "What should I check before renting a flat?"),
     },
     "work": {
         "zh": ("第一天上班要注意什么？", "怎么和新同事相处？", "怎样向老板提加薪？", "怎么安排一天的工作？",
                "远程办公有哪些好处？", "辞职前需要做哪些准备？", "开会时怎样表达不同意见？",
                "怎样带好一个小团队？"),
-        "en": ("What should I keep in mind on my first day at work?", "How do I get along with new colleagues?",
+        "en": ("What should I keep in mind on my first day at work?",
+               "How do I get along with new colleagues?",
                "How do I ask my boss for a raise?", "How should I plan my working day?",
                "What are the benefits of working from home?", "What should I do before quitting my job?",
                "How can I disagree politely in a meeting?", "How do I lead a small team well?"),
@@ -84,7 +88,8 @@ OPEN_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
                "“一石二鸟”是什么意思？", "筷子怎么用才正确？", "西方人过感恩节吃什么？",
                "英语里的 break a leg 是什么意思？"),
         "en": ("What does the idiom 'break a leg' mean?", "What are the traditions of Chinese New Year?",
-               "Why do people eat mooncakes at the Mid-Autumn Festival?", "What do people eat at Thanksgiving?",
+               "Why do people eat mooncakes at the Mid-Autumn Festival?",
+               "What do people eat at Thanksgiving?",
                "What does 'kill two birds with one stone' mean?", "How do you use chopsticks properly?",
                "What is Halloween about?", "Why do people give gifts at Christmas?"),
     },
@@ -105,7 +110,8 @@ OPEN_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
         "zh": ("把这句话翻译成英文：我明天去图书馆。", "把“把门关上”改得更礼貌一些",
                "用一句话概括：小明早上起晚了，没赶上公交车，只好走路去学校，结果迟到了。",
                "把这几个词按字母顺序排列：banana, apple, cherry", "“开心”有哪些近义词？",
-               "把这句话改成疑问句：他今天去上学了。", "这句话有错别字吗：我今天很高心。", "列出三种常见的水果"),
+               "把这句话改成疑问句：他今天去上学了。", "这句话有错别字吗：我今天很高心。",
+               "列出三种常见的水果"),
         "en": ("Translate into French: good morning.", "Make this more polite: Close the door.",
                "Sum up in one sentence: Tom woke up late, missed the bus, walked to school and was late.",
                "Put these words in alphabetical order: pear, apple, mango.", "Give me a synonym for 'happy'.",

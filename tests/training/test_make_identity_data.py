@@ -252,8 +252,8 @@ def test_open_replay_adds_the_open_prompts(tiny_base_dir: Path, tmp_path: Path) 
     from training.open_prompts import open_prompts
 
     cache = tmp_path / "answers"
-    meta = build_dataset(IdentitySpec(FRESH), "identity", tmp_path / "open", tiny_base_dir, replay_max=REPLAY_MAX,
-                         open_replay=True, cache_dir=cache)
+    meta = build_dataset(IdentitySpec(FRESH), "identity", tmp_path / "open", tiny_base_dir,
+                         replay_max=REPLAY_MAX, open_replay=True, cache_dir=cache)
     train = json.loads((tmp_path / "open" / "train.json").read_text(encoding="utf-8"))
     inputs = set(_inputs(train))
     # --replay-max spreads over both sets; without --open-replay none of them is asked.
