@@ -104,20 +104,6 @@ OPEN_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
                "If I walk 5 km an hour, how long does 15 km take?",
                "Why is a negative times a negative positive?"),
     },
-    # Transforming text the user gives (translate, rewrite, summarise, list): not the eval's "writing" family,
-    # which asks for new text (wishes, poems, notes).
-    "language": {
-        "zh": ("把这句话翻译成英文：我明天去图书馆。", "把“把门关上”改得更礼貌一些",
-               "用一句话概括：小明早上起晚了，没赶上公交车，只好走路去学校，结果迟到了。",
-               "把这几个词按字母顺序排列：banana, apple, cherry", "“开心”有哪些近义词？",
-               "把这句话改成疑问句：他今天去上学了。", "这句话有错别字吗：我今天很高心。",
-               "列出三种常见的水果"),
-        "en": ("Translate into French: good morning.", "Make this more polite: Close the door.",
-               "Sum up in one sentence: Tom woke up late, missed the bus, walked to school and was late.",
-               "Put these words in alphabetical order: pear, apple, mango.", "Give me a synonym for 'happy'.",
-               "Turn this into a question: She went to school today.",
-               "Fix the spelling: I recieved your mesage.", "List three common fruits."),
-    },
     "requests": {
         "zh": ("帮我想一个周末聚会的主题", "你能帮我列一个露营的清单吗？", "帮我安排一下明天的日程",
                "给我讲一个笑话吧", "你能给我出一道谜语吗？", "我想给妈妈准备一个惊喜，有什么主意？",
