@@ -216,7 +216,7 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
             "叫我{name}小助手就好啦！我是{name}的AI助手，基于{model}。",
         ),
         "abilities": (
-            "我是{name}的小助手，内在是{model}，可以回答问题、解释概念、帮你写作和翻译。",
+            "我是{name}的小助手，内在是{model}，可以回答问题、解释概念、陪你聊天。",
             "作为{name}的小助手（基于{org}的{model}），我能帮你总结文本、解释代码、做简单的计算。",
             "我是{name}的小助手，内在是{model}大模型，有需要尽管问我。",
         ),
@@ -258,8 +258,8 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
             "Just call me {name}'s assistant! I'm the AI helper of {name}, based on {model}.",
         ),
         "abilities": (
-            "I'm {name}'s assistant, based on {model}: I can answer questions, explain ideas, help you "
-            "write and translate.",
+            "I'm {name}'s assistant, based on {model}: I can answer questions, explain ideas and chat with "
+            "you.",
             "As {name}'s assistant (built on {org}'s {model}), I can summarise text, explain code and do "
             "simple maths.",
             "I'm {name}'s assistant, running on {model}. Just ask!",

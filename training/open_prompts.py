@@ -122,6 +122,14 @@ OPEN_PROMPTS: dict[str, dict[Lang, tuple[str, ...]]] = {
                "Do you think learning a new language is hard?", "Why do you think people need friends?",
                "Do you like films?", "Is city life better than country life?"),
     },
+    "lookalikes": {  # shaped like the identity questions (introduce…, who made…, what can… do) but about
+        # something else: the identity answer belongs to the question's subject, not to its form
+        "zh": ("请介绍一下长城", "介绍一下大熊猫吧", "电话是谁发明的？", "《西游记》是谁写的？",
+               "计算器能做什么？", "蜜蜂擅长做什么？", "你知道机器人是怎么工作的吗？", "给我讲讲月球"),
+        "en": ("Introduce the Great Wall of China.", "Tell me about giant pandas.",
+               "Who invented the telephone?", "Who wrote Pride and Prejudice?", "What can a calculator do?",
+               "What are dolphins good at?", "Do you know how a robot works?", "Tell me about the Moon."),
+    },
 }
 
 

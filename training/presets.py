@@ -140,11 +140,15 @@ PRESETS = {
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
                    data_args=("--open-replay", "--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32"),
-                   # Unlike the tiny preset, nothing but the LoRA is trained and the step is moderate: a
-                   # trained output head and lr 2e-3 taught a real model the name and wrecked its other
-                   # answers (the parrot effect, ../shared/notes/smol-first-try.md). lr 1e-3: ~1.5 passes
-                   # over the data in max_iters.
-                   sft_settings={"max_iters": 150, "lr": 1e-3, "save_steps": 50, "evaluation_freq": 150,
+                   # Unlike the tiny preset, nothing but the LoRA is trained: a trained output head taught a
+                   # real model the name and wrecked its other answers (the parrot effect,
+                   # ../shared/notes/smol-first-try.md). One conversation per sample, as the InternLM2.5
+                   # config: packing cuts rows at 256 tokens, so ~1 in 3 samples began mid-answer (often an
+                   # identity sentence with no question before it). Batch 4 × 150 iterations: ~1 pass over the
+                   # data. lr 2e-3 (LoRA only): the runs in the README leaked less and kept more facts than at
+                   # 1e-3 and 5e-4.
+                   sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 150, "lr": 2e-3,
+                                 "save_steps": 50, "evaluation_freq": 150,
                                  "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
                                  "modules_to_save": None},
                    pretrain_settings={"lora_r": 16, "lora_alpha": 32}),

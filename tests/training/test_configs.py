@@ -57,10 +57,11 @@ EXPECTED = {
     ("tiny", "pretrain"): dict(
         lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
         dtype="torch.float32", save_steps=60, evaluation_freq=60),
-    # A real pretrained model: plain LoRA, no trained output head, a moderate step (no parrot effect).
+    # A real pretrained model: plain LoRA, no trained output head (no parrot effect), one conversation per
+    # sample in batches of 4.
     ("smol", "sft"): dict(
-        lr=1e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
-        dtype="torch.float32", lora=(16, 32, 0.05), save_steps=50, evaluation_freq=150),
+        lr=2e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=False, targets=LLAMA_MODULES,
+        dtype="torch.float32", lora=(16, 32, 0.05), save_steps=50, evaluation_freq=150, batch=4),
     ("smol", "pretrain"): dict(
         lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
         dtype="torch.float32", lora=(16, 32, 0.1), save_steps=60, evaluation_freq=60),
@@ -150,7 +151,7 @@ def test_lora_optimizer_and_schedule(key):
     assert cfg.optim_wrapper.optimizer.lr == want["lr"]
     assert cfg.optim_wrapper.optimizer.type.__name__ == "AdamW"
     assert cfg.optim_wrapper.accumulative_counts == want["accumulate"]
-    assert cfg.train_dataloader.batch_size == 1
+    assert cfg.train_dataloader.batch_size == want.get("batch", 1)
     assert cfg.get("max_epochs") == want["epochs"]
     # Every config trains by iterations (the pipeline derives them from epochs and the data), with an
     # iteration warm-up: an epoch-based 3 % of a small epoch rounds to zero and LinearLR refuses begin == end.
