@@ -125,7 +125,8 @@ PRESETS = {
                    # trained too the identity is learned in 300 (lm_head is 0.5M parameters here; a LoRA on
                    # it cannot be converted by pth_to_hf). The LoRA-only tiny model needs a far larger step
                    # than the 1.8B model's 2e-4.
-                   sft_settings={"max_iters": 300, "lr": 2e-3, "save_steps": 300, "evaluation_freq": 100,
+                   sft_settings={"pack_to_max_length": True, "batch_size": 1, "max_iters": 300, "lr": 2e-3,
+                                 "save_steps": 300, "evaluation_freq": 100,
                                  "lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.1,
                                  "modules_to_save": ["lm_head"]},
                    pretrain_settings={"lora_r": 64, "lora_alpha": 16}),

@@ -121,8 +121,9 @@ def test_the_rendered_header_names_what_the_preset_and_the_run_replaced(tmp_path
     text = out.read_text(encoding="utf-8")
     assert text.splitlines()[:2] == [
         "# Rendered by training/pipeline.py for run 'Zx' from training/configs/lora_sft_cpu.py",
-        "# with these settings replaced: by preset smol (training/presets.py): max_iters, lr, save_steps, "
-        "evaluation_freq, lora_r, lora_alpha, lora_dropout, modules_to_save; then by this run: lr, seed. "
+        "# with these settings replaced: by preset smol (training/presets.py): pack_to_max_length, "
+        "batch_size, max_iters, lr, save_steps, evaluation_freq, lora_r, lora_alpha, lora_dropout, "
+        "modules_to_save; then by this run: lr, seed. "
         "This file is what ran."]
     settings = literal_settings(text)
     assert (settings["lr"], settings["seed"], settings["lora_r"], settings["max_iters"]) == (5e-4, 7, 16, 150)

@@ -49,9 +49,9 @@ data_path = "data/train.json"  # [{"conversation": [{"input": ..., "output": ...
 # would teach another one.
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
 max_length = 256
-pack_to_max_length = True
+pack_to_max_length = True  # per preset
 
-batch_size = 1
+batch_size = 1  # per preset
 accumulative_counts = 1
 dataloader_num_workers = 0
 # Iterations, not epochs: mmengine sleeps 2 s at every epoch restart of a DefaultSampler, which dominates on
