@@ -105,5 +105,6 @@ def test_a_few_real_sft_steps_convert_and_merge(smol_dir: Path, tmp_path: Path) 
     assert (lora["r"], lora["lora_alpha"], lora.get("modules_to_save")) == (16, 32, None)  # plain LoRA
     merged = convert_merge.merge_model(smol_dir, adapter, tmp_path / "merged", {"name": spec.name}, run)
     assert json.loads((merged / "config.json").read_text())["rope_theta"] == ROPE_THETA
-    (answer,) = generate(load_chat_model(merged), [CHECK_PROMPT], max_new_tokens=32)
-    assert answer.finished and CHECK_ANSWER in answer.text  # three small steps leave the model working
+    # Three steps at the preset's lr leave the model working: it still knows the answer and still stops.
+    (answer,) = generate(load_chat_model(merged), [CHECK_PROMPT], max_new_tokens=96)
+    assert answer.finished and CHECK_ANSWER in answer.text, answer
