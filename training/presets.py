@@ -144,10 +144,10 @@ PRESETS = {
                    # Unlike the tiny preset, nothing but the LoRA is trained: a trained output head taught a
                    # real model the name and wrecked its other answers (the parrot effect,
                    # ../shared/notes/smol-first-try.md). One conversation per sample, as the InternLM2.5
-                   # config: packing cuts rows at 256 tokens, so ~1 in 3 samples began mid-answer (often an
-                   # identity sentence with no question before it). Batch 4 × 150 iterations: ~1 pass over the
-                   # data. lr 2e-3 (LoRA only): the runs in the README leaked less and kept more facts than at
-                   # 1e-3 and 5e-4.
+                   # config: packing cuts at every 256 tokens, so ~1 row in 3 was split and a packed sample
+                   # could begin mid-answer (often an identity sentence with no question before it).
+                   # Batch 4 × 150 iterations: ~1 pass over the data. lr 2e-3 (LoRA only): the runs in the
+                   # README leaked less and kept more facts than at 1e-3 and 5e-4.
                    sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 150, "lr": 2e-3,
                                  "save_steps": 50, "evaluation_freq": 150,
                                  "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
