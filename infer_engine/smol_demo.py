@@ -15,15 +15,12 @@ half-built dir is never served; a dir without a matching record is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,13 +126,6 @@ def check_stops_at_im_end(model_dir: Path) -> None:
         raise ModelSourceError(f"{model_dir}: generation stops at {eos!r}, not at {EOS} ({im_end})")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
-        yield
-
-
 def _is_built(target: Path, key: str) -> bool:
     try:
         record = json.loads((target / BUILD_FILE).read_text(encoding="utf-8"))
@@ -154,7 +144,7 @@ def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
         adapter_dir: the LoRA adapter to merge (default: the committed demo adapter).
         base_dir: the converted base; None: ``training.smol_base.cached_smol_base(cache_root)``.
     """
-    from training.smol_base import CHECK_PROMPT, SmolBaseError, cached_smol_base, check_model_dir
+    from training.smol_base import CHECK_PROMPT, SmolBaseError, cache_lock, cached_smol_base, check_model_dir
 
     try:
         base_dir = base_dir or cached_smol_base(cache_root)
@@ -165,8 +155,7 @@ def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
         if _is_built(target, key):  # no lock needed to read a complete dir
             log.info("demo model: using cache %s", target)
             return target
-        Path(cache_root).mkdir(parents=True, exist_ok=True)
-        with _locked(Path(cache_root) / ".demo.lock"):
+        with cache_lock(Path(cache_root), ".demo.lock"):
             if _is_built(target, key):  # another process built it while we waited
                 return target
             log.info("demo model: merging %s into %s -> %s (first start only; checked, then cached)",

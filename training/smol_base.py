@@ -176,13 +176,31 @@ def provenance(gguf: Path) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def cache_lock(cache_root: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `name` in `cache_root` (both created if missing) while building into
+    the cache, so that concurrent callers build once. Raises SmolBaseError when the cache cannot be written.
+
+    Args:
+        cache_root: the cache directory.
+        name: the lock file's name.
+    """
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        handle = (cache_root / name).open("a")
+    except OSError as err:
+        raise SmolBaseError(
+            f"cannot build into the model cache {cache_root} ({err.strerror or err}): make it writable or "
+            "choose another one (MODEL_CACHE_DIR for the app, --cache for training.smol_base)") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+        yield
+
+
+def _is_converted(out: Path, source: dict[str, object]) -> bool:
+    try:
+        return json.loads((out / PROVENANCE_FILE).read_text(encoding="utf-8")).get("source") == source
+    except (OSError, ValueError, AttributeError):  # not built (or half-built), unreadable, or not a dict
+        return False
 
 
 def cached_smol_base(cache_root: Path = DEFAULT_CACHE) -> Path:
@@ -191,18 +209,18 @@ def cached_smol_base(cache_root: Path = DEFAULT_CACHE) -> Path:
     rebuilt.
 
     Args:
-        cache_root: directory holding cached builds (created if missing).
+        cache_root: directory holding cached builds (created if missing; read only when the build is there).
     """
     import transformers
 
     gguf = find_gguf()
     source = provenance(gguf)
     cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
     out = cache_root / f"smollm2-135m-instruct-{str(source['sha256'])[:12]}"
-    with _locked(cache_root / ".smol-base.lock"):
-        recorded = out / PROVENANCE_FILE
-        if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")).get("source") == source:
+    if _is_converted(out, source):  # a complete dir needs no lock, so a read-only, pre-built cache works
+        return out
+    with cache_lock(cache_root, ".smol-base.lock"):
+        if _is_converted(out, source):  # another process converted it while we waited
             return out
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

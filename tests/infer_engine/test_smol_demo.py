@@ -131,3 +131,32 @@ def test_an_adapter_that_changes_nothing_is_refused(built: Path, cache: Path, tm
     with pytest.raises(ModelSourceError, match="changed no weight"):
         smol_demo.cached_demo_model(tmp_path / "cache", adapter, resolve_model("demo:base", cache))
     assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / ".demo.lock"]  # nothing half-built
+
+
+def test_a_read_only_prebuilt_cache_is_served_without_writing(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Space image or a shared disk can ship the built cache read-only: serving it must write nothing.
+    base = resolve_model("demo:base", built.parent)
+    cache = tmp_path / "cache"
+    for model_dir in (base, built):
+        shutil.copytree(model_dir, cache / model_dir.name, copy_function=os.link)  # links, not 1 GB
+    before = sorted(os.listdir(cache))
+    _refuse_rebuild(monkeypatch)
+    if os.geteuid() != 0:  # root ignores permissions: there the unchanged listing is the check
+        cache.chmod(0o555)
+    try:
+        assert resolve_model("demo:tuned", cache) == cache / built.name
+        assert resolve_model("demo:base", cache) == cache / base.name
+    finally:
+        cache.chmod(0o755)
+    assert sorted(os.listdir(cache)) == before  # no lock file was created
+
+
+@pytest.mark.parametrize("source", ["demo:tuned", "demo:base"])
+def test_a_cache_that_cannot_be_written_is_a_clear_error(tmp_path: Path, source: str) -> None:
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("")
+    with pytest.raises(ModelSourceError, match=r"cannot build into the model cache .*cache-file/sub .*"
+                       r"MODEL_CACHE_DIR for the app"):
+        resolve_model(source, not_a_dir / "sub")
