@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from infer_engine.model_source import ModelSourceError, parse_source, resolve_mo
 from infer_engine.settings import EngineSettings, GenerationParams
 from training import smol_base
 
+REPO = Path(__file__).resolve().parents[2]
 GREEDY = GenerationParams(max_new_tokens=80, do_sample=False)
 
 
@@ -160,3 +163,18 @@ def test_a_cache_that_cannot_be_written_is_a_clear_error(tmp_path: Path, source:
     with pytest.raises(ModelSourceError, match=r"cannot build into the model cache .*cache-file/sub .*"
                        r"MODEL_CACHE_DIR for the app"):
         resolve_model(source, not_a_dir / "sub")
+
+
+def test_two_first_starts_at_once_build_the_model_once(tmp_path: Path) -> None:
+    # Two app workers starting on an empty cache: the lock makes one merge and the other wait for it.
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "infer_engine.model_source", "demo:tuned", "--cache-dir", str(cache)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    results = [proc.communicate(timeout=900) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in results]
+    paths = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(paths) == 1 and Path(paths.pop()).parent == cache
+    assert sum(err.count("demo model: merging") for _, err in results) == 1
+    assert not any(p.name.endswith(".partial") for p in cache.iterdir())
