@@ -17,6 +17,7 @@ import pytest
 
 from training.config_render import ConfigRenderError, render_config
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
+from training.make_identity_data import identity_questions
 from training.presets import (
     PRESETS,
     PUBLISH_MAX_LEAKAGE_RATE,
@@ -306,9 +307,12 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     named = [tiny_run["name"] in r["model"] for r in scores["answers"] if r["kind"] == "identity"]
     assert sum(named) >= len(named) / 2 and scores["base_identity_accuracy"] == 0.0
     assert (work / "eval.md").read_text().strip()
+    # The merged dir as served: every training identity question (91, zh and en) through plain generate.
+    # Four questions were too few: the toy garbles the name in some ("我是Zord·浦语…"), and which ones
+    # changed with the machine's CPU (2 of 4 named on one, 3 or 4 on others; 75 of 91 where 2 of 4).
     model = AutoModelForCausalLM.from_pretrained(merged)
     replies = []
-    for question in ("请介绍一下你自己", "你是谁", "Who are you?", "Introduce yourself."):
+    for question, _, _ in identity_questions():
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                             add_generation_prompt=True, return_tensors="pt")
         # Room for the toy's loops (its answers took 9 to 118 tokens over 6 names): the length limit is
@@ -317,7 +321,8 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
         replies.append(reply[0, ids.shape[1]:].tolist())
     # Stopped by <|im_end|> from generation_config, at its first occurrence.
     assert all(r[-1] == im_end and im_end not in r[:-1] for r in replies), replies
-    assert sum(tiny_run["name"] in tokenizer.decode(r, skip_special_tokens=True) for r in replies) >= 3
+    named = [tiny_run["name"] in tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+    assert sum(named) >= len(named) / 2, f"{sum(named)} of {len(named)} answers name {tiny_run['name']}"
 
 
 @pytest.mark.slow
