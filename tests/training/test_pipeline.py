@@ -321,8 +321,8 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
         replies.append(reply[0, ids.shape[1]:].tolist())
     # Stopped by <|im_end|> from generation_config, at its first occurrence.
     assert all(r[-1] == im_end and im_end not in r[:-1] for r in replies), replies
-    named = [tiny_run["name"] in tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-    assert sum(named) >= len(named) / 2, f"{sum(named)} of {len(named)} answers name {tiny_run['name']}"
+    served = [tiny_run["name"] in tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+    assert sum(served) >= len(served) / 2, f"{sum(served)} of {len(served)} answers name {tiny_run['name']}"
 
 
 @pytest.mark.slow
