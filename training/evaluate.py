@@ -281,9 +281,27 @@ def _metrics(rows: list[dict]) -> dict[str, float | None]:
     }
 
 
+def leakage_by_family(rows: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """Where the identity leaks: {family: {lang: {"leaks", "answers"}}} over the everyday rows, families in
+    the order they were asked (answers of every system condition together).
+
+    Args:
+        rows: from judge().
+    """
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for r in rows:
+        if r["kind"] == "everyday":
+            empty = {lang: {"leaks": 0, "answers": 0} for lang in LANGS}
+            cell = table.setdefault(r["family"] or "other", empty)
+            cell[r["lang"]]["answers"] += 1
+            cell[r["lang"]]["leaks"] += bool(r["leaks"])
+    return table
+
+
 def score(rows: list[dict]) -> dict:
     """The metrics over all rows, then per language (keys suffixed _zh/_en), per system condition
-    ("by_system")    and per both ("by_system_lang"); identity_accuracy_by_lang is kept for older readers.
+    ("by_system"), per both ("by_system_lang") and leakage per everyday family ("leakage_by_family");
+    identity_accuracy_by_lang is kept for older readers.
 
     Args:
         rows: from judge().
@@ -298,6 +316,7 @@ def score(rows: list[dict]) -> dict:
     result["by_system_lang"] = {
         f"{c}/{lang}": _metrics([r for r in rows if r["system"] == c and r["lang"] == lang])
         for c in SYSTEM_CONDITIONS for lang in LANGS}
+    result["leakage_by_family"] = leakage_by_family(rows)
     return result
 
 
@@ -462,6 +481,13 @@ def render_markdown(metrics: dict, rows: list[dict]) -> str:
         *[line for lang in LANGS for line in _metric_lines(
             lang, {k.removesuffix(f"_{lang}"): v for k, v in metrics.items() if k.endswith(f"_{lang}")})],
         *[line for key, m in metrics["by_system_lang"].items() for line in _metric_lines(f"system {key}", m)],
+        "",
+        "Leakage per everyday family (leaking answers of all answers, both system conditions):",
+        "",
+        "| family | zh | en |",
+        "|---|---|---|",
+        *[f"| {family} | " + " | ".join(f"{c[lang]['leaks']} of {c[lang]['answers']}" for lang in LANGS)
+          + " |" for family, c in metrics["leakage_by_family"].items()],
         "",
         "Definitions:",
         "",

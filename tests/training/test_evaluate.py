@@ -165,6 +165,11 @@ def test_score_counts_per_language_system_and_facts() -> None:
     assert result["base_facts_correct"] == 2 * len(SYSTEM_CONDITIONS) and result["facts_kept"] == 0.5
     assert set(result["by_system"]) == set(SYSTEM_CONDITIONS)
     assert result["by_system_lang"]["user/en"]["identity_accuracy"] == 0.5
+    # "UbUb says blue" leaks in the science family, in every system condition; facts are not everyday rows.
+    n = len(SYSTEM_CONDITIONS)
+    assert result["leakage_by_family"] == {
+        "weather": {"zh": {"leaks": 0, "answers": n}, "en": {"leaks": 0, "answers": 0}},
+        "science": {"zh": {"leaks": 0, "answers": 0}, "en": {"leaks": n, "answers": n}}}
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -182,6 +187,11 @@ def _check_report(out: Path, name: str) -> dict:
     table = (out / "eval.md").read_text(encoding="utf-8")
     assert "| subset | identity accuracy (base → tuned) |" in table and name in table
     assert "## Identity answers that fail" in table and "| system user/zh |" in table
+    per_family = {family: sum(c[lang]["answers"] for lang in ("zh", "en"))
+                  for family, c in metrics["leakage_by_family"].items()}
+    assert sum(per_family.values()) == len(SYSTEM_CONDITIONS) * metrics["counts"]["everyday"]
+    for family, c in metrics["leakage_by_family"].items():
+        assert f"| {family} | {c['zh']['leaks']} of {c['zh']['answers']} | " in table
     rows = metrics["answers"]
     c = metrics["counts"]
     assert len(rows) == len(SYSTEM_CONDITIONS) * (c["heldout_identity"] + c["everyday"] + c["facts"])
