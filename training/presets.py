@@ -146,10 +146,13 @@ PRESETS = {
                    # ../shared/notes/smol-first-try.md). One conversation per sample, as the InternLM2.5
                    # config: packing cuts at every 256 tokens, so ~1 row in 3 was split and a packed sample
                    # could begin mid-answer (often an identity sentence with no question before it).
-                   # Batch 4 × 150 iterations: ~1 pass over the data. lr 2e-3 (LoRA only): the runs in the
-                   # README leaked less and kept more facts than at 1e-3 and 5e-4.
-                   sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 150, "lr": 2e-3,
-                                 "save_steps": 50, "evaluation_freq": 150,
+                   # Batch 4 × 225 iterations: ~1.5 passes over the data. Each trained on three orders of the
+                   # same rows (README), 150 iterations met the identity target in 1 order of 3, 225 and 300
+                   # in all 3, leaking less (6.1, 4.7, 4.6 % on average) with facts kept within the noise
+                   # (90.3, 87.1, 87.1 %). lr 2e-3 (LoRA only): the runs in the README leaked less and kept
+                   # more facts than at 1e-3 and 5e-4.
+                   sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 225, "lr": 2e-3,
+                                 "save_steps": 75, "evaluation_freq": 225,
                                  "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
                                  "modules_to_save": None},
                    pretrain_settings={"lora_r": 16, "lora_alpha": 32}),

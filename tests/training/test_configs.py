@@ -60,8 +60,8 @@ EXPECTED = {
     # A real pretrained model: plain LoRA, no trained output head (no parrot effect), one conversation per
     # sample in batches of 4.
     ("smol", "sft"): dict(
-        lr=2e-3, epochs=None, max_iters=150, max_length=256, accumulate=1, pack=False, targets=LLAMA_MODULES,
-        dtype="torch.float32", lora=(16, 32, 0.05), save_steps=50, evaluation_freq=150, batch=4),
+        lr=2e-3, epochs=None, max_iters=225, max_length=256, accumulate=1, pack=False, targets=LLAMA_MODULES,
+        dtype="torch.float32", lora=(16, 32, 0.05), save_steps=75, evaluation_freq=225, batch=4),
     ("smol", "pretrain"): dict(
         lr=2e-4, epochs=None, max_iters=60, max_length=256, accumulate=1, pack=True, targets=LLAMA_MODULES,
         dtype="torch.float32", lora=(16, 32, 0.1), save_steps=60, evaluation_freq=60),
@@ -126,7 +126,7 @@ def test_the_rendered_header_names_what_the_preset_and_the_run_replaced(tmp_path
         "modules_to_save; then by this run: lr, seed. "
         "This file is what ran."]
     settings = literal_settings(text)
-    assert (settings["lr"], settings["seed"], settings["lora_r"], settings["max_iters"]) == (5e-4, 7, 16, 150)
+    assert (settings["lr"], settings["seed"], settings["lora_r"], settings["max_iters"]) == (5e-4, 7, 16, 225)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
