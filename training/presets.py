@@ -148,8 +148,8 @@ PRESETS = {
                    # could begin mid-answer (often an identity sentence with no question before it).
                    # Batch 4 × 225 iterations: ~1.5 passes over the data. Each trained on three orders of the
                    # same rows (README), 150 iterations met the identity target in 1 order of 3, 225 and 300
-                   # in all 3, leaking less (6.1, 4.7, 4.6 % on average) with facts kept within the noise
-                   # (90.3, 87.1, 87.1 %). lr 2e-3 (LoRA only): the runs in the README leaked less and kept
+                   # in all 3, leaking less (6.1, 5.3, 4.6 % on average) with facts kept within the noise
+                   # (90.3, 86.0, 87.1 %). lr 2e-3 (LoRA only): the runs in the README leaked less and kept
                    # more facts than at 1e-3 and 5e-4.
                    sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 225, "lr": 2e-3,
                                  "save_steps": 75, "evaluation_freq": 225,
