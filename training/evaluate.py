@@ -20,7 +20,8 @@
 #   whitespace-normalised text, 1.0 = identical); general_exact_match: share answered identically.
 # - facts_kept: of the fact questions the base answers correctly (an accepted answer appears), the share the
 #   model still answers correctly.
-# Each comes overall, per language (…_zh, …_en) and per system condition.
+# Each comes overall, per language (…_zh, …_en) and per system condition; leakage also per everyday family
+# (leakage_by_family: where the identity leaks).
 from __future__ import annotations
 
 import argparse
@@ -482,7 +483,7 @@ def render_markdown(metrics: dict, rows: list[dict]) -> str:
             lang, {k.removesuffix(f"_{lang}"): v for k, v in metrics.items() if k.endswith(f"_{lang}")})],
         *[line for key, m in metrics["by_system_lang"].items() for line in _metric_lines(f"system {key}", m)],
         "",
-        "Leakage per everyday family (leaking answers of all answers, both system conditions):",
+        "Leakage per everyday family (leaking answers of all answers, every system condition together):",
         "",
         "| family | zh | en |",
         "|---|---|---|",
