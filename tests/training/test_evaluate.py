@@ -187,9 +187,8 @@ def _check_report(out: Path, name: str) -> dict:
     table = (out / "eval.md").read_text(encoding="utf-8")
     assert "| subset | identity accuracy (base → tuned) |" in table and name in table
     assert "## Identity answers that fail" in table and "| system user/zh |" in table
-    per_family = {family: sum(c[lang]["answers"] for lang in ("zh", "en"))
-                  for family, c in metrics["leakage_by_family"].items()}
-    assert sum(per_family.values()) == len(SYSTEM_CONDITIONS) * metrics["counts"]["everyday"]
+    answered = sum(c[lang]["answers"] for c in metrics["leakage_by_family"].values() for lang in ("zh", "en"))
+    assert answered == len(SYSTEM_CONDITIONS) * metrics["counts"]["everyday"]
     for family, c in metrics["leakage_by_family"].items():
         assert f"| {family} | {c['zh']['leaks']} of {c['zh']['answers']} | " in table
     rows = metrics["answers"]
