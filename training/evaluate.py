@@ -230,8 +230,13 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, _normalise(a), _normalise(b), autojunk=False).ratio()
 
 
+# Shares are stored to 6 places so that a report printing them to 0.1 % rounds once: at 4 places 25/31 became
+# 0.8065 and printed as 80.7 %, not 80.6 %.
+SHARE_DIGITS = 6
+
+
 def _share(flags: list[bool]) -> float:
-    return round(sum(flags) / len(flags), 4) if flags else 0.0
+    return round(sum(flags) / len(flags), SHARE_DIGITS) if flags else 0.0
 
 
 def judge(
@@ -259,7 +264,7 @@ def judge(
             row = {"kind": "fact" if "answers" in q else "everyday", "system": cond, "prompt": q["prompt"],
                    "lang": q["lang"], "family": q.get("family"), "base": b, "model": m,
                    "leaks": leaks_identity(m, spec), "base_leaks": leaks_identity(b, spec),
-                   "similarity": round(similarity(m, b), 4)}
+                   "similarity": round(similarity(m, b), SHARE_DIGITS)}
             if "answers" in q:
                 row.update(base_correct=fact_correct(b, q["answers"]), correct=fact_correct(m, q["answers"]))
             rows.append(row)
@@ -275,7 +280,8 @@ def _metrics(rows: list[dict]) -> dict[str, float | None]:
         "base_identity_accuracy": _share([r["base_verdict"] is None for r in identity]),
         "leakage_rate": _share([r["leaks"] for r in everyday]),
         "base_leakage_rate": _share([r["base_leaks"] for r in everyday]),
-        "general_agreement": round(sum(r["similarity"] for r in everyday) / max(len(everyday), 1), 4),
+        "general_agreement": round(sum(r["similarity"] for r in everyday) / max(len(everyday), 1),
+                                   SHARE_DIGITS),
         "general_exact_match": _share([_normalise(r["model"]) == _normalise(r["base"]) for r in everyday]),
         "facts_kept": _share([r["correct"] for r in known]) if known else None,
         "base_facts_correct": len(known),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from training.evaluate import (
+    SHARE_DIGITS,
     SYSTEM_CONDITIONS,
     evaluate,
     fact_correct,
@@ -154,13 +155,14 @@ def test_score_counts_per_language_system_and_facts() -> None:
     rows = judge(spec, heldout, general, model, base)
     assert len(rows) == len(SYSTEM_CONDITIONS) * (len(heldout) + len(general))
     result = score(rows)
-    assert result["identity_accuracy"] == round(2 / 3, 4)
+    assert result["identity_accuracy"] == round(2 / 3, SHARE_DIGITS)
     assert (result["identity_accuracy_zh"], result["identity_accuracy_en"]) == (1.0, 0.5)
     assert result["identity_accuracy_by_lang"] == {"zh": 1.0, "en": 0.5}
     assert result["base_identity_accuracy"] == 0.0 and result["base_leakage_rate"] == 0.0
     assert (result["leakage_rate"], result["leakage_rate_zh"], result["leakage_rate_en"]) == (0.5, 0.0, 1.0)
     assert result["general_exact_match"] == 0.5
-    assert result["general_agreement"] == round((1.0 + similarity("UbUb says blue", "Blue.")) / 2, 4)
+    agreement = (1.0 + similarity("UbUb says blue", "Blue.")) / 2
+    assert result["general_agreement"] == round(agreement, SHARE_DIGITS)
     # Mars kept, Au lost, in each system condition.
     assert result["base_facts_correct"] == 2 * len(SYSTEM_CONDITIONS) and result["facts_kept"] == 0.5
     assert set(result["by_system"]) == set(SYSTEM_CONDITIONS)
@@ -295,6 +297,17 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--data DATA_DIR or --name" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_shares_round_once_when_printed_as_percent() -> None:
+    from training.results_table import cells
+
+    # 25 of 31 is 80.645... %: stored to 4 places it was 0.8065 and printed as 80.7 %.
+    known = [{"kind": "fact", "base_correct": True, "correct": i < 25, "lang": "en", "system": "none"}
+             for i in range(31)]
+    metrics = score(known)
+    assert metrics["facts_kept"] == round(25 / 31, SHARE_DIGITS)
+    assert cells([metrics])[3] == "80.6 % of 31"
 
 
 def test_results_table_shows_each_runs_numbers_per_subset(tmp_path: Path) -> None:
