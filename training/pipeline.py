@@ -1,5 +1,5 @@
 # The training pipeline: one command from a name to a merged, evaluated (and optionally published) assistant.
-#   bash training/run.sh --name NAME [--preset internlm2_5-1_8b|tiny] [--base SOURCE] [--work-dir DIR]
+#   bash training/run.sh --name NAME [--preset internlm2_5-1_8b|smol|tiny] [--base SOURCE] [--work-dir DIR]
 #       [--corpus DIR] [--recipe identity|seed] [--publish TARGET] [--from STAGE] [--max-iters N | --epochs N]
 # run.sh makes sure .venv-train exists, sets PYTHONPATH and runs `python -m training.pipeline "$@"`;
 # `--help` lists every option. Modules (imports run one way, top to bottom): pipeline.py (plan, execute,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command: a name in, a merged, evaluated (optionally published) assistant out.
-#   bash training/run.sh --name NAME [--preset internlm2_5-1_8b|tiny] [--base SOURCE] [--work-dir DIR]
+#   bash training/run.sh --name NAME [--preset internlm2_5-1_8b|smol|tiny] [--base SOURCE] [--work-dir DIR]
 #       [--corpus DIR] [--recipe identity|seed] [--publish TARGET] [--from STAGE] [--max-iters N] ...
 #   bash training/run.sh --help      # every option
 # Works from any directory. Creates .venv-train on first use (training/make_train_env.sh), then runs
