@@ -137,25 +137,22 @@ def _is_built(target: Path, key: str) -> bool:
     return isinstance(record, dict) and record.get("key") == key
 
 
-def prune_old_builds(cache_root: Path, slug: str, keep: Path) -> list[Path]:
+def prune_old_builds(cache_root: Path, slug: str, keep: Path) -> None:
     """Delete the other builds of the same assistant (``demo-<slug>-*`` dirs with a build record, i.e. an
     earlier adapter of that name), so that retraining the demo adapter does not leave ~0.5 GB per version
-    behind; returns what was deleted. Dirs of other names and dirs without our record are left alone.
+    behind. Dirs of other names and dirs without our record are left alone.
 
     Args:
         cache_root: the model cache.
         slug: the assistant's name as it appears in the dir names.
         keep: the build just made.
     """
-    removed = []
     for old in Path(cache_root).glob(f"demo-{slug}-*"):
         # exactly demo-<slug>-<key>: "demo-ubub-*" also matches the builds of an assistant named "UbUb Two"
         ours = re.fullmatch(rf"demo-{re.escape(slug)}-[0-9a-f]{{{KEY_HEX_DIGITS}}}", old.name)
         if ours and old != keep and old.is_dir() and (old / BUILD_FILE).is_file():
             shutil.rmtree(old, ignore_errors=True)
-            removed.append(old)
             log.info("demo model: removed the earlier build %s", old)
-    return removed
 
 
 def cached_demo_model(cache_root: Path, adapter_dir: Path = DEMO_ADAPTER_DIR,
