@@ -298,8 +298,10 @@ def leakage_by_family(rows: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
     table: dict[str, dict[str, dict[str, int]]] = {}
     for r in rows:
         if r["kind"] == "everyday":
-            empty = {lang: {"leaks": 0, "answers": 0} for lang in LANGS}
-            cell = table.setdefault(r["family"] or "other", empty)
+            family = r["family"] or "other"
+            if family not in table:
+                table[family] = {lang: {"leaks": 0, "answers": 0} for lang in LANGS}
+            cell = table[family]
             cell[r["lang"]]["answers"] += 1
             cell[r["lang"]]["leaks"] += bool(r["leaks"])
     return table
