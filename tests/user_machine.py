@@ -1,17 +1,52 @@
 """A user's machine as the env tests see it: `resolve` a requirements file the way pip does there (no
 workplace config), read the chosen wheels' contents without downloading them whole (`remote_wheel`), and put
-fake system commands (`fake_command`: python3.10, nvidia-smi) in front of the env scripts' checks."""
+fake system commands (`fake_command`: python3.10, nvidia-smi) in front of the env scripts' checks.
 
+Only metadata and a few byte ranges cross the network (a few MB, not the GBs of CUDA wheels), and each
+network step is tried `ATTEMPTS` times: an index that drops a connection must not fail CI. A resolution
+that truly fails fails every attempt and is reported."""
+
+import http.client
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+ATTEMPTS = 3
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+class PipFailed(Exception):
+    """pip exited non-zero; the message is the end of its stderr."""
+
+
+def with_retries(step: Callable[[], T], what: str) -> T:
+    """`step()`, tried again after a pause when the network (or pip) fails it, at most ATTEMPTS times in all.
+
+    Args:
+        step: the network step.
+        what: what it fetches, for the error after the last attempt.
+    """
+    for attempt in range(1, ATTEMPTS):
+        try:
+            return step()
+        except (*NETWORK_ERRORS, PipFailed):
+            time.sleep(5 * attempt)
+    try:
+        return step()
+    except (*NETWORK_ERRORS, PipFailed) as error:
+        raise AssertionError(f"{what}: {ATTEMPTS} attempts failed, the last with:\n{error}") from error
 
 
 @dataclass(frozen=True)
@@ -34,10 +69,19 @@ def resolve(requirements: Path, report: Path) -> dict[str, Resolved]:
     # /etc/xdg/pip config: a workplace may cap torch there or point it at local CPU wheels; a user has
     # neither. The resolver then answers for this Python on this platform, as `pip install -r` would there.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    # fast-deps reads each wheel's METADATA over HTTP ranges where the index serves no PEP 658 metadata file;
+    # else pip downloads every wheel whole: GBs for torch and its CUDA libraries, and one dropped connection
+    # fails the run.
     cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--quiet",
-           "--disable-pip-version-check", "--report", str(report), "-r", str(requirements)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+           "--use-feature=fast-deps", "--disable-pip-version-check", "--report", str(report),
+           "-r", str(requirements)]
+
+    def run_pip() -> None:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+        if result.returncode != 0:
+            raise PipFailed(result.stderr[-3000:])
+
+    with_retries(run_pip, f"resolving {requirements}")
     return {canonical(item["metadata"]["name"]): Resolved(item["metadata"]["version"],
                                                           tuple(item["metadata"].get("requires_dist", [])),
                                                           item["download_info"]["url"])
@@ -75,8 +119,11 @@ class _RangeFile(io.RawIOBase):
 
     def __init__(self, url: str) -> None:
         self.url, self.pos = url, 0
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as r:
-            self.size = int(r.headers["Content-Length"])
+        self.size = with_retries(self._size, f"HEAD {url}")
+
+    def _size(self) -> int:
+        with urllib.request.urlopen(urllib.request.Request(self.url, method="HEAD"), timeout=60) as r:
+            return int(r.headers["Content-Length"])
 
     def seekable(self) -> bool:
         return True
@@ -95,11 +142,17 @@ class _RangeFile(io.RawIOBase):
         end = self.size if n < 0 else min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{end - 1}"})
+        data = with_retries(lambda: self._range(self.pos, end), f"bytes {self.pos}-{end - 1} of {self.url}")
+        self.pos += len(data)
+        return data
+
+    def _range(self, start: int, end: int) -> bytes:
+        request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end - 1}"})
         with urllib.request.urlopen(request, timeout=120) as r:
             assert r.status == 206, f"{self.url} ignores HTTP Range requests (status {r.status})"
             data = r.read()
-        self.pos += len(data)
+        if len(data) != end - start:  # a dropped connection can end a body early without an error
+            raise http.client.IncompleteRead(data, end - start - len(data))
         return data
 
 
