@@ -69,11 +69,14 @@ def resolve(requirements: Path, report: Path) -> dict[str, Resolved]:
     # /etc/xdg/pip config: a workplace may cap torch there or point it at local CPU wheels; a user has
     # neither. The resolver then answers for this Python on this platform, as `pip install -r` would there.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    pip = [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check"]
     # fast-deps reads each wheel's METADATA over HTTP ranges where the index serves no PEP 658 metadata file;
     # else pip downloads every wheel whole: GBs for torch and its CUDA libraries, and one dropped connection
-    # fails the run.
-    cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--quiet",
-           "--use-feature=fast-deps", "--disable-pip-version-check", "--report", str(report),
+    # fails the run. An experimental feature: used while this pip still has it.
+    fast_deps = ["--use-feature=fast-deps"]
+    if subprocess.run([*pip, *fast_deps, "--help"], capture_output=True, timeout=60).returncode != 0:
+        fast_deps = []
+    cmd = [*pip, *fast_deps, "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
            "-r", str(requirements)]
 
     def run_pip() -> None:
