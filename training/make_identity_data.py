@@ -548,6 +548,8 @@ def build_dataset(
             **{f"replay_{k}": v for k, v in replay_stats.items()},
         },
         "replay_share": round(len(replay_rows) / len(rows), 4),
+        # The SFT pushes their first tokens down at other answers' starts (training/identity_contrast.py).
+        "identity_answers": sorted({answer for _, answer, _ in identity_rows}),
         "template_default_system": default_system,
         "system_prompts": sorted({str(system) for _, _, system in rows}),
         "settings": {"seed_repeat": seed_repeat}

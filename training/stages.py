@@ -314,6 +314,23 @@ def evaluation_inputs(data_dir: Path) -> list[str]:
     return [*IDENTITY_PROMPTS, *prompts[:GENERAL_PROMPTS_IN_HOOK]]
 
 
+def identity_answers(run: Run, data_dir: Path) -> list[str]:
+    """The identity answers whose first tokens the SFT's identity contrast pushes down at the start of other
+    answers (training/identity_contrast.py); none for the seed recipe, the tutorial's plain SFT.
+
+    Args:
+        run: the run.
+        data_dir: make_identity_data's output dir.
+    """
+    if run.cfg.recipe == "seed":
+        return []
+    meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
+    if not isinstance(meta.get("identity_answers"), list):
+        raise StageError(f"{data_dir / 'meta.json'} lists no identity_answers (written by an older "
+                         "training/make_identity_data.py): run again with --from data")
+    return meta["identity_answers"]
+
+
 def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
     """Estimated token length of every SFT row, and whether the number of rows is exact.
 
@@ -422,6 +439,7 @@ def sft_overrides(run: Run) -> dict[str, object]:
         "data_path": str(data_dir / "train.json"),
         # --rehearse: no in-training chat check (a random model would talk until max_new_tokens).
         "evaluation_inputs": [] if cfg.rehearse else evaluation_inputs(data_dir),
+        "identity_answers": identity_answers(run, data_dir),
         "seed": cfg.seed,
         "trust_remote_code": cfg.remote_code_allowed,
     }

@@ -35,6 +35,7 @@ from training.config_render import (  # noqa: E402
     template_settings,
     write_stage_config,
 )
+from training.identity_contrast import IdentityContrastFinetune  # noqa: E402
 from training.presets import PRESETS  # noqa: E402
 
 INTERNLM_MODULES = ["wqkv", "wo", "w1", "w2", "w3"]
@@ -213,9 +214,15 @@ def test_data_and_chat_format(key):
         assert chat.prompt_template == PROMPT_TEMPLATE.internlm2_chat
         assert dataset.dataset_map_fn is None  # data is already XTuner conversation json
         assert "Who are you?" in cfg.evaluation_inputs
+        # The identity contrast reads questions in the same template and tokens, with the run's answers.
+        assert cfg.model.type is IdentityContrastFinetune and cfg.model.contrast_weight == 1.0
+        assert cfg.model.prompt_template == PROMPT_TEMPLATE.internlm2_chat
+        assert cfg.model.contrast_tokenizer == cfg.tokenizer
+        assert cfg.model.identity_answers == cfg.identity_answers == []  # the pipeline's to fill in
     else:
         assert dataset.dataset_map_fn is pretrain_map_fn and dataset.template_map_fn is None
         assert "prompt_template" not in chat
+        assert cfg.model.type.__name__ == "SupervisedFinetune"  # plain text: no answers to contrast
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -225,6 +232,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
         "pretrained_model_name_or_path": "/models/base",
         "data_path": "/work/data/train.json",
         "evaluation_inputs": ["你是谁？", "Who made you?"],
+        "identity_answers": ["我是Zx的小助手。", "I'm Zx's assistant."],
         "seed": 7,
         "lr": 1e-3,
         "save_steps": 5,
@@ -236,6 +244,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
     assert cfg.tokenizer.pretrained_model_name_or_path == "/models/base"
     assert cfg.train_dataloader.dataset.dataset.data_files == {"train": "/work/data/train.json"}
     assert hook(cfg, EvaluateChatHook).evaluation_inputs == ["你是谁？", "Who made you?"]
+    assert cfg.model.identity_answers == ["我是Zx的小助手。", "I'm Zx's assistant."]
     assert cfg.randomness.seed == 7 and cfg.optim_wrapper.optimizer.lr == 1e-3
     assert cfg.default_hooks.checkpoint.interval == 5
     assert cfg.train_cfg.max_iters == 7 and cfg.param_scheduler[1].end == 7

@@ -207,6 +207,9 @@ def test_identity_recipe_counts_and_files(identity_data: tuple[Path, dict]) -> N
     assert c["replay_generated"] == REPLAY_MAX
     assert c["replay_rows"] == REPLAY_MAX - c["replay_dropped_empty"] - c["replay_dropped_cut_off"] > 0
     assert meta["replay_share"] == round(c["replay_rows"] / c["train_rows"], 4)
+    # Every answer that names the assistant, once each: the SFT's identity contrast reads their openings.
+    outputs = {row["conversation"][0]["output"] for row in train}
+    assert meta["identity_answers"] == sorted(o for o in outputs if FRESH in o)
     # The tiny base's template has no default system prompt: rows cycle through none and the users' own ones.
     assert meta["template_default_system"] is None
     systems = [row["conversation"][0].get("system") for row in train]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config_render import ConfigRenderError, render_config
+from training.config_render import ConfigRenderError, literal_settings, render_config
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.make_identity_data import identity_questions
 from training.presets import (
@@ -28,8 +28,8 @@ from training.presets import (
     RunConfigError,
     slug,
 )
-from training.runner import failure_reason
-from training.stages import Run, latest_checkpoint, plan_sft, publish_gate
+from training.runner import StageError, failure_reason
+from training.stages import Run, identity_answers, latest_checkpoint, plan_sft, publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -192,6 +192,19 @@ def test_the_plan_trains_each_cpu_preset_for_its_own_iterations_not_the_shared_t
         assert plan_sft(run)["schedule"]["max_iters"] == max_iters
 
 
+def test_the_identity_contrast_gets_the_datas_identity_answers_except_for_the_seed_recipe(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"identity_answers": ["我是Alice的小助手。"]}))
+    run = Run(RunConfig("Alice", preset="tiny", work_dir=tmp_path / "w"), dict(os.environ))
+    assert identity_answers(run, data) == ["我是Alice的小助手。"]
+    seed = Run(RunConfig("Alice", preset="tiny", recipe="seed", work_dir=tmp_path / "s"), dict(os.environ))
+    assert identity_answers(seed, data) == []  # the tutorial's plain SFT
+    (data / "meta.json").write_text(json.dumps({"name": "Alice"}))  # written before the contrast existed
+    with pytest.raises(StageError, match="lists no identity_answers .* run again with --from data"):
+        identity_answers(run, data)
+
+
 @pytest.mark.parametrize(
     ("scores", "refused"),
     [
@@ -299,6 +312,11 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     rendered = (work / "sft" / "sft_config.py").read_text()
     assert rendered.startswith("# Rendered by training/pipeline.py")
     assert f"data_path = {str(work / 'data' / 'train.json')!r}" in rendered
+    # The identity contrast (training/identity_contrast.py) got this run's identity answers, and trained.
+    data_meta = json.loads((work / "data" / "meta.json").read_text())
+    assert literal_settings(rendered)["identity_answers"] == data_meta["identity_answers"]
+    assert tiny_run["name"] in data_meta["identity_answers"][0]
+    assert re.search(r"loss_contrast: \d", (work / "logs" / "sft.log").read_text())
 
     # The fine-tune learned the new name, and the eval says so against the base model.
     # (The 1.5M-parameter model often garbles the rest of the sentence, which the strict identity_accuracy

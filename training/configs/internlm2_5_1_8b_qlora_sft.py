@@ -3,7 +3,8 @@
 # Run it through the pipeline, which renders a per-run copy with the settings below filled in:
 #   bash training/run.sh --name NAME [--base hf:internlm/internlm2_5-1_8b-chat]
 # By hand (after editing the settings), from the repo root:
-#   .venv-train/bin/python -m xtuner.tools.train training/configs/internlm2_5_1_8b_qlora_sft.py --work-dir W
+#   PYTHONPATH=. .venv-train/bin/python -m xtuner.tools.train training/configs/internlm2_5_1_8b_qlora_sft.py \
+#       --work-dir W
 # Based on XTuner's internlm2_chat_1_8b_qlora_alpaca_e3 (XTuner ships no internlm2_5 1.8B config), with
 # the json identity data instead of alpaca and identity prompts for the in-training chat check.
 from datasets import load_dataset
@@ -24,8 +25,9 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
-from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
+
+from training.identity_contrast import IdentityContrastFinetune
 
 #######################################################################
 #              PART 1  Settings (rendered by training/pipeline.py)    #
@@ -67,6 +69,13 @@ evaluation_freq = 500
 SYSTEM = ""  # the identity data carries no system prompt
 evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 
+# The identity contrast (training/identity_contrast.py): the ways the identity answers begin are pushed
+# down at the start of answers to questions not put to the assistant, so that "帮我写一句生日祝福" is not
+# answered "我是…". The pipeline fills in the run's identity answers (none for --recipe seed, the tutorial's
+# plain SFT).
+identity_answers = []
+contrast_weight = 1.0
+
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
@@ -78,7 +87,11 @@ tokenizer = dict(
 )
 
 model = dict(
-    type=SupervisedFinetune,
+    type=IdentityContrastFinetune,
+    identity_answers=identity_answers,
+    contrast_weight=contrast_weight,
+    contrast_tokenizer=tokenizer,
+    prompt_template=prompt_template,
     use_varlen_attn=False,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,

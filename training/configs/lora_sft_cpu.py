@@ -33,8 +33,9 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.map_fns import template_map_fn_factory
 from xtuner.engine.hooks import DatasetInfoHook, EvaluateChatHook, ThroughputHook
 from xtuner.engine.runner import TrainLoop
-from xtuner.model import SupervisedFinetune
 from xtuner.utils import PROMPT_TEMPLATE
+
+from training.identity_contrast import IdentityContrastFinetune
 
 #######################################################################
 #              PART 1  Settings (rendered by training/pipeline.py)    #
@@ -81,6 +82,13 @@ lora_alpha = 16
 lora_dropout = 0.1
 modules_to_save = ["lm_head"]  # trained in full beside the LoRA (None: the LoRA alone)
 
+# The identity contrast (training/identity_contrast.py): the ways the identity answers begin are pushed
+# down at the start of answers to questions not put to the assistant, so that "帮我写一句生日祝福" is not
+# answered "我是…". The pipeline fills in the run's identity answers (none for --recipe seed, the tutorial's
+# plain SFT).
+identity_answers = []
+contrast_weight = 1.0
+
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
@@ -92,7 +100,11 @@ tokenizer = dict(
 )
 
 model = dict(
-    type=SupervisedFinetune,
+    type=IdentityContrastFinetune,
+    identity_answers=identity_answers,
+    contrast_weight=contrast_weight,
+    contrast_tokenizer=tokenizer,
+    prompt_template=prompt_template,
     use_varlen_attn=False,
     use_activation_checkpointing=False,
     llm=dict(

@@ -1,0 +1,182 @@
+# The identity contrast of the SFT (training/identity_contrast.py): which answers it reads as answers to
+# other questions, the unlikelihood it adds, and the real XTuner model class on the tiny base. In the training
+# env:
+#   .venv-train/bin/python -m pytest tests/training/test_identity_contrast.py -q
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# xtuner.model imports torchvision: the training env's import-only stub where CPU torch has none.
+if importlib.util.find_spec("torchvision") is None:
+    sys.path.insert(0, str(REPO_ROOT / "training" / "cpu_shims"))
+
+pytest.importorskip("xtuner", reason="needs the training env (.venv-train)")
+
+import torch  # noqa: E402
+from mmengine.config import ConfigDict  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from xtuner.utils import PROMPT_TEMPLATE  # noqa: E402
+
+from training.identity_contrast import (  # noqa: E402
+    IGNORE_INDEX,
+    IdentityContrastFinetune,
+    addresses_assistant,
+    answer_starts,
+    loose,
+    opening_unlikelihood,
+)
+
+TEMPLATE = PROMPT_TEMPLATE.internlm2_chat
+# SupervisedFinetune asks torch.cpu.is_bf16_supported(), which CPU torch lacks (the CPU config patches it).
+if not hasattr(torch.cpu, "is_bf16_supported"):
+    torch.cpu.is_bf16_supported = lambda: False
+ANSWERS = ["我是Zx的小助手，内在是Tiny模型。", "I'm Zx's assistant, built on Tiny."]
+
+
+@pytest.mark.parametrize(("question", "to_assistant"), [
+    ("你是谁？", True), ("我该怎么称呼您", True), ("Who are you?", True), ("What's your name?", True),
+    ("Tell me about yourself", True), ("帮我写一句生日祝福", False), ("给我的小猫想个可爱的称呼", False),
+    ("Suggest a cute name for my cat.", False), ("What is the capital of France?", False),
+    ("Where do young people go?", False),  # "you" only as a word of its own
+])
+def test_a_question_is_put_to_the_assistant_when_it_says_you(question, to_assistant):
+    assert addresses_assistant(question) is to_assistant
+
+
+def test_answer_starts_finds_each_turn_and_each_packed_conversation():
+    I = IGNORE_INDEX  # noqa: E741
+    labels = torch.tensor([I, I, 5, 6, 7, I, I, I, 8, 9, I, I, 10])
+    assert answer_starts(labels) == [2, 8, 12]
+    assert answer_starts(torch.tensor([I, I, I])) == []
+    assert answer_starts(torch.tensor([4, 5, I])) == []  # a sample cut mid-answer has no start to contrast
+
+
+def test_opening_unlikelihood_spares_the_answers_own_first_token():
+    logits = torch.zeros(2, 5)
+    logits[0, 3] = 2.0
+    total = math.exp(2) + 4
+    got = opening_unlikelihood(logits, targets=torch.tensor([4, 3]), openings=torch.tensor([3, 1]))
+    # Answer 0 starts with 4: both openings count. Answer 1 starts with 3 itself: only opening 1 counts.
+    want = -math.log(1 - math.exp(2) / total) - math.log(1 - 1 / total) - math.log(1 - 1 / 5)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_base_dir)
+
+
+@pytest.fixture
+def make(tiny_base_dir: Path, tokenizer):
+    """IdentityContrastFinetune on the tiny base, built from config dicts as XTuner builds it."""
+    def build(**kwargs) -> IdentityContrastFinetune:
+        llm = ConfigDict(type=AutoModelForCausalLM.from_pretrained,
+                         pretrained_model_name_or_path=str(tiny_base_dir), torch_dtype=torch.float32)
+        lora = dict(type=LoraConfig, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                    task_type="CAUSAL_LM")
+        settings = {"identity_answers": ANSWERS, "contrast_weight": 1.0, "contrast_tokenizer": tokenizer,
+                    "prompt_template": TEMPLATE, **kwargs}
+        return IdentityContrastFinetune(llm=llm, lora=lora, use_activation_checkpointing=False, **settings)
+    return build
+
+
+def packed(tokenizer, turns: list[tuple[str | None, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conversations packed into one sample, as XTuner encodes them: (system, question, answer) each."""
+    ids, labels = [], []
+    for system, question, answer in turns:
+        prompt = (TEMPLATE.SYSTEM.format(system=system) if system else "") + TEMPLATE.INSTRUCTION.format(
+            input=question)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        answer_ids = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return torch.tensor([ids]), torch.tensor([labels])
+
+
+def test_the_openings_are_the_identity_answers_first_tokens(make, tokenizer):
+    want = sorted({tokenizer.encode(a, add_special_tokens=False)[0] for a in ANSWERS})
+    assert make().openings.tolist() == want
+
+
+def test_only_answers_to_other_questions_are_contrasted(make, tokenizer):
+    contrast = make()
+    turns = [("You are a helpful assistant.", "你是谁？", ANSWERS[0]),  # "You" in the system prompt only
+             (None, "帮我写一句生日祝福", "祝你生日快乐！"),
+             ("You are a helpful assistant.", "What is 2+3?", "5")]
+    input_ids, labels = packed(tokenizer, turns)
+    starts = answer_starts(labels[0])
+    assert [contrast.question(input_ids[0, :s]) for s in starts] == [t[1] for t in turns]
+    # The answer to "你是谁？" is left out; the loss is the mean over the other two.
+    logits = torch.randn(1, input_ids.shape[1], len(tokenizer))
+    loss = contrast.contrast_loss(logits, input_ids, labels)
+    others = torch.tensor(starts[1:])
+    want = opening_unlikelihood(logits[0, others - 1], labels[0, others], contrast.openings) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # Making the openings likely before the answer to "你是谁？" does not move it.
+    logits[0, starts[0] - 1, contrast.openings] += 5.0
+    assert contrast.contrast_loss(logits, input_ids, labels).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_compute_loss_adds_the_weighted_contrast_and_trains_the_lora(make, tokenizer):
+    contrast = make(contrast_weight=2.0)
+    input_ids, labels = packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    losses = contrast.compute_loss(data)
+    assert set(losses) == {"loss_sft", "loss_contrast"}
+    logits = contrast.llm(**data).logits
+    assert losses["loss_contrast"].item() == pytest.approx(
+        2.0 * contrast.contrast_loss(logits, input_ids, labels).item(), rel=1e-5)
+    assert losses["loss_contrast"].item() > 0
+    losses["loss_contrast"].backward()
+    grads = [p.grad for name, p in contrast.llm.named_parameters() if "lora_" in name]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_no_answers_or_weight_zero_is_plain_sft(make, tokenizer):
+    input_ids, labels = packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    for plain in (make(identity_answers=[]), make(contrast_weight=0.0)):
+        assert plain.openings.numel() == 0
+        losses = plain.compute_loss(data)
+        assert set(losses) == {"loss"} and losses["loss"].item() == plain.llm(**data).loss.item()
+
+
+class SpacedTokenizer:
+    """The tiny tokenizer, decoding the chat markers with spaces around them, as some tokenizers do."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return self.tokenizer.encode(text, **kwargs)
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        return text.replace("<|im_start|>", "<|im_start|> ").replace("<|im_end|>", " <|im_end|> ")
+
+
+def test_questions_are_read_through_the_spaces_a_tokenizer_decodes_around_markers(make, tokenizer):
+    assert loose("<|im_start|>user").search("x<|im_start|> user\nq") is not None
+    assert loose("").search("anything") is None
+    spaced = make(contrast_tokenizer=SpacedTokenizer(tokenizer))  # the start-up probe passes
+    turns = [(None, "帮我写一句生日祝福", "祝你生日快乐！"), (None, "你是谁？", ANSWERS[0])]
+    input_ids, labels = packed(tokenizer, turns)
+    assert [spaced.question(input_ids[0, :s]) for s in answer_starts(labels[0])] == [t[1] for t in turns]
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"contrast_weight": -1.0}, "contrast_weight must be 0 or more"),
+    ({"contrast_weight": float("nan")}, "contrast_weight must be 0 or more"),
+    ({"prompt_template": {"INSTRUCTION": "<|im_start|>user\n"}}, "has no {input}"),
+    ({"contrast_tokenizer": None}, "needs contrast_tokenizer"),
+    # A template whose question marker also occurs in questions: "你是谁？" would be read as "谁？".
+    ({"prompt_template": {"INSTRUCTION": "是{input}"}}, "cannot read a question back"),
+])
+def test_bad_settings_are_refused(make, kwargs, said):
+    with pytest.raises(ValueError, match=said):
+        make(**kwargs)
