@@ -1,4 +1,6 @@
 # Shared fixtures for the training tests; run with: python -m pytest tests/training -q
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,10 @@ import pytest
 from training.make_tiny_base import cached_tiny_base
 
 REPO = Path(__file__).resolve().parents[2]
+# XTuner's modules import torchvision at load: where CPU torch has none, the import-only stub that
+# training/run.sh also puts on PYTHONPATH.
+if importlib.util.find_spec("torchvision") is None:
+    sys.path.insert(0, str(REPO / "training" / "cpu_shims"))
 
 
 @pytest.fixture(scope="session")

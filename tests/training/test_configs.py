@@ -2,19 +2,12 @@
 # it promises; the pipeline's renderer changes them only where it should. Run in the training env:
 #   .venv-train/bin/python -m pytest tests/training/test_configs.py
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
-
-# Building a config's XTuner objects imports xtuner.dataset, which imports torchvision at module load: use the
-# same import-only stub that training/run.sh puts on PYTHONPATH when CPU torch has no torchvision.
-if importlib.util.find_spec("torchvision") is None:
-    sys.path.insert(0, str(REPO_ROOT / "training" / "cpu_shims"))
 
 pytest.importorskip("xtuner", reason="needs the training env (.venv-train)")
 

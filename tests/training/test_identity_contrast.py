@@ -2,17 +2,10 @@
 # other questions, the unlikelihood it adds, and the real XTuner model class on the tiny base. In the training
 # env:
 #   .venv-train/bin/python -m pytest tests/training/test_identity_contrast.py -q
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# xtuner.model imports torchvision: the training env's import-only stub where CPU torch has none.
-if importlib.util.find_spec("torchvision") is None:
-    sys.path.insert(0, str(REPO_ROOT / "training" / "cpu_shims"))
 
 pytest.importorskip("xtuner", reason="needs the training env (.venv-train)")
 

@@ -2,7 +2,6 @@
 # emulated, and every shipped config's schedulers built by mmengine at the lengths that used to crash.
 # Run in the training env:
 #   .venv-train/bin/python -m pytest tests/training/test_schedule.py
-import importlib.util
 import sys
 
 import pytest
@@ -44,8 +43,6 @@ def test_impossible_schedules_are_clear_errors():
 
 def test_packer_emulation_matches_xtuner():
     pytest.importorskip("xtuner", reason="needs the training env (.venv-train)")
-    if importlib.util.find_spec("torchvision") is None:
-        sys.path.insert(0, str(CONFIG_DIR.parent / "cpu_shims"))
     from datasets import Dataset
     from xtuner.dataset.utils import Packer
 
@@ -70,8 +67,6 @@ def test_every_config_warms_up_to_the_full_lr_then_decays(preset, max_iters):
     # than begin"); a fixed 10-iteration warm-up outlasts --max-iters 1..10; and mmengine's chained cosine
     # decays from whatever lr the warm-up left, which a plain LinearLR never brings to the full lr.
     pytest.importorskip("mmengine", reason="needs the training env (.venv-train)")
-    if importlib.util.find_spec("torchvision") is None:
-        sys.path.insert(0, str(CONFIG_DIR.parent / "cpu_shims"))
     import torch
     from mmengine.config import Config
     from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
