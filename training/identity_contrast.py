@@ -20,7 +20,8 @@ from xtuner.registry import BUILDER
 IGNORE_INDEX = -100  # XTuner's label for tokens that carry no loss (prompt, padding)
 # "you" in either language: a question put to the assistant, which may rightly be answered "我是… / I'm…".
 SECOND_PERSON = re.compile(r"你|您|\byou(?:rs?|rself)?\b", re.IGNORECASE)
-PROBE_QUESTION = "你是谁？"  # read back out of the template at start-up
+# Read back out of the template at start-up; no punctuation, which a tokenizer may normalise ("？" -> "?").
+PROBE_QUESTION = "你是谁"
 
 
 def loose(marker: str) -> re.Pattern[str]:
@@ -105,7 +106,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
             probe = self.tokenizer.encode(instruction.format(input=PROBE_QUESTION), add_special_tokens=False)
             if (found := self.question(torch.tensor(probe))) != PROBE_QUESTION:
                 raise ValueError(f"cannot read a question back out of this template and tokenizer: "
-                                 f"{PROBE_QUESTION!r} came back as {found!r}")
+                                 f"{PROBE_QUESTION!r} came back as {found!r}; contrast_weight = 0.0 in the "
+                                 "SFT config trains without the identity contrast")
         # Not saved with the adapter: a buffer only so that it moves to the model's device.
         self.register_buffer("openings", torch.tensor(openings, dtype=torch.long), persistent=False)
 

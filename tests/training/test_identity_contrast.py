@@ -140,7 +140,8 @@ def test_no_answers_or_weight_zero_is_plain_sft(make, tokenizer):
 
 
 class SpacedTokenizer:
-    """The tiny tokenizer, decoding the chat markers with spaces around them, as some tokenizers do."""
+    """The tiny tokenizer, decoding the chat markers with spaces around them: InternLM2's own tokenizer puts one
+    before every special token."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -150,7 +151,7 @@ class SpacedTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids)
-        return text.replace("<|im_start|>", "<|im_start|> ").replace("<|im_end|>", " <|im_end|> ")
+        return text.replace("<|im_start|>", " <|im_start|> ").replace("<|im_end|>", " <|im_end|> ")
 
 
 def test_questions_are_read_through_the_spaces_a_tokenizer_decodes_around_markers(make, tokenizer):
