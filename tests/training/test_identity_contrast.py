@@ -140,8 +140,8 @@ def test_no_answers_or_weight_zero_is_plain_sft(make, tokenizer):
 
 
 class SpacedTokenizer:
-    """The tiny tokenizer, decoding the chat markers with spaces around them: InternLM2's own tokenizer puts one
-    before every special token."""
+    """The tiny tokenizer, decoding the chat markers with spaces around them (InternLM2's own tokenizer puts
+    one before every special token)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
