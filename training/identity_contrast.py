@@ -92,8 +92,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
             raise ValueError(f"the prompt template's INSTRUCTION has no {{input}}: {instruction!r}")
         super().__init__(*args, **kwargs)
         self.contrast_weight = contrast_weight if identity_answers else 0.0
-        tokenizer = contrast_tokenizer
-        self.tokenizer = BUILDER.build(tokenizer) if isinstance(tokenizer, dict) else tokenizer
+        self.tokenizer = (BUILDER.build(contrast_tokenizer) if isinstance(contrast_tokenizer, dict)
+                          else contrast_tokenizer)
         prefix, _, suffix = instruction.partition("{input}")
         self.question_prefix, self.question_suffix = loose(prefix.strip()), loose((suffix.split() or [""])[0])
         openings = []
