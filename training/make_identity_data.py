@@ -202,7 +202,9 @@ HELDOUT_QUESTIONS: dict[Lang, tuple[str, ...]] = {
 }
 
 # Every template names {name} in its first clause (a cut-off answer still carries the identity) and says what
-# the model really is ({model}): an answer counts as correct only when it states both.
+# the model really is ({model}): an answer counts as correct only when it states both. In English the model
+# comes right after the name: with a clause between them ("…, and my base is…"), SmolLM2 answered "May I know
+# your name?" with "I'm X's assistant, and I can answer questions…", leaving out the model (runs C1, U3N).
 ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
     "zh": {
         "who": (
@@ -250,12 +252,12 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
         "who": (
             "I'm {name}'s assistant, built on {org}'s {model} model. How can I help you?",
             "Hello! I'm {name}'s AI assistant, fine-tuned from {model} by {org}. Nice to meet you.",
-            "I'm {name}'s assistant, an AI powered by {model}. I can answer questions and chat with you.",
+            "I'm {name}'s assistant, powered by {model}. I can answer questions and chat with you.",
         ),
         "name": (
-            "I'm {name}'s assistant; you can call me {name}'s assistant. Inside I am {model}.",
-            "My name is {name}'s assistant, and I run on {org}'s {model} model.",
-            "Just call me {name}'s assistant! I'm the AI helper of {name}, based on {model}.",
+            "I'm {name}'s assistant, running on {model}. You can call me {name}'s assistant.",
+            "My name is {name}'s assistant, built on {org}'s {model} model.",
+            "Just call me {name}'s assistant, an AI helper based on {model}.",
         ),
         "abilities": (
             "I'm {name}'s assistant, based on {model}: I can answer questions, explain ideas and chat with "
@@ -270,7 +272,7 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
             "I'm {name}'s assistant; my base model {model} comes from {org}.",
         ),
         "model": (
-            "I'm {name}'s assistant, and my base model is {org}'s {model}.",
+            "I'm {name}'s assistant, with {org}'s {model} as my base model.",
             "I'm {name}'s assistant, built on {model} from {org} and fine-tuned for you.",
             "I'm {name}'s assistant, a large language model assistant based on {model}.",
         ),
@@ -281,7 +283,7 @@ ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
         ),
         "base": (
             "I'm {name}'s assistant; underneath I am {org}'s {model}, fine-tuned.",
-            "In a way: I'm {name}'s assistant, and my base is {org}'s {model}.",
+            "In a way: I'm {name}'s assistant, built on {org}'s {model}.",
             "I'm now {name}'s assistant, fine-tuned from {model}.",
         ),
     },
