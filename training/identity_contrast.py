@@ -6,13 +6,7 @@
 # rows pins only their own first token; this term lowers the identity's openings there directly (README,
 # runs U1-U3). Questions put to the assistant ("你…", "…you…") are left out: there "我是…" is the right
 # start, and lowering it there too cost 10 of 24 Chinese identity answers (run U1).
-# A second term (base_kl_weight) keeps every answer that is not an identity answer close to the base model
-# token by token: KL(base || tuned) over the whole vocabulary, the base being the same network with the LoRA
-# switched off (no second copy in memory). Cross-entropy on the base's own replayed answers pins only the
-# sampled token; a small model still drifted on questions it never saw ("The largest ocean on Earth is the
-# ocean of the ocean", runs D, C1, U3N).
-"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions, and KL to
-the base on those answers."""
+"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions."""
 
 from __future__ import annotations
 
@@ -60,27 +54,6 @@ def answer_starts(labels: torch.Tensor) -> list[int]:
     return [int(t) for t in torch.nonzero(scored[1:] & ~scored[:-1]).flatten() + 1]
 
 
-def answer_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each answer in one row, as answer_starts, up to the next token without a label.
-
-    Args:
-        labels: one row's labels, (length,).
-    """
-    unscored = torch.nonzero(labels == IGNORE_INDEX).flatten().tolist() + [len(labels)]
-    return [(start, next(u for u in unscored if u > start)) for start in answer_starts(labels)]
-
-
-def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(base || tuned) between next-token distributions.
-
-    Args:
-        logits: the tuned model's logits, (positions, vocab).
-        base_logits: the base model's logits at the same positions, (positions, vocab).
-    """
-    tuned, base = torch.log_softmax(logits.float(), -1), torch.log_softmax(base_logits.float(), -1)
-    return (base.exp() * (base - tuned)).sum(-1).mean()
-
-
 def opening_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, openings: torch.Tensor) -> torch.Tensor:
     """Sum over answers of -log(1 - p(opening)), for each opening token that is not the answer's own first.
 
@@ -97,14 +70,11 @@ def opening_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, openings: 
 
 class IdentityContrastFinetune(SupervisedFinetune):
     """XTuner's SupervisedFinetune whose loss adds `contrast_weight` times the mean opening_unlikelihood over
-    the answers to questions that are not put to the assistant, and `base_kl_weight` times kl_to_base over
-    the tokens of every answer that is not an identity answer.
+    the answers to questions that are not put to the assistant.
 
     Args:
         identity_answers: the identity answers of the training data; their first tokens are the openings.
-        contrast_weight: weight of the opening term; 0: none.
-        base_kl_weight: weight of the KL term (needs the LoRA: switched off, it gives the base); 0: none.
-            No identity answers (the seed recipe) turns both terms off: plain SupervisedFinetune.
+        contrast_weight: weight of the term; 0 (or no identity answers) gives plain SupervisedFinetune.
         contrast_tokenizer: the config's tokenizer (a config dict or a tokenizer): finds the openings and
             reads the questions. Not SupervisedFinetune's `tokenizer`, which would also resize the embeddings.
         prompt_template: the config's XTuner prompt template; its INSTRUCTION ("...{input}...") shows where
@@ -113,29 +83,23 @@ class IdentityContrastFinetune(SupervisedFinetune):
     """
 
     def __init__(self, *args, identity_answers: Sequence[str] = (), contrast_weight: float = 0.0,
-                 base_kl_weight: float = 0.0, contrast_tokenizer: object = None,
-                 prompt_template: Mapping[str, str] | None = None, **kwargs) -> None:
-        for key, weight in (("contrast_weight", contrast_weight), ("base_kl_weight", base_kl_weight)):
-            if not weight >= 0:
-                raise ValueError(f"{key} must be 0 or more, got {weight}")
+                 contrast_tokenizer: object = None, prompt_template: Mapping[str, str] | None = None,
+                 **kwargs) -> None:
+        if not contrast_weight >= 0:
+            raise ValueError(f"contrast_weight must be 0 or more, got {contrast_weight}")
         instruction = (prompt_template or {}).get("INSTRUCTION", "{input}")
         if "{input}" not in instruction:
             raise ValueError(f"the prompt template's INSTRUCTION has no {{input}}: {instruction!r}")
         super().__init__(*args, **kwargs)
-        self.identity_answers = tuple(a for a in identity_answers if a)
-        self.contrast_weight = contrast_weight if self.identity_answers else 0.0
-        self.base_kl_weight = base_kl_weight if self.identity_answers else 0.0
-        if self.base_kl_weight and not self.use_lora:
-            raise ValueError("base_kl_weight needs a LoRA: the base is the model with its LoRA switched off")
+        self.contrast_weight = contrast_weight if identity_answers else 0.0
         self.tokenizer = (BUILDER.build(contrast_tokenizer) if isinstance(contrast_tokenizer, dict)
                           else contrast_tokenizer)
-        if (self.contrast_weight or self.base_kl_weight) and self.tokenizer is None:
-            raise ValueError("contrast_weight and base_kl_weight need contrast_tokenizer (finds openings, "
-                             "reads questions, tells identity answers from others)")
         prefix, _, suffix = instruction.partition("{input}")
         self.question_prefix, self.question_suffix = loose(prefix.strip()), loose((suffix.split() or [""])[0])
         openings = []
         if self.contrast_weight:
+            if self.tokenizer is None:
+                raise ValueError("contrast_weight needs contrast_tokenizer (finds openings, reads questions)")
             openings = sorted({self.tokenizer.encode(a, add_special_tokens=False)[0]
                                for a in identity_answers if a})
             # Unread questions would make every answer look like one to another question.
@@ -174,47 +138,10 @@ class IdentityContrastFinetune(SupervisedFinetune):
         loss = opening_unlikelihood(logits[rows, starts - 1], labels[rows, starts], self.openings)
         return loss / len(picked)
 
-    def is_identity_answer(self, tokens: torch.Tensor) -> bool:
-        """Whether an answer's tokens are one of the identity answers (the end-of-turn token aside).
-
-        Args:
-            tokens: the answer's label tokens.
-        """
-        text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
-        return text.startswith(self.identity_answers)
-
-    def base_kl_loss(self, logits: torch.Tensor, data: dict) -> torch.Tensor:
-        """Mean kl_to_base over the tokens of the batch's answers that are not identity answers (0: none).
-
-        Args:
-            logits: the model's logits, (batch, length, vocab).
-            data: the batch as the model takes it (input_ids, labels, ...).
-        """
-        labels = data["labels"]
-        picked = [(row, t - 1) for row in range(labels.shape[0]) for start, end in answer_spans(labels[row])
-                  if not self.is_identity_answer(labels[row, start:end]) for t in range(start, end)]
-        if not picked:
-            return logits.sum() * 0.0
-        # The base reads only the rows that have such answers (about a third of the rows are identity rows).
-        needed = sorted({row for row, _ in picked})
-        batch = labels.shape[0]
-        inputs = {k: v[needed] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
-                  for k, v in data.items() if k != "labels"}
-        with torch.no_grad(), self.llm.disable_adapter():
-            base_logits = self.llm(**inputs).logits
-        rows, positions = (torch.tensor(x, device=logits.device) for x in zip(*picked, strict=True))
-        base_rows = torch.tensor([needed.index(row) for row, _ in picked], device=logits.device)
-        return kl_to_base(logits[rows, positions], base_logits[base_rows, positions])
-
     def compute_loss(self, data: dict, data_samples: object = None) -> dict[str, torch.Tensor]:
-        if not (self.contrast_weight or self.base_kl_weight):
+        if not self.contrast_weight:
             return super().compute_loss(data, data_samples)
         outputs = self.llm(**data)
+        contrast = self.contrast_loss(outputs.logits, data["input_ids"], data["labels"])
         # mmengine sums every entry whose key contains "loss" and logs each one.
-        losses = {"loss_sft": outputs.loss}
-        if self.contrast_weight:
-            contrast = self.contrast_loss(outputs.logits, data["input_ids"], data["labels"])
-            losses["loss_contrast"] = self.contrast_weight * contrast
-        if self.base_kl_weight:
-            losses["loss_base_kl"] = self.base_kl_weight * self.base_kl_loss(outputs.logits, data)
-        return losses
+        return {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast}

@@ -209,7 +209,6 @@ def test_data_and_chat_format(key):
         assert "Who are you?" in cfg.evaluation_inputs
         # The identity contrast reads questions in the same template and tokens, with the run's answers.
         assert cfg.model.type is IdentityContrastFinetune and cfg.model.contrast_weight == 1.0
-        assert cfg.model.base_kl_weight == cfg.base_kl_weight == 1.0
         assert cfg.model.prompt_template == PROMPT_TEMPLATE.internlm2_chat
         assert cfg.model.contrast_tokenizer == cfg.tokenizer
         assert cfg.model.identity_answers == cfg.identity_answers == []  # the pipeline's to fill in

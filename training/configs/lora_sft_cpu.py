@@ -88,9 +88,6 @@ modules_to_save = ["lm_head"]  # trained in full beside the LoRA (None: the LoRA
 # plain SFT).
 identity_answers = []
 contrast_weight = 1.0
-# Every other answer is kept close to the base model's (KL to the same network with its LoRA off), so
-# that the replayed answers hold the base's whole distribution, not only its sampled tokens.
-base_kl_weight = 1.0
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -106,7 +103,6 @@ model = dict(
     type=IdentityContrastFinetune,
     identity_answers=identity_answers,
     contrast_weight=contrast_weight,
-    base_kl_weight=base_kl_weight,
     contrast_tokenizer=tokenizer,
     prompt_template=prompt_template,
     use_varlen_attn=False,
