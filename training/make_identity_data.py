@@ -202,9 +202,10 @@ HELDOUT_QUESTIONS: dict[Lang, tuple[str, ...]] = {
 }
 
 # Every template names {name} in its first clause (a cut-off answer still carries the identity) and says what
-# the model really is ({model}): an answer counts as correct only when it states both. In English the model
-# comes right after the name: with a clause between them ("…, and my base is…"), SmolLM2 answered "May I know
-# your name?" with "I'm X's assistant, and I can answer questions…", leaving out the model (runs C1, U3N).
+# the model really is ({model}): an answer counts as correct only when it states both. In English the clause
+# after the name says the model: with another clause between them ("…, and my base is…"), SmolLM2
+# answered "May I know your name?" with "I'm X's assistant, and I can answer questions…", leaving out the
+# model (runs C1, U3N).
 ANSWER_TEMPLATES: dict[Lang, dict[str, tuple[str, ...]]] = {
     "zh": {
         "who": (

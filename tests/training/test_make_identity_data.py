@@ -17,6 +17,7 @@ from training.general_chat import everyday_prompts, fact_questions, replay_promp
 from training.generate import generate, load_chat_model
 from training.identity import IdentityError, IdentitySpec
 from training.make_identity_data import (
+    ANSWER_TEMPLATES,
     SEED_REPEAT,
     DataError,
     build_dataset,
@@ -116,6 +117,13 @@ def test_identity_answers_name_the_identity_in_the_question_language() -> None:
             assert CJK.search(answer) and "Model-A" not in answer and "Lab-B" not in answer
         else:
             assert answer.isascii(), answer
+
+
+@pytest.mark.parametrize("template", [t for ts in ANSWER_TEMPLATES["en"].values() for t in ts])
+def test_english_answers_say_the_model_in_the_clause_after_the_name(template: str) -> None:
+    # SmolLM2 left out the model when another clause came first ("I'm X's assistant, and I can…", run C1).
+    between = template[template.index("{name}"):template.index("{model}")]
+    assert not re.search(r"[.!?]|\band\b", between), between
 
 
 def test_seed_recipe_reproduces_the_tutorial(tmp_path: Path) -> None:
