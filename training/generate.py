@@ -1,6 +1,8 @@
 # Greedy batched chat generation with a model dir's own chat template (used for replay data and evaluation).
 # Run from the repo root, e.g.:
 #   python -m training.generate --model work/merged --prompt "你是谁？" --prompt "What is 2 plus 3?"
+#   python -m training.generate --model work/merged --prompt "What is the largest ocean on Earth?" \
+#       --after "The largest ocean on Earth is the"        # the most likely next tokens there, not an answer
 # Works in .venv-train (transformers 4.48) and .venv (transformers 5.x). A model that ships its own Python
 # code (real InternLM2 dirs) loads only with TRUST_REMOTE_CODE=1 (training/run.sh sets it for a trusted base).
 # Greedy decoding makes answers reproducible, so base-vs-fine-tune comparisons are fair.
@@ -170,6 +172,29 @@ def generate(
     return [r for r in results if r is not None]
 
 
+def next_token_probs(
+    chat: ChatModel, prompt: str, prefix: str, top: int = 5, system: str | None = None
+) -> list[tuple[str, float]]:
+    """The `top` most likely next tokens and their probabilities once the answer has begun with `prefix`: how
+    close a greedy answer was to going another way.
+
+    Args:
+        chat: a model loaded with load_chat_model.
+        prompt: the user's message.
+        prefix: the start of the answer ("" for its first token).
+        top: how many tokens to list.
+        system: optional system message.
+    """
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    text = render_prompt(chat.tokenizer, prompt, system) + prefix
+    enc = chat.tokenizer(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    with torch.inference_mode():
+        logits = chat.model(**enc.to(chat.model.device)).logits[0, -1]
+    values, indices = torch.topk(torch.softmax(logits.float(), -1), top)
+    return [(chat.tokenizer.decode([i]), v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
 def generate_answers(
     model_dir: str | Path,
     prompts: list[str],
@@ -196,8 +221,15 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--after", default=None,
+                        help="list the most likely next tokens after this start of the answer instead")
     args = parser.parse_args()
     chat = load_chat_model(args.model)
+    if args.after is not None:
+        for prompt in args.prompt:
+            ranked = next_token_probs(chat, prompt, args.after, system=args.system)
+            print(f"> {prompt}\n{args.after!r} -> " + ", ".join(f"{t!r} {p:.3f}" for t, p in ranked))
+        return
     start = time.perf_counter()
     gens = generate(chat, args.prompt, args.max_new_tokens, args.system)
     seconds = time.perf_counter() - start

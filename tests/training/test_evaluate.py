@@ -34,7 +34,14 @@ from training.general_chat import (
     fact_questions,
     general_pairs,
 )
-from training.generate import ChatModel, generate, generate_answers, load_chat_model, render_prompt
+from training.generate import (
+    ChatModel,
+    generate,
+    generate_answers,
+    load_chat_model,
+    next_token_probs,
+    render_prompt,
+)
 from training.identity import IdentitySpec
 from training.make_identity_data import DataError, build_dataset, heldout_prompts
 
@@ -76,6 +83,21 @@ def test_batched_generation_matches_one_by_one_and_keeps_order(base: ChatModel) 
 def test_cut_off_answers_are_marked_unfinished(base: ChatModel) -> None:
     (gen,) = generate(base, ["How do I stay healthy?"], max_new_tokens=2)
     assert not gen.finished and gen.new_tokens == 2
+
+
+def test_next_token_probs_rank_what_greedy_decoding_picks(base: ChatModel) -> None:
+    prompt = "What is the capital of Japan?"
+    (gen,) = generate(base, [prompt], max_new_tokens=12)
+    ranked = next_token_probs(base, prompt, "", top=4)
+    probs = [p for _, p in ranked]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert gen.text.startswith(ranked[0][0].strip())  # greedy takes the most likely token
+    # Midway through the answer, the next token greedy chose comes first again.
+    ids = base.tokenizer.encode(gen.text, add_special_tokens=False)
+    prefix, following = base.tokenizer.decode(ids[:3]), base.tokenizer.decode(ids[:4])
+    assert following.startswith(prefix + next_token_probs(base, prompt, prefix)[0][0])
+    with pytest.raises(ValueError, match="top must be at least 1"):
+        next_token_probs(base, prompt, "", top=0)
 
 
 def test_generate_answers_loads_a_model_dir(tiny_base_dir: Path) -> None:
