@@ -113,6 +113,24 @@ def render_prompt(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode(chat: ChatModel, texts: list[str]) -> transformers.BatchEncoding:
+    """Rendered prompts as one left-padded batch on the model's device.
+
+    Args:
+        chat: a model loaded with load_chat_model.
+        texts: prompts already rendered by render_prompt (and any start of the answer).
+    """
+    # The template already starts with bos; add_special_tokens=False keeps it from being doubled.
+    enc = chat.tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+        return_token_type_ids=False,  # some tokenizers emit them; causal LMs reject them in generate()
+    )
+    return enc.to(chat.model.device)
+
+
 def generate(
     chat: ChatModel,
     prompts: list[str],
@@ -149,15 +167,7 @@ def generate(
     stop = set(chat.stop_ids)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        # The template already starts with bos; add_special_tokens=False keeps it from being doubled.
-        enc = tok(
-            [texts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-            return_token_type_ids=False,  # some tokenizers emit them; causal LMs reject them in generate()
-        )
-        enc = enc.to(chat.model.device)
+        enc = encode(chat, [texts[i] for i in idx])
         with torch.inference_mode():
             out = chat.model.generate(**enc, generation_config=config)
         for row, i in enumerate(idx):
@@ -187,10 +197,9 @@ def next_token_probs(
     """
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
-    text = render_prompt(chat.tokenizer, prompt, system) + prefix
-    enc = chat.tokenizer(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    enc = encode(chat, [render_prompt(chat.tokenizer, prompt, system) + prefix])
     with torch.inference_mode():
-        logits = chat.model(**enc.to(chat.model.device)).logits[0, -1]
+        logits = chat.model(**enc).logits[0, -1]
     values, indices = torch.topk(torch.softmax(logits.float(), -1), top)
     return [(chat.tokenizer.decode([i]), v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
