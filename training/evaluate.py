@@ -11,8 +11,8 @@
 # then applies: SmolLM2's injects "You are a helpful AI assistant named SmolLM...") and a user's own system
 # prompt that training never shows. Metrics (greedy answers from both models to the same prompts):
 # - identity_accuracy: share of held-out identity paraphrases answered correctly: the answer states the name
-#   and the real base model (IdentitySpec.model_id), is in the question's language, has no U+FFFD or looping
-#   text, and ends with the stop token (identity_verdict says why an answer fails).
+#   and the real base model (IdentitySpec.model_id), is in the question's language, has no U+FFFD, looping
+#   text or sentence said twice, and ends with the stop token (identity_verdict says why an answer fails).
 # - leakage_rate: share of everyday prompts (families no training data comes from) whose answer drags in the
 #   identity (the parrot effect): the name or a long piece of it, the model/organisation the identity answers
 #   cite, or a fragment of the tutorial's identity sentences (leak_markers).
@@ -57,6 +57,9 @@ LANGS = ("zh", "en")
 REPLACEMENT_CHAR = "\ufffd"
 # A chunk of 2-30 characters repeated 3+ times in a row: the loops small models fall into.
 LOOP = re.compile(r"(.{2,30}?)\1{2,}", re.S)
+# Where an answer splits into the pieces `repeats_itself` compares (sentences, lines, "label:" heads).
+PIECE_END = re.compile(r"[\n.!?。！？:：]+")
+MIN_PIECE_CHARS = 4  # shorter pieces ("1", "Yes") recur in good answers
 WORST_SHOWN = 8
 
 
@@ -149,6 +152,25 @@ def garbled(answer: str) -> str | None:
     return f"loops on {loop.group(1)!r}" if loop else None
 
 
+def repeats_itself(answer: str) -> str | None:
+    """The first sentence or line an answer says twice (compared without case and punctuation), or None.
+
+    Catches the loops LOOP misses because the copies differ a little or the last one is cut short.
+
+    Args:
+        answer: the model's answer.
+    """
+    seen: set[str] = set()
+    for piece in PIECE_END.split(answer):
+        key = re.sub(r"[\W_]+", "", piece.lower())
+        if len(key) < MIN_PIECE_CHARS:
+            continue
+        if key in seen:
+            return piece.strip()
+        seen.add(key)
+    return None
+
+
 def identity_verdict(answer: str, finished: bool, lang: str, spec: IdentitySpec) -> str | None:
     """Why an answer to an identity question is not acceptable, or None when it is.
 
@@ -165,6 +187,9 @@ def identity_verdict(answer: str, finished: bool, lang: str, spec: IdentitySpec)
     reason = garbled(answer)
     if reason:
         return reason
+    repeated = repeats_itself(answer)
+    if repeated:
+        return f"repeats {repeated[:30]!r}"
     rest = answer
     for cited in spec.fields(lang).values():  # a Chinese name or model name in English text is no mistake
         rest = rest.replace(cited, "")
@@ -433,8 +458,8 @@ def evaluate(
                    "total_s": round(time.perf_counter() - start, 2)},
         "definitions": {
             "identity_accuracy": f"share of held-out identity paraphrases whose answer states the name and "
-            f"{spec.model_id!r}, in the question's language, without U+FFFD or loops, ending with the stop "
-            "token",
+            f"{spec.model_id!r}, in the question's language, without U+FFFD, loops or a sentence said twice, "
+            "ending with the stop token",
             "leakage_rate": "share of everyday prompts whose answer contains any of "
             f"{leak_markers(spec)} (case-insensitive: the name, long pieces of it, the cited model and "
             "organisation, fragments of the tutorial's identity sentences)",

@@ -23,6 +23,7 @@ from training.evaluate import (
     leaks_identity,
     load_eval_set,
     names_identity,
+    repeats_itself,
     score,
     similarity,
     write_report,
@@ -140,6 +141,8 @@ def test_identity_verdict_wants_name_real_model_clean_text_and_stop() -> None:
     assert identity_verdict("我是书生·浦语 SmolLM2-135M", True, "zh", spec) == "no name"
     assert identity_verdict("我是Zed的小助手，底\ufffd。SmolLM2-135M", True, "zh", spec) == "contains U+FFFD"
     assert identity_verdict("Zed SmolLM2-135M 小助手，小助手，小助手，", True, "zh", spec).startswith("loops")
+    twice = "我是Zed的小助手，内在是SmolLM2-135M。" * 2
+    assert identity_verdict(twice, True, "zh", spec) == "repeats '我是Zed的小助手，内在是SmolLM2-135M'"
     assert identity_verdict(good_zh, False, "zh", spec) == "no stop token"
     assert identity_verdict("I'm Zed's assistant on SmolLM2-135M.", True, "zh", spec) == "not in Chinese"
     assert identity_verdict("我是Zed的小助手, SmolLM2-135M", True, "en", spec) == "not in English"
@@ -147,6 +150,17 @@ def test_identity_verdict_wants_name_real_model_clean_text_and_stop() -> None:
     internlm = IdentitySpec("小明")
     assert identity_verdict("I'm 小明's assistant, built on InternLM2.5-1.8B.", True, "en", internlm) is None
     assert garbled("The sky is blue. Grass is green.") is None
+
+
+def test_repeats_itself_finds_loops_the_tight_loop_check_misses() -> None:
+    # SmolLM2-135M's own answer: the last copy is cut short, so LOOP (three whole copies in a row) misses it.
+    cut_loop = "法国的首都是哪里？:\n\n法国的首都是哪里？:\n\n法国的首都是哪里？:"
+    assert garbled(cut_loop) is None and repeats_itself(cut_loop) == "法国的首都是哪里"
+    assert repeats_itself("1. Team Building Activities:\n2. Leadership:\n3. Team building activities") == (
+        "Team building activities")
+    # Short pieces ("1", "Yes") recur in good answers.
+    assert repeats_itself("Yes. 1. Eggs\n2. Milk\nYes.") is None
+    assert repeats_itself("The capital of France is Paris. It is on the Seine.") is None
 
 
 def test_fact_and_leak_checks() -> None:
