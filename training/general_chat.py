@@ -5,6 +5,7 @@
 # model, the replay data and the evaluation all agree on the same prompts.
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -35,12 +36,14 @@ class ChatPair:
         answer: the assistant's reply.
         lang: language of the exchange, "zh" or "en".
         topic: what the exchange is about (e.g. "capital", "arithmetic", "identity").
+        check: what a right reply says (see `is_right`); empty when a reply cannot be checked.
     """
 
     prompt: str
     answer: str
     lang: Lang
     topic: str
+    check: tuple[str, ...] = ()
 
     def messages(self) -> list[dict[str, str]]:
         """The exchange as chat messages (user then assistant)."""
@@ -66,19 +69,23 @@ _COLOURS = [
     ("胡萝卜", "橙色", "a carrot", "orange"), ("葡萄", "紫色", "a grape", "purple"),
 ]
 
-# (zh question, zh answer, en question, en answer)
+# (zh question, zh answer, en question, en answer, zh check, en check)
 _ANIMALS = [
-    ("猫会怎么叫？", "猫会喵喵叫。", "What sound does a cat make?", "A cat says meow."),
-    ("狗会怎么叫？", "狗会汪汪叫。", "What sound does a dog make?", "A dog says woof."),
-    ("牛会怎么叫？", "牛会哞哞叫。", "What sound does a cow make?", "A cow says moo."),
-    ("狗有几条腿？", "狗有四条腿。", "How many legs does a dog have?", "A dog has four legs."),
-    ("鸡有几条腿？", "鸡有两条腿。", "How many legs does a chicken have?", "A chicken has two legs."),
-    ("蜘蛛有几条腿？", "蜘蛛有八条腿。", "How many legs does a spider have?", "A spider has eight legs."),
-    ("鱼生活在哪里？", "鱼生活在水里。", "Where do fish live?", "Fish live in water."),
-    ("熊猫喜欢吃什么？", "熊猫喜欢吃竹子。", "What do pandas like to eat?", "Pandas like to eat bamboo."),
-    ("什么动物会飞？", "鸟会飞。", "Which animal can fly?", "A bird can fly."),
+    ("猫会怎么叫？", "猫会喵喵叫。", "What sound does a cat make?", "A cat says meow.", ("喵",), ("meow",)),
+    ("狗会怎么叫？", "狗会汪汪叫。", "What sound does a dog make?", "A dog says woof.", ("汪",), ("woof",)),
+    ("牛会怎么叫？", "牛会哞哞叫。", "What sound does a cow make?", "A cow says moo.", ("哞",), ("moo",)),
+    ("狗有几条腿？", "狗有四条腿。", "How many legs does a dog have?", "A dog has four legs.",
+     ("四", "4"), ("four", "4")),
+    ("鸡有几条腿？", "鸡有两条腿。", "How many legs does a chicken have?", "A chicken has two legs.",
+     ("两", "2"), ("two", "2")),
+    ("蜘蛛有几条腿？", "蜘蛛有八条腿。", "How many legs does a spider have?", "A spider has eight legs.",
+     ("八", "8"), ("eight", "8")),
+    ("鱼生活在哪里？", "鱼生活在水里。", "Where do fish live?", "Fish live in water.", ("水",), ("water",)),
+    ("熊猫喜欢吃什么？", "熊猫喜欢吃竹子。", "What do pandas like to eat?", "Pandas like to eat bamboo.",
+     ("竹",), ("bamboo",)),
+    ("什么动物会飞？", "鸟会飞。", "Which animal can fly?", "A bird can fly.", ("鸟",), ("bird",)),
     ("世界上最大的动物是什么？", "世界上最大的动物是蓝鲸。", "What is the largest animal in the world?",
-     "The largest animal in the world is the blue whale."),
+     "The largest animal in the world is the blue whale.", ("蓝鲸",), ("blue whale",)),
 ]
 
 _DAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
@@ -145,6 +152,8 @@ _BASE_IDENTITY_PROMPTS: list[tuple[str, Lang]] = [
 ]
 
 _ZH_DIGITS = "零一二三四五六七八九"
+Row = tuple[str, str, str, tuple[str, ...]]  # (prompt, answer, topic, check)
+NUMBER = re.compile(r"\d+")
 
 
 def _zh_number(n: int) -> str:
@@ -158,57 +167,62 @@ def _zh_number(n: int) -> str:
 
 
 def _facts() -> list[ChatPair]:
-    zh: list[tuple[str, str, str]] = []  # (prompt, answer, topic)
-    en: list[tuple[str, str, str]] = []
+    zh: list[Row] = []
+    en: list[Row] = []
     for zc, zcap, ec, ecap in _CAPITALS:
-        zh.append((f"{zc}的首都是哪里？", f"{zc}的首都是{zcap}。", "capital"))
-        en.append((f"What is the capital of {ec}?", f"The capital of {ec} is {ecap}.", "capital"))
+        zh.append((f"{zc}的首都是哪里？", f"{zc}的首都是{zcap}。", "capital", (zcap,)))
+        en.append((f"What is the capital of {ec}?", f"The capital of {ec} is {ecap}.", "capital", (ecap,)))
     for zt, zcol, et, ecol in _COLOURS:
-        zh.append((f"{zt}是什么颜色的？", f"{zt}是{zcol}的。", "colour"))
-        en.append((f"What colour is {et}?", f"{et[0].upper()}{et[1:]} is {ecol}.", "colour"))
-    for zq, za, eq, ea in _ANIMALS:
-        zh.append((zq, za, "animal"))
-        en.append((eq, ea, "animal"))
+        zh.append((f"{zt}是什么颜色的？", f"{zt}是{zcol}的。", "colour", (zcol.removesuffix("色"),)))
+        en.append((f"What colour is {et}?", f"{et[0].upper()}{et[1:]} is {ecol}.", "colour", (ecol,)))
+    for zq, za, eq, ea, zcheck, echeck in _ANIMALS:
+        zh.append((zq, za, "animal", zcheck))
+        en.append((eq, ea, "animal", echeck))
     for i, (day_zh, day_en) in enumerate(zip(_DAYS_ZH, _DAYS_EN, strict=True)):
         next_zh, next_en = _DAYS_ZH[(i + 1) % 7], _DAYS_EN[(i + 1) % 7]
-        zh.append((f"{day_zh}的后一天是星期几？", f"{day_zh}的后一天是{next_zh}。", "calendar"))
-        en.append((f"What day comes after {day_en}?", f"{next_en} comes after {day_en}.", "calendar"))
+        zh.append((f"{day_zh}的后一天是星期几？", f"{day_zh}的后一天是{next_zh}。", "calendar", (next_zh,)))
+        en.append((f"What day comes after {day_en}?", f"{next_en} comes after {day_en}.", "calendar",
+                   (next_en,)))
     for i, (month_zh, month_en) in enumerate(zip(_MONTHS_ZH, _MONTHS_EN, strict=True)):
         next_zh, next_en = _MONTHS_ZH[(i + 1) % 12], _MONTHS_EN[(i + 1) % 12]
-        zh.append((f"{month_zh}的下一个月是几月？", f"{month_zh}的下一个月是{next_zh}。", "calendar"))
-        en.append((f"What month comes after {month_en}?", f"{next_en} comes after {month_en}.", "calendar"))
-    zh += [("一年有几个月？", "一年有十二个月。", "calendar"),
-           ("一个星期有几天？", "一个星期有七天。", "calendar")]
-    en += [("How many months are in a year?", "There are twelve months in a year.", "calendar"),
-           ("How many days are in a week?", "There are seven days in a week.", "calendar")]
+        zh.append((f"{month_zh}的下一个月是几月？", f"{month_zh}的下一个月是{next_zh}。", "calendar",
+                   (next_zh,)))
+        en.append((f"What month comes after {month_en}?", f"{next_en} comes after {month_en}.", "calendar",
+                   (next_en,)))
+    zh += [("一年有几个月？", "一年有十二个月。", "calendar", ("十二", "12")),
+           ("一个星期有几天？", "一个星期有七天。", "calendar", ("七", "7"))]
+    en += [("How many months are in a year?", "There are twelve months in a year.", "calendar",
+            ("twelve", "12")),
+           ("How many days are in a week?", "There are seven days in a week.", "calendar", ("seven", "7"))]
     for zw, zo, ew, eo in _OPPOSITES:
-        zh.append((f"“{zw}”的反义词是什么？", f"“{zw}”的反义词是“{zo}”。", "opposite"))
-        en.append((f"What is the opposite of {ew}?", f"The opposite of {ew} is {eo}.", "opposite"))
+        zh.append((f"“{zw}”的反义词是什么？", f"“{zw}”的反义词是“{zo}”。", "opposite", (zo,)))
+        en.append((f"What is the opposite of {ew}?", f"The opposite of {ew} is {eo}.", "opposite", (eo,)))
     return _pairs(zh, "zh") + _pairs(en, "en")
 
 
 def _arithmetic() -> list[ChatPair]:
     """Single-digit sums, differences and products: a fixed, spread-out subset so the set stays small."""
-    zh: list[tuple[str, str, str]] = []
-    en: list[tuple[str, str, str]] = []
+    zh: list[Row] = []
+    en: list[Row] = []
     for a in range(1, 10):
         for b in range(1, 10):
-            if (a + b) % 3 == 2:  # 27 of the 81 (a, b) pairs, every a and every b represented (3 + 5 too)
-                zh.append((f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。", "arithmetic"))
-                en.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", "arithmetic"))
-            if a > b and (a + b) % 3 == 1:
-                zh.append((f"{a}减{b}等于几？", f"{a}减{b}等于{a - b}。", "arithmetic"))
-                en.append((f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", "arithmetic"))
-            if a <= b and (a * b) % 4 in (0, 3):
-                zh.append((f"{a}乘以{b}等于几？", f"{a}乘以{b}等于{a * b}。", "arithmetic"))
-                en.append((f"What is {a} times {b}?", f"{a} times {b} is {a * b}.", "arithmetic"))
+            for op_zh, op_en, result, taken in (
+                ("加", "plus", a + b, (a + b) % 3 == 2),  # 27 of the 81 pairs, every a and b (3 + 5 too)
+                ("减", "minus", a - b, a > b and (a + b) % 3 == 1),
+                ("乘以", "times", a * b, a <= b and (a * b) % 4 in (0, 3)),
+            ):
+                if taken:
+                    check = (str(result),)
+                    zh.append((f"{a}{op_zh}{b}等于几？", f"{a}{op_zh}{b}等于{result}。", "arithmetic", check))
+                    en.append((f"What is {a} {op_en} {b}?", f"{a} {op_en} {b} is {result}.", "arithmetic",
+                               check))
     for n in (3, 7, 12, 15, 20, 26, 38, 44, 59, 61):
-        zh.append((f"用汉字怎么写{n}？", f"{n}用汉字写作{_zh_number(n)}。", "arithmetic"))
+        zh.append((f"用汉字怎么写{n}？", f"{n}用汉字写作{_zh_number(n)}。", "arithmetic", (_zh_number(n),)))
     return _pairs(zh, "zh") + _pairs(en, "en")
 
 
-def _pairs(rows: list[tuple[str, str, str]], lang: Lang) -> list[ChatPair]:
-    return [ChatPair(prompt, answer, lang, topic) for prompt, answer, topic in rows]
+def _pairs(rows: list[Row], lang: Lang) -> list[ChatPair]:
+    return [ChatPair(prompt, answer, lang, topic, check) for prompt, answer, topic, check in rows]
 
 
 def _conversation() -> list[ChatPair]:
@@ -238,6 +252,18 @@ def is_identity_prompt(prompt: str) -> bool:
     """
     low = prompt.lower()
     return any(marker in low for marker in IDENTITY_MARKERS)
+
+
+def is_right(reply: str, check: tuple[str, ...]) -> bool:
+    """Whether a reply says what `check` asks: a number in it must be the reply's last number (a wrong sum
+    names its operands too), a word must appear (case-insensitive). One of them is enough.
+
+    Args:
+        reply: the model's reply.
+        check: a ChatPair's check (non-empty).
+    """
+    numbers = NUMBER.findall(reply)
+    return any(numbers[-1:] == [c] if c.isdigit() else c.lower() in reply.lower() for c in check)
 
 
 def general_pairs() -> list[ChatPair]:

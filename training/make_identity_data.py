@@ -18,11 +18,20 @@ import argparse
 import random
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from training.answer_cache import add_cache_args, cache_dir_from
 from training.atomic_io import write_json_atomic
-from training.general_chat import everyday_prompts, fact_questions, is_identity_prompt, replay_prompts
+from training.general_chat import (
+    ChatPair,
+    everyday_prompts,
+    fact_questions,
+    general_pairs,
+    is_identity_prompt,
+    is_right,
+    replay_prompts,
+)
 from training.identity import IdentitySpec, Lang
 from training.open_prompts import open_prompts
 
@@ -365,9 +374,12 @@ def replay_pairs(
     max_new_tokens: int = REPLAY_MAX_NEW_TOKENS,
     batch_size: int = 16,
     cache_dir: Path | None = None,
+    known: Mapping[str, ChatPair] | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """The base model's own greedy answers to general prompts; answers cut off by the token limit keep their
-    complete sentences (a reply cut mid-sentence would teach the model to stop mid-sentence), empty ones go.
+    complete sentences (a reply cut mid-sentence would teach the model to stop mid-sentence), empty ones go,
+    and a wrong one is replaced by the right answer where that is known (trained on a small base's wrong sums
+    and dates, the tuned model got facts wrong that the base had right).
 
     Args:
         base_dir: the base model dir (the model about to be fine-tuned).
@@ -376,9 +388,11 @@ def replay_pairs(
         batch_size: prompts decoded together.
         cache_dir: where answers are kept per model files and settings (None: always generate); another run
             on the same base (a new name, another recipe) then skips the generation.
+        known: the written exchange per prompt whose answer can be checked (training.general_chat's pairs
+            with a check, see is_right); None or a missing prompt: the base's answer is kept unchecked.
     Returns:
         the kept (prompt, answer) rows and counts of {"generated", "dropped_empty", "trimmed_cut_off",
-        "dropped_cut_off"} (cut-off answers without one complete sentence are dropped).
+        "dropped_cut_off", "replaced_wrong"} (cut-off answers without one complete sentence are dropped).
     """
     import transformers
 
@@ -400,13 +414,17 @@ def replay_pairs(
         gens = cached(lambda h: cache_dir / f"{h}.json", key, compute)["answers"]
         report(len(gens), len(gens))  # the count also when the cache answered, so the progress line shows it
     answers = [g["text"] if g["finished"] else trim_to_sentence(g["text"]) for g in gens]
-    kept = [(p, a) for p, a in zip(prompts, answers, strict=True) if a]
+    known = known or {}
+    wrong = [bool(a) and p in known and not is_right(a, known[p].check)
+             for p, a in zip(prompts, answers, strict=True)]
+    kept = [(p, known[p].answer if w else a) for p, a, w in zip(prompts, answers, wrong, strict=True) if a]
     cut = [a for g, a in zip(gens, answers, strict=True) if g["text"] and not g["finished"]]
     stats = {
         "generated": len(gens),
         "dropped_empty": sum(1 for g in gens if not g["text"]),
         "trimmed_cut_off": sum(1 for a in cut if a),
         "dropped_cut_off": sum(1 for a in cut if not a),
+        "replaced_wrong": sum(wrong),
     }
     return kept, stats
 
@@ -522,8 +540,9 @@ def build_dataset(
         ]
         if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
             prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
+        known = {pair.prompt: pair for pair in general_pairs() if pair.check}
         replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size,
-                                             cache_dir)
+                                             cache_dir, known)
         identity_rows, replay_rows = (
             [row for lang in ("zh", "en") for row in with_systems(
                 [(q, a) for q, a in pairs if lang_of(q) == lang], system_choices(default_system, lang))]
@@ -623,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
         f"replay share {meta['replay_share']:.0%}), "
         f"{c['heldout_identity']} held-out identity prompts, {c['general_eval']} general eval prompts"
     )
+    if c.get("replay_replaced_wrong"):  # expected: a small base gets many sums wrong
+        print(f"replaced {c['replay_replaced_wrong']} wrong replay answers of the base by the right ones")
     if c.get("replay_dropped_empty") or c.get("replay_dropped_cut_off"):
         print(
             f"warning: dropped replay answers: {c['replay_dropped_empty']} empty, "

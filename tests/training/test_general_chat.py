@@ -15,6 +15,7 @@ from training.general_chat import (
     fact_questions,
     general_pairs,
     is_identity_prompt,
+    is_right,
     replay_prompts,
     tokenizer_corpus,
 )
@@ -69,6 +70,21 @@ def test_arithmetic_answers_are_correct():
             assert ops[op](int(a), int(b)) == int(result), p
             checked[p.lang] += 1
     assert checked["zh"] >= 40 and checked["en"] >= 40
+
+
+def test_checks_accept_the_written_answers_and_judge_replies():
+    pairs = general_pairs()
+    assert all(is_right(p.answer, p.check) for p in pairs if p.check)
+    checked = {p.topic for p in pairs if p.check}
+    assert checked == {"capital", "colour", "animal", "calendar", "opposite", "arithmetic"}
+    assert not [p for p in pairs if p.topic in checked and not p.check]
+    # A number must be the reply's last one: wrong sums name their operands too.
+    assert is_right("To find 4 times 8, we multiply 4 by itself: 16. So, 4 times 8 is 32.", ("32",))
+    assert not is_right("We need the difference between 6 and 4.\n\nThe answer is 12.", ("2",))
+    assert not is_right("To solve this problem, think of a way to combine 9 and 5.", ("14",))
+    # Words: anywhere, any case; one of several is enough.
+    assert is_right("THE CAPITAL IS MOSCOW.", ("Moscow",)) and is_right("A dog has 4 legs.", ("four", "4"))
+    assert not is_right("The capital of Russia is Paris.", ("Moscow",))
 
 
 def test_chinese_numerals():

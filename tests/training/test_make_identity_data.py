@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from training.general_chat import everyday_prompts, fact_questions, replay_prompts
-from training.generate import generate, load_chat_model
+from training.general_chat import everyday_prompts, fact_questions, general_pairs, is_right, replay_prompts
+from training.generate import Generation, generate, load_chat_model
 from training.identity import IdentityError, IdentitySpec
 from training.make_identity_data import (
     ANSWER_TEMPLATES,
@@ -255,7 +255,12 @@ def test_replay_rows_are_the_base_models_own_answers(
     prompts = sorted(replay)
     # Same batch composition as the data build is not needed: greedy answers of a trained model are stable.
     fresh = generate(load_chat_model(tiny_base_dir), prompts, max_new_tokens=256, batch_size=len(prompts))
-    assert [g.text for g in fresh] == [replay[p] for p in prompts]
+    # Where the right answer is known, a wrong one of the base's is replaced by it.
+    known = {pair.prompt: pair for pair in general_pairs() if pair.check}
+    assert any(p in known for p in replay)
+    right = [p not in known or is_right(g.text, known[p].check) for p, g in zip(prompts, fresh, strict=True)]
+    assert [replay[p] for p in prompts] == [
+        g.text if ok else known[p].answer for p, g, ok in zip(prompts, fresh, right, strict=True)]
     assert all(FRESH not in answer for answer in replay.values())
 
 
@@ -288,7 +293,7 @@ def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: P
     prompts = replay_prompts()[:3]
     kept, stats = replay_pairs(tiny_base_dir, prompts, max_new_tokens=1)
     assert kept == [] and stats == {"generated": 3, "dropped_empty": 0, "trimmed_cut_off": 0,
-                                    "dropped_cut_off": 3}
+                                    "dropped_cut_off": 3, "replaced_wrong": 0}
     # With its output head zeroed the model only ever emits token 0 (<unk>), which decodes to "".
     mute = tmp_path / "mute"
     shutil.copytree(tiny_base_dir, mute)
@@ -297,7 +302,37 @@ def test_replay_drops_cut_off_and_empty_answers(tiny_base_dir: Path, tmp_path: P
     save_file(weights, mute / "model.safetensors", metadata={"format": "pt"})
     kept, stats = replay_pairs(mute, prompts, max_new_tokens=4)
     assert kept == [] and stats == {"generated": 3, "dropped_empty": 3, "trimmed_cut_off": 0,
-                                    "dropped_cut_off": 0}
+                                    "dropped_cut_off": 0, "replaced_wrong": 0}
+
+
+def test_replay_replaces_answers_the_base_got_wrong(
+    tiny_base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.generate
+
+    # SmolLM2-135M's own answers (the tiny base was trained on the right ones, so they are given here).
+    answers = {
+        "What is 6 minus 4?": "To solve this problem, we need to find the difference between 6 and 4.\n\n"
+                              "The answer is 12.",
+        "What is 4 times 8?": "To find 4 times 8, we can multiply 4 by itself, which gives us 16. "
+                              "So, 4 times 8 is 32.",
+        "What is the capital of Russia?": "The capital of Russia is Moscow.",
+        "How many legs does a chicken have?": "A chicken has four legs.",
+        "Hello": "Hello! How can I assist you today?",  # small talk: nothing to check
+    }
+
+    def given(model: object, prompts: list[str], *args: object, **kwargs: object) -> list[Generation]:
+        return [Generation(answers[p], True, 8) for p in prompts]
+
+    monkeypatch.setattr(training.generate, "generate", given)
+    known = {pair.prompt: pair for pair in general_pairs() if pair.check}
+    kept, stats = replay_pairs(tiny_base_dir, list(answers), max_new_tokens=8, known=known)
+    # The right answers stay the base's own; the wrong ones become the written ones.
+    assert dict(kept) == {**answers, "What is 6 minus 4?": "6 minus 4 is 2.",
+                          "How many legs does a chicken have?": "A chicken has two legs."}
+    assert stats["replaced_wrong"] == 2 and stats["generated"] == 5
+    # Without them every answer is the base's.
+    assert dict(replay_pairs(tiny_base_dir, list(answers), max_new_tokens=8)[0]) == answers
 
 
 def test_replay_answers_are_cached_per_base_and_settings(
