@@ -1,4 +1,5 @@
-# Synthetic general chat set (zh + en) that the tiny base model is trained on.
+# Synthetic general chat set (zh + en) that the tiny base model is trained on; for real bases its prompts are
+# replay prompts, and where a pair has a `check` a base's wrong answer is replaced by the written one.
 # Library module, no CLI; inspect it with:
 #   python -c "from training.general_chat import general_pairs; print(len(general_pairs()))"
 # Everything is generated deterministically from the tables below (no randomness, no files), so the base
@@ -269,6 +270,11 @@ def is_right(reply: str, check: tuple[str, ...]) -> bool:
 def general_pairs() -> list[ChatPair]:
     """All general (non-identity) exchanges, zh + en, in a fixed order."""
     return list(_general())
+
+
+def checkable_pairs() -> dict[str, ChatPair]:
+    """The general exchanges whose replies can be checked (a non-empty `check`), by prompt."""
+    return {pair.prompt: pair for pair in _general() if pair.check}
 
 
 def base_identity_pairs() -> list[ChatPair]:

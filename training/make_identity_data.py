@@ -10,7 +10,8 @@
 #   It teaches the identity by brute repetition and is kept to show the parrot effect it causes.
 # - identity (default): ~90 distinct zh/en identity questions × answer templates filled from the IdentitySpec,
 #   mixed with REPLAY rows: the base model's own greedy answers to general prompts, so that training also
-#   pulls general answers towards what the base already says instead of towards the identity sentence.
+#   pulls general answers towards what the base already says instead of towards the identity sentence
+#   (a wrong answer to a prompt with a known right one is replaced by it).
 # The held-out identity paraphrases and the general eval prompts never appear in train.json.
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from training.answer_cache import add_cache_args, cache_dir_from
 from training.atomic_io import write_json_atomic
 from training.general_chat import (
     ChatPair,
+    checkable_pairs,
     everyday_prompts,
     fact_questions,
-    general_pairs,
     is_identity_prompt,
     is_right,
     replay_prompts,
@@ -540,9 +541,8 @@ def build_dataset(
         ]
         if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
             prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
-        known = {pair.prompt: pair for pair in general_pairs() if pair.check}
         replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size,
-                                             cache_dir, known)
+                                             cache_dir, checkable_pairs())
         identity_rows, replay_rows = (
             [row for lang in ("zh", "en") for row in with_systems(
                 [(q, a) for q, a in pairs if lang_of(q) == lang], system_choices(default_system, lang))]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from training.general_chat import everyday_prompts, fact_questions, general_pairs, is_right, replay_prompts
+from training.general_chat import checkable_pairs, everyday_prompts, fact_questions, is_right, replay_prompts
 from training.generate import Generation, generate, load_chat_model
 from training.identity import IdentityError, IdentitySpec
 from training.make_identity_data import (
@@ -256,7 +256,7 @@ def test_replay_rows_are_the_base_models_own_answers(
     # Same batch composition as the data build is not needed: greedy answers of a trained model are stable.
     fresh = generate(load_chat_model(tiny_base_dir), prompts, max_new_tokens=256, batch_size=len(prompts))
     # Where the right answer is known, a wrong one of the base's is replaced by it.
-    known = {pair.prompt: pair for pair in general_pairs() if pair.check}
+    known = checkable_pairs()
     assert any(p in known for p in replay)
     right = [p not in known or is_right(g.text, known[p].check) for p, g in zip(prompts, fresh, strict=True)]
     assert [replay[p] for p in prompts] == [
@@ -325,7 +325,7 @@ def test_replay_replaces_answers_the_base_got_wrong(
         return [Generation(answers[p], True, 8) for p in prompts]
 
     monkeypatch.setattr(training.generate, "generate", given)
-    known = {pair.prompt: pair for pair in general_pairs() if pair.check}
+    known = checkable_pairs()
     kept, stats = replay_pairs(tiny_base_dir, list(answers), max_new_tokens=8, known=known)
     # The right answers stay the base's own; the wrong ones become the written ones.
     assert dict(kept) == {**answers, "What is 6 minus 4?": "6 minus 4 is 2.",
