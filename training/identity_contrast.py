@@ -6,7 +6,11 @@
 # rows pins only their own first token; this term lowers the identity's openings there directly (README,
 # runs U1-U3). Questions put to the assistant ("你…", "…you…") are left out: there "我是…" is the right
 # start, and lowering it there too cost 10 of 24 Chinese identity answers (run U1).
-"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions."""
+# A second term does the same for the tokens that begin the name and the cited model, at every position of
+# every answer that does not say them: leaks are mostly mid-sentence ("彩虹是由Tavi…", "美国第一任总统是
+# Tavi…"), after words the identity answers share ("是").
+"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions, and of
+the name's first tokens anywhere in answers that do not say it."""
 
 from __future__ import annotations
 
@@ -68,13 +72,38 @@ def opening_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, openings: 
     return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * other).sum()
 
 
+def marker_tokens(tokenizer: object, answers: Sequence[str], markers: Sequence[str]) -> list[int]:
+    """The tokens that begin a marker (the name, the cited model) where the answers say it, e.g. " T" after
+    "I'm" and "T" after "我是" for "Tavi". Not a lone space before it, nor byte pieces of a character (decoded
+    as U+FFFD), which begin many other words too.
+
+    Args:
+        tokenizer: the training tokenizer.
+        answers: the identity answers.
+        markers: the strings whose first tokens are wanted.
+    """
+    found = set()
+    for answer in answers:
+        if not any(m in answer for m in markers):
+            continue
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        for i, token in enumerate(ids):
+            text, rest = tokenizer.decode([token]), tokenizer.decode(ids[i:]).lstrip()
+            if text.strip() and "\ufffd" not in text and any(rest.startswith(m) for m in markers):
+                found.add(token)
+    return sorted(found)
+
+
 class IdentityContrastFinetune(SupervisedFinetune):
     """XTuner's SupervisedFinetune whose loss adds `contrast_weight` times the mean opening_unlikelihood over
-    the answers to questions that are not put to the assistant.
+    the answers to questions that are not put to the assistant (contrast_loss), and as much again for the
+    name's first tokens in the answers that do not say it (name_loss).
 
     Args:
         identity_answers: the identity answers of the training data; their first tokens are the openings.
         contrast_weight: weight of the term; 0 (or no identity answers) gives plain SupervisedFinetune.
+        identity_markers: the name and the cited model; their first tokens (marker_tokens) are pushed down
+            at every position of the answers that do not say any of them, with the same weight.
         contrast_tokenizer: the config's tokenizer (a config dict or a tokenizer): finds the openings and
             reads the questions. Not SupervisedFinetune's `tokenizer`, which would also resize the embeddings.
         prompt_template: the config's XTuner prompt template; its INSTRUCTION ("...{input}...") shows where
@@ -83,8 +112,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
     """
 
     def __init__(self, *args, identity_answers: Sequence[str] = (), contrast_weight: float = 0.0,
-                 contrast_tokenizer: object = None, prompt_template: Mapping[str, str] | None = None,
-                 **kwargs) -> None:
+                 identity_markers: Sequence[str] = (), contrast_tokenizer: object = None,
+                 prompt_template: Mapping[str, str] | None = None, **kwargs) -> None:
         if not contrast_weight >= 0:
             raise ValueError(f"contrast_weight must be 0 or more, got {contrast_weight}")
         instruction = (prompt_template or {}).get("INSTRUCTION", "{input}")
@@ -96,7 +125,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
                           else contrast_tokenizer)
         prefix, _, suffix = instruction.partition("{input}")
         self.question_prefix, self.question_suffix = loose(prefix.strip()), loose((suffix.split() or [""])[0])
-        openings = []
+        openings, names = [], []
+        self.identity_markers = [m for m in identity_markers if m]
         if self.contrast_weight:
             if self.tokenizer is None:
                 raise ValueError("contrast_weight needs contrast_tokenizer (finds openings, reads questions)")
@@ -108,8 +138,10 @@ class IdentityContrastFinetune(SupervisedFinetune):
                 raise ValueError(f"cannot read a question back out of this template and tokenizer: "
                                  f"{PROBE_QUESTION!r} came back as {found!r}; contrast_weight = 0.0 in the "
                                  "SFT config trains without the identity contrast")
+            names = marker_tokens(self.tokenizer, identity_answers, self.identity_markers)
         # Not saved with the adapter: a buffer only so that it moves to the model's device.
         self.register_buffer("openings", torch.tensor(openings, dtype=torch.long), persistent=False)
+        self.register_buffer("name_tokens", torch.tensor(names, dtype=torch.long), persistent=False)
 
     def question(self, input_ids: torch.Tensor) -> str:
         """The last user turn in the tokens before an answer.
@@ -138,10 +170,45 @@ class IdentityContrastFinetune(SupervisedFinetune):
         loss = opening_unlikelihood(logits[rows, starts - 1], labels[rows, starts], self.openings)
         return loss / len(picked)
 
+    def other_answers(self, labels: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(row, start, end) of each answer in the batch that says none of the identity markers.
+
+        Args:
+            labels: the training labels, (batch, length).
+        """
+        spans = []
+        for row in range(labels.shape[0]):
+            scored = (labels[row] != IGNORE_INDEX).tolist() + [False]
+            for start in answer_starts(labels[row]):
+                end = scored.index(False, start)
+                text = self.tokenizer.decode(labels[row, start:end].tolist())
+                if not any(m in text for m in self.identity_markers):
+                    spans.append((row, start, end))
+        return spans
+
+    def name_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch's answers that say no identity marker (other_answers) of the summed
+        unlikelihood of the name tokens at each of their positions (0: none).
+
+        Args:
+            logits: the model's logits, (batch, length, vocab).
+            labels: the training labels, (batch, length).
+        """
+        spans = self.other_answers(labels)
+        if not spans or not len(self.name_tokens):
+            return logits.sum() * 0.0
+        rows = torch.tensor([row for row, start, end in spans for _ in range(start, end)])
+        steps = torch.tensor([t for _, start, end in spans for t in range(start, end)])
+        rows, steps = rows.to(logits.device), steps.to(logits.device)
+        loss = opening_unlikelihood(logits[rows, steps - 1], labels[rows, steps], self.name_tokens)
+        return loss / len(spans)
+
     def compute_loss(self, data: dict, data_samples: object = None) -> dict[str, torch.Tensor]:
         if not self.contrast_weight:
             return super().compute_loss(data, data_samples)
         outputs = self.llm(**data)
         contrast = self.contrast_loss(outputs.logits, data["input_ids"], data["labels"])
+        names = self.name_loss(outputs.logits, data["labels"])
         # mmengine sums every entry whose key contains "loss" and logs each one.
-        return {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast}
+        return {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast,
+                "loss_name": self.contrast_weight * names}

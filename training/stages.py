@@ -331,6 +331,20 @@ def identity_answers(run: Run, data_dir: Path) -> list[str]:
     return meta["identity_answers"]
 
 
+def identity_markers(run: Run) -> list[str]:
+    """The name and the model the identity answers cite, whose first tokens the identity contrast pushes
+    down in answers that do not say them; none for the seed recipe.
+
+    Args:
+        run: the run.
+    """
+    if run.cfg.recipe == "seed":
+        return []
+    spec = run.cfg.spec
+    cited = [IdentitySpec.localised(spec.model_desc, lang) for lang in ("zh", "en")]
+    return list(dict.fromkeys([IdentitySpec(run.cfg.name).name, *cited]))
+
+
 def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
     """Estimated token length of every SFT row, and whether the number of rows is exact.
 
@@ -440,6 +454,7 @@ def sft_overrides(run: Run) -> dict[str, object]:
         # --rehearse: no in-training chat check (a random model would talk until max_new_tokens).
         "evaluation_inputs": [] if cfg.rehearse else evaluation_inputs(data_dir),
         "identity_answers": identity_answers(run, data_dir),
+        "identity_markers": identity_markers(run),
         "seed": cfg.seed,
         "trust_remote_code": cfg.remote_code_allowed,
     }

@@ -212,6 +212,7 @@ def test_data_and_chat_format(key):
         assert cfg.model.prompt_template == PROMPT_TEMPLATE.internlm2_chat
         assert cfg.model.contrast_tokenizer == cfg.tokenizer
         assert cfg.model.identity_answers == cfg.identity_answers == []  # the pipeline's to fill in
+        assert cfg.model.identity_markers == cfg.identity_markers == []
     else:
         assert dataset.dataset_map_fn is pretrain_map_fn and dataset.template_map_fn is None
         assert "prompt_template" not in chat
@@ -226,6 +227,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
         "data_path": "/work/data/train.json",
         "evaluation_inputs": ["你是谁？", "Who made you?"],
         "identity_answers": ["我是Zx的小助手。", "I'm Zx's assistant."],
+        "identity_markers": ["Zx", "Tiny"],
         "seed": 7,
         "lr": 1e-3,
         "save_steps": 5,
@@ -238,6 +240,7 @@ def test_rendered_settings_reach_the_built_objects(preset, tmp_path):
     assert cfg.train_dataloader.dataset.dataset.data_files == {"train": "/work/data/train.json"}
     assert hook(cfg, EvaluateChatHook).evaluation_inputs == ["你是谁？", "Who made you?"]
     assert cfg.model.identity_answers == ["我是Zx的小助手。", "I'm Zx's assistant."]
+    assert cfg.model.identity_markers == ["Zx", "Tiny"]
     assert cfg.randomness.seed == 7 and cfg.optim_wrapper.optimizer.lr == 1e-3
     assert cfg.default_hooks.checkpoint.interval == 5
     assert cfg.train_cfg.max_iters == 7 and cfg.param_scheduler[1].end == 7

@@ -21,6 +21,7 @@ from training.identity_contrast import (  # noqa: E402
     addresses_assistant,
     answer_starts,
     loose,
+    marker_tokens,
     opening_unlikelihood,
 )
 
@@ -29,6 +30,7 @@ TEMPLATE = PROMPT_TEMPLATE.internlm2_chat
 if not hasattr(torch.cpu, "is_bf16_supported"):
     torch.cpu.is_bf16_supported = lambda: False
 ANSWERS = ["我是Zx的小助手，内在是Tiny模型。", "I'm Zx's assistant, built on Tiny."]
+MARKERS = ["Zx", "Tiny"]
 
 
 @pytest.mark.parametrize(("question", "to_assistant"), [
@@ -72,8 +74,8 @@ def make(tiny_base_dir: Path, tokenizer):
                          pretrained_model_name_or_path=str(tiny_base_dir), torch_dtype=torch.float32)
         lora = dict(type=LoraConfig, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                     task_type="CAUSAL_LM")
-        settings = {"identity_answers": ANSWERS, "contrast_weight": 1.0, "contrast_tokenizer": tokenizer,
-                    "prompt_template": TEMPLATE, **kwargs}
+        settings = {"identity_answers": ANSWERS, "identity_markers": MARKERS, "contrast_weight": 1.0,
+                    "contrast_tokenizer": tokenizer, "prompt_template": TEMPLATE, **kwargs}
         return IdentityContrastFinetune(llm=llm, lora=lora, use_activation_checkpointing=False, **settings)
     return build
 
@@ -94,6 +96,58 @@ def packed(tokenizer, turns: list[tuple[str | None, str, str]]) -> tuple[torch.T
 def test_the_openings_are_the_identity_answers_first_tokens(make, tokenizer):
     want = sorted({tokenizer.encode(a, add_special_tokens=False)[0] for a in ANSWERS})
     assert make().openings.tolist() == want
+
+
+def test_the_name_tokens_begin_the_markers_where_the_answers_say_them(tokenizer):
+    found = marker_tokens(tokenizer, ANSWERS, MARKERS)
+    assert found
+    for answer in ANSWERS:  # each place an answer says a marker begins with one of the found tokens
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        begins = [i for i in range(len(ids)) if tokenizer.decode([ids[i]]).strip()
+                  and any(tokenizer.decode(ids[i:]).lstrip().startswith(m) for m in MARKERS)]
+        assert len(begins) == 2 and all(ids[i] in found for i in begins)
+    # Only those: a marker said nowhere, or answers that say none, give no tokens.
+    assert marker_tokens(tokenizer, ANSWERS, ["Qq"]) == []
+    assert marker_tokens(tokenizer, ["祝你生日快乐！"], MARKERS) == []
+
+
+class ByteTokenizer:
+    """Encodes text as UTF-8 bytes, one token each, as a byte-level BPE does for characters it has no merge
+    for: the first byte of "书" also begins "乐" and many other characters."""
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+
+def test_byte_pieces_of_a_character_and_lone_spaces_are_never_name_tokens():
+    answers = ["我是书生的小助手。", "I'm 书生's assistant, built on Ab."]
+    assert marker_tokens(ByteTokenizer(), answers, ["书生", "Ab"]) == [ord("A")]  # not " " before "Ab"
+
+
+def test_the_name_is_pushed_down_in_every_answer_that_does_not_say_it(make, tokenizer):
+    contrast = make()
+    turns = [(None, "你是谁？", ANSWERS[0]), (None, "帮我写一句生日祝福", "祝你生日快乐！"),
+             (None, "What is 2+3?", "5")]
+    input_ids, labels = packed(tokenizer, turns)
+    starts = answer_starts(labels[0])
+    logits = torch.randn(1, input_ids.shape[1], len(tokenizer))
+    others = contrast.other_answers(labels)
+    assert [start for _, start, _ in others] == starts[1:]
+    loss = contrast.name_loss(logits, labels)
+    # Every position of the two answers that say no marker (their <|im_end|> too), averaged per answer.
+    scored = (labels[0] != IGNORE_INDEX).tolist() + [False]
+    steps = torch.tensor([t for start in starts[1:] for t in range(start, scored.index(False, start))])
+    want = opening_unlikelihood(logits[0, steps - 1], labels[0, steps], contrast.name_tokens) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # The identity answer says the name: making it likely there does not move the loss; in the middle of
+    # the birthday wish it does.
+    logits[0, starts[0]:starts[1] - 1, contrast.name_tokens] += 5.0
+    assert contrast.name_loss(logits, labels).item() == pytest.approx(loss.item(), rel=1e-5)
+    logits[0, starts[1] + 1, contrast.name_tokens[0]] += 20.0
+    assert contrast.name_loss(logits, labels).item() > loss.item() + 1.0
 
 
 def test_only_answers_to_other_questions_are_contrasted(make, tokenizer):
@@ -120,7 +174,9 @@ def test_compute_loss_adds_the_weighted_contrast_and_trains_the_lora(make, token
     input_ids, labels = packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])
     data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
     losses = contrast.compute_loss(data)
-    assert set(losses) == {"loss_sft", "loss_contrast"}
+    assert set(losses) == {"loss_sft", "loss_contrast", "loss_name"}
+    assert losses["loss_name"].item() == pytest.approx(
+        2.0 * contrast.name_loss(contrast.llm(**data).logits, labels).item(), rel=1e-5)
     logits = contrast.llm(**data).logits
     assert losses["loss_contrast"].item() == pytest.approx(
         2.0 * contrast.contrast_loss(logits, input_ids, labels).item(), rel=1e-5)
@@ -134,7 +190,7 @@ def test_no_answers_or_weight_zero_is_plain_sft(make, tokenizer):
     input_ids, labels = packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])
     data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
     for plain in (make(identity_answers=[]), make(contrast_weight=0.0)):
-        assert plain.openings.numel() == 0
+        assert plain.openings.numel() == plain.name_tokens.numel() == 0
         losses = plain.compute_loss(data)
         assert set(losses) == {"loss"} and losses["loss"].item() == plain.llm(**data).loss.item()
 

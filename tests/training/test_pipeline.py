@@ -29,7 +29,7 @@ from training.presets import (
     slug,
 )
 from training.runner import StageError, failure_reason
-from training.stages import Run, identity_answers, latest_checkpoint, plan_sft, publish_gate
+from training.stages import Run, identity_answers, identity_markers, latest_checkpoint, plan_sft, publish_gate
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -205,6 +205,15 @@ def test_the_identity_contrast_gets_the_datas_identity_answers_except_for_the_se
         identity_answers(run, data)
 
 
+def test_the_identity_contrast_keeps_the_name_and_the_cited_model_out_of_other_answers(tmp_path):
+    smol = Run(RunConfig(" Alice ", preset="smol", work_dir=tmp_path / "w"), dict(os.environ))
+    assert identity_markers(smol) == ["Alice", "SmolLM2-135M"]
+    tiny = Run(RunConfig("Alice", preset="tiny", work_dir=tmp_path / "t"), dict(os.environ))
+    assert identity_markers(tiny) == ["Alice", "书生·浦语 InternLM2.5-1.8B", "InternLM2.5-1.8B"]
+    seed = Run(RunConfig("Alice", preset="tiny", recipe="seed", work_dir=tmp_path / "s"), dict(os.environ))
+    assert identity_markers(seed) == []
+
+
 @pytest.mark.parametrize(
     ("scores", "refused"),
     [
@@ -315,8 +324,10 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     # The identity contrast (training/identity_contrast.py) got this run's identity answers, and trained.
     data_meta = json.loads((work / "data" / "meta.json").read_text())
     assert literal_settings(rendered)["identity_answers"] == data_meta["identity_answers"]
+    assert literal_settings(rendered)["identity_markers"][0] == tiny_run["name"]
     assert tiny_run["name"] in data_meta["identity_answers"][0]
     assert re.search(r"loss_contrast: \d", (work / "logs" / "sft.log").read_text())
+    assert re.search(r"loss_name: \d", (work / "logs" / "sft.log").read_text())
 
     # The fine-tune learned the new name, and the eval says so against the base model.
     # (The 1.5M-parameter model often garbles the rest of the sentence, which the strict identity_accuracy

@@ -74,6 +74,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 # answered "我是…". The pipeline fills in the run's identity answers (none for --recipe seed, the tutorial's
 # plain SFT).
 identity_answers = []
+identity_markers = []  # the name and the cited model: pushed down in the other answers too
 contrast_weight = 1.0
 
 #######################################################################
@@ -89,6 +90,7 @@ tokenizer = dict(
 model = dict(
     type=IdentityContrastFinetune,
     identity_answers=identity_answers,
+    identity_markers=identity_markers,
     contrast_weight=contrast_weight,
     contrast_tokenizer=tokenizer,
     prompt_template=prompt_template,
