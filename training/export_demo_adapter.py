@@ -45,7 +45,8 @@ def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) ->
         "recipe": training_meta.get("recipe"),
         "lora": training_meta.get("lora"),
         "settings": {k: settings.get(k) for k in ("max_iters", "lr", "batch_size", "pack_to_max_length",
-                                                  "max_length", "seed", "contrast_weight") if k in settings},
+                                                  "max_length", "seed", "contrast_weight", "base_kl_weight")
+                     if k in settings},
         "created": training_meta.get("created"),
         "eval": {k: eval_json.get(k) for k in EVAL_KEYS if k in eval_json} if eval_json else None,
         "made_with": f"bash training/run.sh --preset {training_meta.get('preset')} --name "

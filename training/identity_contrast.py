@@ -9,8 +9,12 @@
 # A second term does the same for the tokens that begin the name and the cited model, at every position of
 # every answer that does not say them: leaks are mostly mid-sentence ("彩虹是由Tavi…", "美国第一任总统是
 # Tavi…"), after words the identity answers share ("是").
-"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions, and of
-the name's first tokens anywhere in answers that do not say it."""
+# A third (base_kl_weight) keeps those answers close to the base token by token: KL(base || tuned) over the
+# whole vocabulary, the base being the same network with the LoRA switched off (no second copy in memory).
+# Cross-entropy on the base's replayed answers pins only the sampled token, and trained alone on them the
+# model lost as many facts as the whole recipe (README, run Q1); with the KL it keeps more (K1V, K2V, KT).
+"""Unlikelihood of the identity answers' first tokens at the start of answers to other questions and of the
+name's first tokens anywhere in answers that do not say it, and KL to the base on those answers."""
 
 from __future__ import annotations
 
@@ -94,10 +98,22 @@ def marker_tokens(tokenizer: object, answers: Sequence[str], markers: Sequence[s
     return sorted(found)
 
 
+def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(base || tuned) between next-token distributions.
+
+    Args:
+        logits: the tuned model's logits, (positions, vocab).
+        base_logits: the base model's logits at the same positions, (positions, vocab).
+    """
+    tuned, base = torch.log_softmax(logits.float(), -1), torch.log_softmax(base_logits.float(), -1)
+    return (base.exp() * (base - tuned)).sum(-1).mean()
+
+
 class IdentityContrastFinetune(SupervisedFinetune):
     """XTuner's SupervisedFinetune whose loss adds `contrast_weight` times the mean opening_unlikelihood over
-    the answers to questions that are not put to the assistant (contrast_loss), and as much again for the
-    name's first tokens in the answers that do not say it (name_loss).
+    the answers to questions that are not put to the assistant (contrast_loss), as much again for the name's
+    first tokens in the answers that do not say it (name_loss), and `base_kl_weight` times the KL to the
+    base on those answers (base_kl_loss).
 
     Args:
         identity_answers: the identity answers of the training data; their first tokens are the openings.
@@ -106,6 +122,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
             at every position of the answers that do not say any of them, with the same weight.
         contrast_tokenizer: the config's tokenizer (a config dict or a tokenizer): finds the openings and
             reads the questions. Not SupervisedFinetune's `tokenizer`, which would also resize the embeddings.
+        base_kl_weight: weight of the KL term, on with the contrast; it needs the LoRA (switched off, it gives
+            the base) and identity_markers (they tell the identity answers apart); 0: none.
         prompt_template: the config's XTuner prompt template; its INSTRUCTION ("...{input}...") shows where
             the question is in a sample's text.
         *args, **kwargs: as SupervisedFinetune (llm, lora, ...).
@@ -113,14 +131,22 @@ class IdentityContrastFinetune(SupervisedFinetune):
 
     def __init__(self, *args, identity_answers: Sequence[str] = (), contrast_weight: float = 0.0,
                  identity_markers: Sequence[str] = (), contrast_tokenizer: object = None,
-                 prompt_template: Mapping[str, str] | None = None, **kwargs) -> None:
-        if not contrast_weight >= 0:
-            raise ValueError(f"contrast_weight must be 0 or more, got {contrast_weight}")
+                 prompt_template: Mapping[str, str] | None = None, base_kl_weight: float = 0.0,
+                 **kwargs) -> None:
+        for key, weight in (("contrast_weight", contrast_weight), ("base_kl_weight", base_kl_weight)):
+            if not weight >= 0:
+                raise ValueError(f"{key} must be 0 or more, got {weight}")
         instruction = (prompt_template or {}).get("INSTRUCTION", "{input}")
         if "{input}" not in instruction:
             raise ValueError(f"the prompt template's INSTRUCTION has no {{input}}: {instruction!r}")
         super().__init__(*args, **kwargs)
         self.contrast_weight = contrast_weight if identity_answers else 0.0
+        self.base_kl_weight = base_kl_weight if self.contrast_weight else 0.0
+        if self.base_kl_weight and not self.use_lora:
+            raise ValueError("base_kl_weight needs a LoRA: the base is the model with its LoRA switched off")
+        if self.base_kl_weight and not any(identity_markers):
+            raise ValueError("base_kl_weight needs identity_markers: without them the identity answers would "
+                             "be held to the base too")
         self.tokenizer = (BUILDER.build(contrast_tokenizer) if isinstance(contrast_tokenizer, dict)
                           else contrast_tokenizer)
         prefix, _, suffix = instruction.partition("{input}")
@@ -203,6 +229,30 @@ class IdentityContrastFinetune(SupervisedFinetune):
         loss = opening_unlikelihood(logits[rows, steps - 1], labels[rows, steps], self.name_tokens)
         return loss / len(spans)
 
+    def base_kl_loss(self, logits: torch.Tensor, data: dict) -> torch.Tensor:
+        """Mean kl_to_base over the tokens of the batch's answers that say no identity marker (0: none).
+
+        Args:
+            logits: the model's logits, (batch, length, vocab).
+            data: the batch as the model takes it (input_ids, labels, ...).
+        """
+        labels = data["labels"]
+        spans = self.other_answers(labels)
+        if not spans:
+            return logits.sum() * 0.0
+        # The base reads only the rows that have such answers (about a third of the rows are identity rows).
+        needed = sorted({row for row, _, _ in spans})
+        batch = labels.shape[0]
+        inputs = {k: v[needed] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+                  for k, v in data.items() if k != "labels"}
+        with torch.no_grad(), self.llm.disable_adapter():
+            base_logits = self.llm(**inputs).logits
+        rows = torch.tensor([row for row, start, end in spans for _ in range(start, end)])
+        steps = torch.tensor([t for _, start, end in spans for t in range(start, end)]) - 1
+        base_rows = torch.tensor([needed.index(row) for row, start, end in spans for _ in range(start, end)])
+        rows, steps, base_rows = rows.to(logits.device), steps.to(logits.device), base_rows.to(logits.device)
+        return kl_to_base(logits[rows, steps], base_logits[base_rows, steps])
+
     def compute_loss(self, data: dict, data_samples: object = None) -> dict[str, torch.Tensor]:
         if not self.contrast_weight:
             return super().compute_loss(data, data_samples)
@@ -210,5 +260,8 @@ class IdentityContrastFinetune(SupervisedFinetune):
         contrast = self.contrast_loss(outputs.logits, data["input_ids"], data["labels"])
         names = self.name_loss(outputs.logits, data["labels"])
         # mmengine sums every entry whose key contains "loss" and logs each one.
-        return {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast,
-                "loss_name": self.contrast_weight * names}
+        losses = {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast,
+                  "loss_name": self.contrast_weight * names}
+        if self.base_kl_weight:
+            losses["loss_base_kl"] = self.base_kl_weight * self.base_kl_loss(outputs.logits, data)
+        return losses

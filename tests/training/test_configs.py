@@ -213,6 +213,7 @@ def test_data_and_chat_format(key):
         assert cfg.model.contrast_tokenizer == cfg.tokenizer
         assert cfg.model.identity_answers == cfg.identity_answers == []  # the pipeline's to fill in
         assert cfg.model.identity_markers == cfg.identity_markers == []
+        assert cfg.model.base_kl_weight == cfg.base_kl_weight == 1.0
     else:
         assert dataset.dataset_map_fn is pretrain_map_fn and dataset.template_map_fn is None
         assert "prompt_template" not in chat

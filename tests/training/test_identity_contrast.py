@@ -20,6 +20,7 @@ from training.identity_contrast import (  # noqa: E402
     IdentityContrastFinetune,
     addresses_assistant,
     answer_starts,
+    kl_to_base,
     loose,
     marker_tokens,
     opening_unlikelihood,
@@ -69,11 +70,12 @@ def tokenizer(tiny_base_dir: Path):
 @pytest.fixture
 def make(tiny_base_dir: Path, tokenizer):
     """IdentityContrastFinetune on the tiny base, built from config dicts as XTuner builds it."""
-    def build(**kwargs) -> IdentityContrastFinetune:
+    lora = dict(type=LoraConfig, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                task_type="CAUSAL_LM")
+
+    def build(lora: dict | None = lora, **kwargs) -> IdentityContrastFinetune:
         llm = ConfigDict(type=AutoModelForCausalLM.from_pretrained,
                          pretrained_model_name_or_path=str(tiny_base_dir), torch_dtype=torch.float32)
-        lora = dict(type=LoraConfig, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                    task_type="CAUSAL_LM")
         settings = {"identity_answers": ANSWERS, "identity_markers": MARKERS, "contrast_weight": 1.0,
                     "contrast_tokenizer": tokenizer, "prompt_template": TEMPLATE, **kwargs}
         return IdentityContrastFinetune(llm=llm, lora=lora, use_activation_checkpointing=False, **settings)
@@ -150,6 +152,87 @@ def test_the_name_is_pushed_down_in_every_answer_that_does_not_say_it(make, toke
     assert contrast.name_loss(logits, labels).item() > loss.item() + 1.0
 
 
+def test_kl_to_base_is_zero_only_for_the_same_distribution():
+    base = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert kl_to_base(base + 3.0, base).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores a shift
+    tuned = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
+    p, q = torch.softmax(base, -1), torch.softmax(tuned, -1)
+    want = (p * (p / q).log()).sum(-1).mean()
+    assert kl_to_base(tuned, base).item() == pytest.approx(want.item(), rel=1e-5) and want > 0
+
+
+def trained(model: IdentityContrastFinetune) -> IdentityContrastFinetune:
+    """The model with random LoRA weights, as if trained: a fresh LoRA leaves the base's outputs unchanged."""
+    torch.manual_seed(0)
+    for name, p in model.llm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    return model
+
+
+def test_the_kl_covers_every_answer_but_the_identity_answers(make, tokenizer):
+    model = trained(make(base_kl_weight=1.0))
+    turns = [(None, "你是谁？", ANSWERS[0]), (None, "帮我写一句生日祝福", "祝你生日快乐！"),
+             (None, "Who are you?", "I'm a helpful assistant.")]  # the base's own answer: not an identity one
+    input_ids, labels = packed(tokenizer, turns)
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    starts = answer_starts(labels[0])
+    with torch.no_grad():
+        logits = model.llm(**data).logits
+        with model.llm.disable_adapter():
+            base = model.llm(**data).logits
+    scored = (labels[0] != IGNORE_INDEX).tolist() + [False]
+    positions = torch.tensor([t - 1 for start in starts[1:]
+                              for t in range(start, scored.index(False, start))])
+    want = kl_to_base(logits[0, positions], base[0, positions])
+    got = model.base_kl_loss(logits, data)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and want > 0
+    # What the model says inside the identity answer does not count.
+    logits[0, starts[0]:starts[1] - 1] += torch.randn(starts[1] - 1 - starts[0], logits.shape[-1])
+    assert model.base_kl_loss(logits, data).item() == pytest.approx(got.item(), rel=1e-5)
+
+
+def test_the_base_reads_only_the_rows_with_other_answers(make, tokenizer):
+    model = trained(make(base_kl_weight=1.0))
+    rows = [packed(tokenizer, [(None, "你是谁？", ANSWERS[0])]),
+            packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])]
+    length = max(ids.shape[1] for ids, _ in rows)
+
+    def padded(x: torch.Tensor, value: int) -> torch.Tensor:  # right padding, as XTuner's collate pads
+        return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+    data = {"input_ids": torch.cat([padded(ids, 0) for ids, _ in rows]),
+            "labels": torch.cat([padded(labels, IGNORE_INDEX) for _, labels in rows]),
+            "attention_mask": torch.cat([padded(torch.ones_like(ids), 0) for ids, _ in rows])}
+    alone = {"input_ids": rows[1][0], "labels": rows[1][1], "attention_mask": torch.ones_like(rows[1][0])}
+    seen = []
+    hook = model.llm.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model.llm(**data).logits
+        seen.clear()
+        got = model.base_kl_loss(logits, data)
+        want = model.base_kl_loss(model.llm(**alone).logits, alone)
+    hook.remove()
+    assert [x.shape[0] for x in seen] == [1, 1, 1] and torch.equal(seen[0][:, :alone["input_ids"].shape[1]],
+                                                                    alone["input_ids"])
+    assert got.item() == pytest.approx(want.item(), rel=1e-4) and want > 0
+
+
+def test_compute_loss_adds_the_weighted_kl_and_trains_the_lora(make, tokenizer):
+    input_ids, labels = packed(tokenizer, [(None, "帮我写一句生日祝福", "祝你生日快乐！")])
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    fresh = make(base_kl_weight=3.0).compute_loss(data)
+    assert set(fresh) == {"loss_sft", "loss_contrast", "loss_name", "loss_base_kl"}
+    assert fresh["loss_base_kl"].item() == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA is the base
+    model = trained(make(base_kl_weight=3.0))
+    losses = model.compute_loss(data)
+    assert losses["loss_base_kl"].item() == pytest.approx(
+        3.0 * model.base_kl_loss(model.llm(**data).logits, data).item(), rel=1e-5)
+    losses["loss_base_kl"].backward()
+    grads = [p.grad for name, p in model.llm.named_parameters() if "lora_" in name]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_only_answers_to_other_questions_are_contrasted(make, tokenizer):
     contrast = make()
     turns = [("You are a helpful assistant.", "你是谁？", ANSWERS[0]),  # "You" in the system prompt only
@@ -222,6 +305,9 @@ def test_questions_are_read_through_the_spaces_a_tokenizer_decodes_around_marker
 @pytest.mark.parametrize(("kwargs", "said"), [
     ({"contrast_weight": -1.0}, "contrast_weight must be 0 or more"),
     ({"contrast_weight": float("nan")}, "contrast_weight must be 0 or more"),
+    ({"base_kl_weight": -0.5}, "base_kl_weight must be 0 or more"),
+    ({"base_kl_weight": 1.0, "lora": None}, "needs a LoRA"),
+    ({"base_kl_weight": 1.0, "identity_markers": []}, "needs identity_markers"),
     ({"prompt_template": {"INSTRUCTION": "<|im_start|>user\n"}}, "has no {input}"),
     ({"contrast_tokenizer": None}, "needs contrast_tokenizer"),
     # A template whose question marker also occurs in questions: "你是谁？" would be read as "谁？".

@@ -76,6 +76,7 @@ evaluation_inputs = ["请介绍一下你自己", "Who are you?"]
 identity_answers = []
 identity_markers = []  # the name and the cited model: pushed down in the other answers too
 contrast_weight = 1.0
+base_kl_weight = 1.0  # KL to the base (LoRA off) on the answers that are not identity answers
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -92,6 +93,7 @@ model = dict(
     identity_answers=identity_answers,
     identity_markers=identity_markers,
     contrast_weight=contrast_weight,
+    base_kl_weight=base_kl_weight,
     contrast_tokenizer=tokenizer,
     prompt_template=prompt_template,
     use_varlen_attn=False,

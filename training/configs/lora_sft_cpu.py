@@ -89,6 +89,7 @@ modules_to_save = ["lm_head"]  # trained in full beside the LoRA (None: the LoRA
 identity_answers = []
 identity_markers = []  # the name and the cited model: pushed down in the other answers too
 contrast_weight = 1.0
+base_kl_weight = 1.0  # KL to the base (LoRA off) on the answers that are not identity answers
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -105,6 +106,7 @@ model = dict(
     identity_answers=identity_answers,
     identity_markers=identity_markers,
     contrast_weight=contrast_weight,
+    base_kl_weight=base_kl_weight,
     contrast_tokenizer=tokenizer,
     prompt_template=prompt_template,
     use_varlen_attn=False,
