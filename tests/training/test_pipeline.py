@@ -327,7 +327,8 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert literal_settings(rendered)["identity_markers"][0] == tiny_run["name"]
     assert tiny_run["name"] in data_meta["identity_answers"][0]
     assert re.search(r"loss_contrast: \d", (work / "logs" / "sft.log").read_text())
-    assert re.search(r"loss_name: \d.*loss_base_kl: \d", (work / "logs" / "sft.log").read_text())
+    log = (work / "logs" / "sft.log").read_text()
+    assert re.search(r"loss_name: \d", log) and "loss_base_kl" not in log  # the tiny preset trains no KL
 
     # The fine-tune learned the new name, and the eval says so against the base model.
     # (The 1.5M-parameter model often garbles the rest of the sentence, which the strict identity_accuracy
