@@ -157,7 +157,7 @@ PRESETS = {
                    sft_settings={"pack_to_max_length": False, "batch_size": 4, "max_iters": 225, "lr": 2e-3,
                                  "save_steps": 75, "evaluation_freq": 225,
                                  "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                                 "modules_to_save": None},
+                                 "modules_to_save": None, "base_kl_weight": 1.0},
                    pretrain_settings={"lora_r": 16, "lora_alpha": 32}),
 }
 BUILD_PREFIX = "build:"

@@ -117,7 +117,7 @@ def test_the_rendered_header_names_what_the_preset_and_the_run_replaced(tmp_path
         "# Rendered by training/pipeline.py for run 'Zx' from training/configs/lora_sft_cpu.py",
         "# with these settings replaced: by preset smol (training/presets.py): pack_to_max_length, "
         "batch_size, max_iters, lr, save_steps, evaluation_freq, lora_r, lora_alpha, lora_dropout, "
-        "modules_to_save; then by this run: lr, seed. "
+        "modules_to_save, base_kl_weight; then by this run: lr, seed. "
         "This file is what ran."]
     settings = literal_settings(text)
     assert (settings["lr"], settings["seed"], settings["lora_r"], settings["max_iters"]) == (5e-4, 7, 16, 225)
@@ -213,7 +213,7 @@ def test_data_and_chat_format(key):
         assert cfg.model.contrast_tokenizer == cfg.tokenizer
         assert cfg.model.identity_answers == cfg.identity_answers == []  # the pipeline's to fill in
         assert cfg.model.identity_markers == cfg.identity_markers == []
-        assert cfg.model.base_kl_weight == cfg.base_kl_weight == 1.0
+        assert cfg.model.base_kl_weight == cfg.base_kl_weight == (0.0 if key[0] == "tiny" else 1.0)
     else:
         assert dataset.dataset_map_fn is pretrain_map_fn and dataset.template_map_fn is None
         assert "prompt_template" not in chat

@@ -89,7 +89,7 @@ modules_to_save = ["lm_head"]  # trained in full beside the LoRA (None: the LoRA
 identity_answers = []
 identity_markers = []  # the name and the cited model: pushed down in the other answers too
 contrast_weight = 1.0
-base_kl_weight = 1.0  # KL to the base (LoRA off) on the answers that are not identity answers
+base_kl_weight = 0.0  # KL to the base (LoRA off) on the answers that are not identity answers; per preset
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
