@@ -109,6 +109,21 @@ def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     return (base.exp() * (base - tuned)).sum(-1).mean()
 
 
+def span_positions(spans: Sequence[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(rows, positions, kept_rows): the row and position of every label in the spans, and that row's index
+    among the rows that have a span (in a batch of those rows only).
+
+    Args:
+        spans: (row, start, end) of answers, as other_answers gives them.
+        device: where the index tensors go.
+    """
+    needed = sorted({row for row, _, _ in spans})
+    rows = [row for row, start, end in spans for _ in range(start, end)]
+    steps = [t for _, start, end in spans for t in range(start, end)]
+    return tuple(torch.tensor(x, dtype=torch.long, device=device)
+                 for x in (rows, steps, [needed.index(row) for row in rows]))
+
+
 class IdentityContrastFinetune(SupervisedFinetune):
     """XTuner's SupervisedFinetune whose loss adds `contrast_weight` times the mean opening_unlikelihood over
     the answers to questions that are not put to the assistant (contrast_loss), as much again for the name's
@@ -212,56 +227,53 @@ class IdentityContrastFinetune(SupervisedFinetune):
                     spans.append((row, start, end))
         return spans
 
-    def name_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch's answers that say no identity marker (other_answers) of the summed
-        unlikelihood of the name tokens at each of their positions (0: none).
+    def name_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                  spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Mean over the given answers of the summed unlikelihood of the name tokens at each of their
+        positions (0: none).
 
         Args:
             logits: the model's logits, (batch, length, vocab).
             labels: the training labels, (batch, length).
+            spans: (row, start, end) of the answers that say no identity marker (other_answers).
         """
-        spans = self.other_answers(labels)
         if not spans or not len(self.name_tokens):
             return logits.sum() * 0.0
-        rows = torch.tensor([row for row, start, end in spans for _ in range(start, end)])
-        steps = torch.tensor([t for _, start, end in spans for t in range(start, end)])
-        rows, steps = rows.to(logits.device), steps.to(logits.device)
+        rows, steps, _ = span_positions(spans, logits.device)
         loss = opening_unlikelihood(logits[rows, steps - 1], labels[rows, steps], self.name_tokens)
         return loss / len(spans)
 
-    def base_kl_loss(self, logits: torch.Tensor, data: dict) -> torch.Tensor:
-        """Mean kl_to_base over the tokens of the batch's answers that say no identity marker (0: none).
+    def base_kl_loss(self, logits: torch.Tensor, data: dict,
+                     spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Mean kl_to_base over the tokens of the given answers (0: none).
 
         Args:
             logits: the model's logits, (batch, length, vocab).
             data: the batch as the model takes it (input_ids, labels, ...).
+            spans: (row, start, end) of the answers that say no identity marker (other_answers).
         """
-        labels = data["labels"]
-        spans = self.other_answers(labels)
         if not spans:
             return logits.sum() * 0.0
         # The base reads only the rows that have such answers (about a third of the rows are identity rows).
         needed = sorted({row for row, _, _ in spans})
-        batch = labels.shape[0]
+        batch = data["labels"].shape[0]
         inputs = {k: v[needed] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
                   for k, v in data.items() if k != "labels"}
         with torch.no_grad(), self.llm.disable_adapter():
             base_logits = self.llm(**inputs).logits
-        rows = torch.tensor([row for row, start, end in spans for _ in range(start, end)])
-        steps = torch.tensor([t for _, start, end in spans for t in range(start, end)]) - 1
-        base_rows = torch.tensor([needed.index(row) for row, start, end in spans for _ in range(start, end)])
-        rows, steps, base_rows = rows.to(logits.device), steps.to(logits.device), base_rows.to(logits.device)
-        return kl_to_base(logits[rows, steps], base_logits[base_rows, steps])
+        rows, steps, base_rows = span_positions(spans, logits.device)
+        return kl_to_base(logits[rows, steps - 1], base_logits[base_rows, steps - 1])
 
     def compute_loss(self, data: dict, data_samples: object = None) -> dict[str, torch.Tensor]:
         if not self.contrast_weight:
             return super().compute_loss(data, data_samples)
         outputs = self.llm(**data)
-        contrast = self.contrast_loss(outputs.logits, data["input_ids"], data["labels"])
-        names = self.name_loss(outputs.logits, data["labels"])
+        labels = data["labels"]
+        spans = self.other_answers(labels)
+        contrast = self.contrast_loss(outputs.logits, data["input_ids"], labels)
         # mmengine sums every entry whose key contains "loss" and logs each one.
         losses = {"loss_sft": outputs.loss, "loss_contrast": self.contrast_weight * contrast,
-                  "loss_name": self.contrast_weight * names}
+                  "loss_name": self.contrast_weight * self.name_loss(outputs.logits, labels, spans)}
         if self.base_kl_weight:
-            losses["loss_base_kl"] = self.base_kl_weight * self.base_kl_loss(outputs.logits, data)
+            losses["loss_base_kl"] = self.base_kl_weight * self.base_kl_loss(outputs.logits, data, spans)
         return losses

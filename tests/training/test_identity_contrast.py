@@ -138,7 +138,7 @@ def test_the_name_is_pushed_down_in_every_answer_that_does_not_say_it(make, toke
     logits = torch.randn(1, input_ids.shape[1], len(tokenizer))
     others = contrast.other_answers(labels)
     assert [start for _, start, _ in others] == starts[1:]
-    loss = contrast.name_loss(logits, labels)
+    loss = contrast.name_loss(logits, labels, others)
     # Every position of the two answers that say no marker (their <|im_end|> too), averaged per answer.
     scored = (labels[0] != IGNORE_INDEX).tolist() + [False]
     steps = torch.tensor([t for start in starts[1:] for t in range(start, scored.index(False, start))])
@@ -147,9 +147,9 @@ def test_the_name_is_pushed_down_in_every_answer_that_does_not_say_it(make, toke
     # The identity answer says the name: making it likely there does not move the loss; in the middle of
     # the birthday wish it does.
     logits[0, starts[0]:starts[1] - 1, contrast.name_tokens] += 5.0
-    assert contrast.name_loss(logits, labels).item() == pytest.approx(loss.item(), rel=1e-5)
+    assert contrast.name_loss(logits, labels, others).item() == pytest.approx(loss.item(), rel=1e-5)
     logits[0, starts[1] + 1, contrast.name_tokens[0]] += 20.0
-    assert contrast.name_loss(logits, labels).item() > loss.item() + 1.0
+    assert contrast.name_loss(logits, labels, others).item() > loss.item() + 1.0
 
 
 def test_kl_to_base_is_zero_only_for_the_same_distribution():
@@ -185,11 +185,12 @@ def test_the_kl_covers_every_answer_but_the_identity_answers(make, tokenizer):
     positions = torch.tensor([t - 1 for start in starts[1:]
                               for t in range(start, scored.index(False, start))])
     want = kl_to_base(logits[0, positions], base[0, positions])
-    got = model.base_kl_loss(logits, data)
+    got = model.base_kl_loss(logits, data, model.other_answers(labels))
     assert got.item() == pytest.approx(want.item(), rel=1e-5) and want > 0
     # What the model says inside the identity answer does not count.
     logits[0, starts[0]:starts[1] - 1] += torch.randn(starts[1] - 1 - starts[0], logits.shape[-1])
-    assert model.base_kl_loss(logits, data).item() == pytest.approx(got.item(), rel=1e-5)
+    again = model.base_kl_loss(logits, data, model.other_answers(labels))
+    assert again.item() == pytest.approx(got.item(), rel=1e-5)
 
 
 def test_the_base_reads_only_the_rows_with_other_answers(make, tokenizer):
@@ -210,8 +211,8 @@ def test_the_base_reads_only_the_rows_with_other_answers(make, tokenizer):
     with torch.no_grad():
         logits = model.llm(**data).logits
         seen.clear()
-        got = model.base_kl_loss(logits, data)
-        want = model.base_kl_loss(model.llm(**alone).logits, alone)
+        got = model.base_kl_loss(logits, data, model.other_answers(data["labels"]))
+        want = model.base_kl_loss(model.llm(**alone).logits, alone, model.other_answers(alone["labels"]))
     hook.remove()
     assert [x.shape[0] for x in seen] == [1, 1, 1] and torch.equal(seen[0][:, :alone["input_ids"].shape[1]],
                                                                     alone["input_ids"])
@@ -226,8 +227,8 @@ def test_compute_loss_adds_the_weighted_kl_and_trains_the_lora(make, tokenizer):
     assert fresh["loss_base_kl"].item() == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA is the base
     model = trained(make(base_kl_weight=3.0))
     losses = model.compute_loss(data)
-    assert losses["loss_base_kl"].item() == pytest.approx(
-        3.0 * model.base_kl_loss(model.llm(**data).logits, data).item(), rel=1e-5)
+    kl = model.base_kl_loss(model.llm(**data).logits, data, model.other_answers(labels))
+    assert losses["loss_base_kl"].item() == pytest.approx(3.0 * kl.item(), rel=1e-5)
     losses["loss_base_kl"].backward()
     grads = [p.grad for name, p in model.llm.named_parameters() if "lora_" in name]
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -258,8 +259,9 @@ def test_compute_loss_adds_the_weighted_contrast_and_trains_the_lora(make, token
     data = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
     losses = contrast.compute_loss(data)
     assert set(losses) == {"loss_sft", "loss_contrast", "loss_name"}
+    others = contrast.other_answers(labels)
     assert losses["loss_name"].item() == pytest.approx(
-        2.0 * contrast.name_loss(contrast.llm(**data).logits, labels).item(), rel=1e-5)
+        2.0 * contrast.name_loss(contrast.llm(**data).logits, labels, others).item(), rel=1e-5)
     logits = contrast.llm(**data).logits
     assert losses["loss_contrast"].item() == pytest.approx(
         2.0 * contrast.contrast_loss(logits, input_ids, labels).item(), rel=1e-5)
