@@ -419,6 +419,7 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
     cache_dir: Path | None = DEFAULT_ANSWER_CACHE,
+    cache_model: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Answer the eval prompts with the model and the base, and score them.
 
@@ -430,6 +431,8 @@ def evaluate(
         max_new_tokens: most tokens per general answer.
         batch_size: prompts decoded together.
         cache_dir: answer cache (see answer_all); None: no cache.
+        cache_model: whether the model's answers go into the cache too (False: a throwaway model dir, whose
+            entry no later run could find).
     Returns:
         the metrics dict and one row per prompt and system condition with both answers (both go into
         eval.json).
@@ -437,7 +440,7 @@ def evaluate(
     spec, heldout, general = load_eval_set(data_dir, name)
     start = time.perf_counter()
     model_answers, model_timing = answer_all(model_dir, heldout, general, max_new_tokens, batch_size,
-                                             cache_dir)
+                                             cache_dir if cache_model else None)
     base_answers, base_timing = answer_all(base_dir, heldout, general, max_new_tokens, batch_size,
                                            cache_dir)
     rows = judge(spec, heldout, general, model_answers, base_answers)
