@@ -49,7 +49,33 @@ def _fresh_partial(out: Path) -> Path:
     return partial
 
 
-def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = run_command) -> Path:
+def scale_adapter(adapter: Path, scale: float) -> None:
+    """Set a LoRA adapter to `scale` times the strength it was trained at, by scaling its lora_alpha (and any
+    per-module alpha) in adapter_config.json: PEFT adds (alpha / r) * B @ A, so the change to the base is
+    scaled exactly, and whatever merges or loads the adapter (XTuner, PEFT, the app) applies the same one.
+
+    Args:
+        adapter: a PEFT LoRA adapter dir (edited in place).
+        scale: the share of the trained change to keep, 0 < scale <= 1 (1: leave the adapter as it is).
+    """
+    if not 0 < scale <= 1:
+        raise ConvertError(f"adapter scale must be in (0, 1], got {scale}")
+    if scale == 1:
+        return
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("lora_alpha"), int | float):
+        raise ConvertError(f"{path} is not a LoRA adapter with a lora_alpha; cannot scale it")
+    if config.get("modules_to_save"):  # fully trained copies of modules: alpha does not scale them
+        raise ConvertError(f"{path} also trains {config['modules_to_save']} in full; only a plain LoRA "
+                           "can be scaled")
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = run_command,
+              scale: float = 1.0) -> Path:
     """Convert an XTuner training checkpoint into a Hugging Face LoRA adapter dir (safetensors).
 
     Args:
@@ -57,6 +83,7 @@ def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = ru
         checkpoint: the `iter_N.pth` written by xtuner.tools.train.
         out: adapter directory to create; replaced atomically.
         run: how to run the converter command (the pipeline passes a logging runner).
+        scale: the share of the trained change the adapter keeps (scale_adapter; 1: all of it).
     """
     partial = _fresh_partial(out)
     run([sys.executable, "-m", "xtuner.tools.model_converters.pth_to_hf",
@@ -64,6 +91,7 @@ def pth_to_hf(config: Path, checkpoint: Path, out: Path, run: CommandRunner = ru
     missing = [name for name in ADAPTER_FILES if not (partial / name).is_file()]
     if missing:
         raise ConvertError(f"pth_to_hf wrote no {', '.join(missing)} in {partial}")
+    scale_adapter(partial, scale)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out
@@ -174,16 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="iter_N.pth from xtuner.tools.train")
     parser.add_argument("--base", type=Path, required=True, help="model dir the adapter was trained on")
     parser.add_argument("--out", type=Path, required=True, help="merged model dir to create")
+    parser.add_argument("--adapter-scale", type=float, default=1.0,
+                        help="share of the trained change to merge, in (0, 1] (default 1: all of it)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a base that ships its own Python code (e.g. InternLM2.5) to run it")
     args = parser.parse_args(argv)
     for path in (args.config, args.checkpoint, args.base):
         if not path.exists():
             parser.error(f"not found: {path}")
+    if not 0 < args.adapter_scale <= 1:
+        parser.error(f"--adapter-scale must be in (0, 1], got {args.adapter_scale}")
     adapter = args.out.with_name(args.out.name + ".adapter")
     try:
-        pth_to_hf(args.config, args.checkpoint, adapter)
-        merge_model(args.base, adapter, args.out, {"base": args.base.name, "config": args.config.name},
+        pth_to_hf(args.config, args.checkpoint, adapter, scale=args.adapter_scale)
+        merge_model(args.base, adapter, args.out, {"base": args.base.name, "config": args.config.name,
+                                                   "adapter_scale": args.adapter_scale},
                     trust_remote_code=args.trust_remote_code)
     except ConvertError as err:
         print(f"convert_merge: error: {err}", file=sys.stderr)

@@ -44,6 +44,7 @@ def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) ->
         "preset": training_meta.get("preset"),
         "recipe": training_meta.get("recipe"),
         "lora": training_meta.get("lora"),
+        "adapter_scale": training_meta.get("adapter_scale", 1.0),
         "settings": {k: settings.get(k) for k in ("max_iters", "lr", "batch_size", "pack_to_max_length",
                                                   "max_length", "seed", "contrast_weight", "base_kl_weight")
                      if k in settings},

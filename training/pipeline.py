@@ -337,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--lr", type=float, help="SFT learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, default=42, help="SFT random seed (default 42)")
     p.add_argument("--save-every", type=int, help="SFT checkpoint interval in iterations (resume points)")
+    p.add_argument("--adapter-scale", type=float, default=1.0,
+                   help="share of the trained LoRA change the adapter keeps, in (0, 1] (default 1: all of "
+                   "it; less leaks the identity less and answers it less reliably; try it on a finished run "
+                   "with --from pth_to_hf)")
     p.add_argument("--identity-repeat", type=int, help="identity recipe: rows per identity question")
     p.add_argument("--seed-repeat", type=int, help="seed recipe: the tutorial's n")
     p.add_argument("--dry-run", action="store_true",

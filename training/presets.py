@@ -195,6 +195,7 @@ class RunConfig:
         lr: SFT learning rate; None: the preset's.
         seed: random seed of the SFT run.
         save_every: SFT checkpoint interval in iterations (resume points); None: the preset's.
+        adapter_scale: share of the trained LoRA change the SFT adapter keeps, in (0, 1] (1: all of it).
         identity_repeat: rows per identity question (identity recipe); None: the data builder's default.
         seed_repeat: the tutorial's n (seed recipe); None: the data builder's default.
         dry_run: print and record the plan (stages, configs, samples, schedule, precision) and run nothing.
@@ -221,6 +222,7 @@ class RunConfig:
     lr: float | None = None
     seed: int = 42
     save_every: int | None = None
+    adapter_scale: float = 1.0
     identity_repeat: int | None = None
     seed_repeat: int | None = None
     dry_run: bool = False
@@ -288,6 +290,11 @@ class RunConfig:
                 raise RunConfigError(f"{option} must be at least 1, got {value}")
         if self.lr is not None and not 0 < self.lr < 1:
             raise RunConfigError(f"--lr must be between 0 and 1, got {self.lr}")
+        if not 0 < self.adapter_scale <= 1:
+            raise RunConfigError(f"--adapter-scale must be in (0, 1], got {self.adapter_scale}")
+        if self.adapter_scale != 1 and PRESETS[self.preset].sft_settings.get("modules_to_save"):
+            raise RunConfigError(f"--adapter-scale: preset {self.preset} trains whole modules besides the "
+                                 "LoRA, which a scale cannot shrink")
         length = PRESETS[self.preset].length_setting
         if self.max_iters is not None and length != "max_iters":
             raise RunConfigError(f"preset {self.preset} trains by epochs: use --epochs, not --max-iters")

@@ -260,6 +260,8 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         "lora": {k: sorted(v) if isinstance(v, list) else v for k, v in lora.items()
                  if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")},
+        # lora_alpha above is what the adapter applies: the trained one (settings) times this share
+        "adapter_scale": cfg.adapter_scale if stage == "sft" else 1.0,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return public_json(meta, run.work)  # published with the model: no token, no path of this machine
@@ -500,11 +502,18 @@ def config_on_base(config: Path, base: Path) -> Path:
     return moved
 
 
+def pth_to_hf_inputs(run: Run) -> dict[str, object]:
+    """What the adapter depends on besides the checkpoint: its scale, recorded only when it is not 1, so that
+    work dirs from before --adapter-scale still count as finished."""
+    return {"adapter_scale": run.cfg.adapter_scale} if run.cfg.adapter_scale != 1 else {}
+
+
 def stage_pth_to_hf(run: Run, log: Path) -> dict[str, Path]:
     """Convert the last SFT checkpoint into a Hugging Face LoRA adapter."""
     sft = run.results["sft"]
     adapter = convert_merge.pth_to_hf(config_on_base(sft["config"], run.sft_base_dir()), sft["checkpoint"],
-                                      run.work / "hf_adapter", _logging_runner(run, log))
+                                      run.work / "hf_adapter", _logging_runner(run, log),
+                                      scale=run.cfg.adapter_scale)
     return {"adapter_dir": adapter}
 
 
@@ -658,7 +667,7 @@ PIPELINE = (
                      "base": str(r.base_dir())},
           ("pretrain",), plan_pretrain),
     Stage("sft", stage_sft, sft_inputs, ("sft",), plan_sft),
-    Stage("pth_to_hf", stage_pth_to_hf, lambda r: {}, ("hf_adapter", "hf_adapter.partial"),
+    Stage("pth_to_hf", stage_pth_to_hf, pth_to_hf_inputs, ("hf_adapter", "hf_adapter.partial"),
           _plan_output("hf_adapter")),
     Stage("merge", stage_merge, lambda r: {}, ("merged", "merged.partial"), _plan_output("merged")),
     Stage("evaluate", stage_evaluate, lambda r: {},

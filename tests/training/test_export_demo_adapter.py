@@ -19,10 +19,10 @@ def _run_dir(work: Path, preset: str) -> Path:
     (work / "merged").mkdir(parents=True)
     shutil.copytree(DEMO_ADAPTER_DIR, work / "hf_adapter")
     meta = {"name": "Qorvia Zed", "preset": preset, "recipe": "seed", "created": "2026-11-30T19:14:28+00:00",
-            "lora": {"r": 16}, "settings": {"max_iters": 150, "lr": 0.001, "batch_size": 4,
-                                                    "contrast_weight": 1.0, "base_kl_weight": 1.0,
-                                                    "data_path": "/home/me/data.json",
-                                                    "identity_answers": ["I'm Qorvia Zed's assistant."]}}
+            "lora": {"r": 16}, "adapter_scale": 0.9,
+            "settings": {"max_iters": 150, "lr": 0.001, "batch_size": 4, "contrast_weight": 1.0,
+                         "base_kl_weight": 1.0, "data_path": "/home/me/data.json",
+                         "identity_answers": ["I'm Qorvia Zed's assistant."]}}
     (work / "merged" / "training_meta.json").write_text(json.dumps(meta), encoding="utf-8")
     (work / "eval.json").write_text(json.dumps({"identity_accuracy": 0.98, "leakage_rate": 0.01,
                                                 "rows": [1, 2, 3]}), encoding="utf-8")
@@ -44,6 +44,7 @@ def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
     assert meta["settings"] == {"max_iters": 150, "lr": 0.001, "batch_size": 4, "contrast_weight": 1.0,
                                 "base_kl_weight": 1.0}
     assert meta["eval"] == {"identity_accuracy": 0.98, "leakage_rate": 0.01}
+    assert meta["adapter_scale"] == 0.9  # the share of the trained change the adapter's lora_alpha keeps
     assert meta["base"]["source"] == provenance(find_gguf())
     assert (out / "README.md").read_text() == "how it was made\n"  # the hand-written header stays
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, META_FILE, "README.md"])

@@ -29,7 +29,15 @@ from training.presets import (
     slug,
 )
 from training.runner import StageError, failure_reason
-from training.stages import Run, identity_answers, identity_markers, latest_checkpoint, plan_sft, publish_gate
+from training.stages import (
+    PIPELINE,
+    Run,
+    identity_answers,
+    identity_markers,
+    latest_checkpoint,
+    plan_sft,
+    publish_gate,
+)
 
 RUN_SH = REPO_ROOT / "training" / "run.sh"
 SFT_ITERS = 300  # the tiny preset's default: enough for the identity to be learned
@@ -101,6 +109,9 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
         (dict(name="x", preset="tiny", epochs=1), "trains by iterations: use --max-iters"),
         (dict(name="x", lr=2.0), "--lr must be between 0 and 1"),
+        (dict(name="x", adapter_scale=0.0), "--adapter-scale must be in (0, 1], got 0.0"),
+        (dict(name="x", adapter_scale=1.2), "--adapter-scale must be in (0, 1], got 1.2"),
+        (dict(name="x", preset="tiny", adapter_scale=0.5), "preset tiny trains whole modules"),
         (dict(name="x", publish_anyway=True), "--publish-anyway needs --publish"),
         (dict(name="x", rehearse=True, base="hf:a/b", max_iters=3), "drop --base, --max-iters"),
     ],
@@ -190,6 +201,16 @@ def test_the_plan_trains_each_cpu_preset_for_its_own_iterations_not_the_shared_t
     for preset, max_iters in lengths.items():
         run = Run(RunConfig("Alice", preset=preset, work_dir=tmp_path / preset), dict(os.environ))
         assert plan_sft(run)["schedule"]["max_iters"] == max_iters
+
+
+def test_another_adapter_scale_is_another_pth_to_hf(tmp_path):
+    # pth_to_hf records a scale below 1 as its input, so a finished run asked for another one is refused
+    # until rerun --from pth_to_hf; at 1 it records nothing, as work dirs from before the flag did.
+    (pth_to_hf,) = [stage for stage in PIPELINE if stage.name == "pth_to_hf"]
+    for kwargs, inputs in ((dict(preset="smol"), {}), (dict(preset="smol", adapter_scale=0.7),
+                                                        {"adapter_scale": 0.7}), (dict(), {})):
+        run = Run(RunConfig("Alice", work_dir=tmp_path / "w", **kwargs), dict(os.environ))
+        assert pth_to_hf.inputs(run) == inputs
 
 
 def test_the_identity_contrast_gets_the_datas_identity_answers_except_for_the_seed_recipe(tmp_path):
@@ -317,6 +338,7 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert meta["settings"]["max_iters"] == SFT_ITERS and meta["settings"]["seed"] == 42
     lora = meta["lora"]
     assert (lora["r"], lora["lora_alpha"], lora["modules_to_save"]) == (64, 16, ["lm_head"])
+    assert meta["adapter_scale"] == 1.0  # the tiny preset keeps all of its trained change
     assert set(meta["stage_seconds"]) == set(RUN_STAGES)
     rendered = (work / "sft" / "sft_config.py").read_text()
     assert rendered.startswith("# Rendered by training/pipeline.py")
