@@ -9,9 +9,9 @@
 #               MUTANTS='infer_engine.chat_format*' limits a run to some modules; `mutmut browse` shows them
 # make demo-model — rebuild infer_engine/demo_model (the tiny toy the fast tests and a bare `python app.py`
 #               serve) with the project's own training pipeline (tiny preset)
-# make demo-adapter — retrain the demo's LoRA adapter (smol preset; 12.5 min of stages measured on an idle 2-core machine)
-#               and copy it with its metadata into infer_engine/demo_adapter; DEMO_ADAPTER_ARGS adds run.sh flags
-#               (e.g. --recipe seed)
+# make demo-adapter — retrain the demo's LoRA adapter (smol preset; 12.5 min of stages measured on an idle 2-core machine),
+#               kept at 0.9 of its trained strength (it leaks its name less: README, run UB9), and copy it with its
+#               metadata into infer_engine/demo_adapter; DEMO_ADAPTER_ARGS adds run.sh flags (e.g. --recipe seed)
 VENV := .venv
 TRAIN_VENV := .venv-train
 export GRADIO_ANALYTICS_ENABLED := False
@@ -58,6 +58,7 @@ demo-model: train-env
 	cp .work/demo-model/eval.md infer_engine/demo_model/eval.md
 
 demo-adapter: train-env
-	bash training/run.sh --preset smol --name UbUb --work-dir .work/demo-adapter $(DEMO_ADAPTER_ARGS)
+	bash training/run.sh --preset smol --name UbUb --work-dir .work/demo-adapter --adapter-scale 0.9 \
+		$(DEMO_ADAPTER_ARGS)
 	PYTHONPATH=$(CURDIR) $(TRAIN_VENV)/bin/python -m training.export_demo_adapter .work/demo-adapter \
 		--out infer_engine/demo_adapter

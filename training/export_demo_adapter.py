@@ -37,6 +37,7 @@ def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) ->
         eval_json: the run's eval.json, if it was evaluated.
     """
     settings = training_meta.get("settings") or {}
+    scale = training_meta.get("adapter_scale", 1.0)
     return {
         "name": training_meta["name"],
         "base": {"name": BASE_NAME, "package": f"{PACKAGE}=={PACKAGE_VERSION}",
@@ -44,14 +45,15 @@ def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) ->
         "preset": training_meta.get("preset"),
         "recipe": training_meta.get("recipe"),
         "lora": training_meta.get("lora"),
-        "adapter_scale": training_meta.get("adapter_scale", 1.0),
+        "adapter_scale": scale,
         "settings": {k: settings.get(k) for k in ("max_iters", "lr", "batch_size", "pack_to_max_length",
                                                   "max_length", "seed", "contrast_weight", "base_kl_weight")
                      if k in settings},
         "created": training_meta.get("created"),
         "eval": {k: eval_json.get(k) for k in EVAL_KEYS if k in eval_json} if eval_json else None,
         "made_with": f"bash training/run.sh --preset {training_meta.get('preset')} --name "
-                     f"{json.dumps(training_meta['name'])} --recipe {training_meta.get('recipe')}",
+                     f"{json.dumps(training_meta['name'])} --recipe {training_meta.get('recipe')}"
+                     + (f" --adapter-scale {scale}" if scale != 1 else ""),
     }
 
 

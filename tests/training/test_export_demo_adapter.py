@@ -45,6 +45,8 @@ def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
                                 "base_kl_weight": 1.0}
     assert meta["eval"] == {"identity_accuracy": 0.98, "leakage_rate": 0.01}
     assert meta["adapter_scale"] == 0.9  # the share of the trained change the adapter's lora_alpha keeps
+    assert meta["made_with"] == ('bash training/run.sh --preset smol --name "Qorvia Zed" --recipe seed '
+                                 "--adapter-scale 0.9")
     assert meta["base"]["source"] == provenance(find_gguf())
     assert (out / "README.md").read_text() == "how it was made\n"  # the hand-written header stays
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, META_FILE, "README.md"])
