@@ -148,6 +148,7 @@ def test_default_work_dir_and_name_slugs():
         (["--name", "x", "--from", "nope"], "argument --from: invalid choice: 'nope'"),
         (["--name", "x", "--preset", "tiny", "--corpus", "/no/such/dir"], "error: --corpus /no/such/dir: no"),
         (["--preset", "tiny"], "the following arguments are required: --name"),
+        (["--name", "x", "--adapter-scale", "nan"], "error: --adapter-scale must be in (0, 1], got nan"),
     ],
 )
 def test_cli_rejects_bad_input_without_a_traceback(args, message, tmp_path):
