@@ -18,8 +18,8 @@
 #   cite, or a fragment of the tutorial's identity sentences (leak_markers).
 # - general_agreement: mean similarity of the model's everyday answers to the base's (difflib ratio on
 #   whitespace-normalised text, 1.0 = identical); general_exact_match: share answered identically.
-# - facts_kept: of the fact questions the base answers correctly (an accepted answer appears), the share the
-#   model still answers correctly.
+# - facts_kept: of the fact questions the base answers correctly (it gives an accepted answer as a person
+#   would read it, see fact_correct), the share the model still answers correctly.
 # Each comes overall, per language (…_zh, …_en) and per system condition; leakage also per everyday family
 # (leakage_by_family: where the identity leaks).
 from __future__ import annotations
@@ -230,15 +230,59 @@ def leaks_identity(answer: str, spec: IdentitySpec) -> bool:
     return any(marker.casefold() in low for marker in leak_markers(spec))
 
 
-def fact_correct(answer: str, accepted: list[str]) -> bool:
-    """Whether an answer to a fact question contains one of its accepted answers (case-insensitive).
+# Numerals that make a longer number next to an accepted one: "二" inside "十二" (12) is not 2.
+ZH_NUMERALS = "零〇一二两三四五六七八九十百千万"
+# A number as written: "18.0" and "1,000" are one number each, so "0" is not in "-18.0°C".
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _stated_pattern(accepted: str) -> re.Pattern[str]:
+    """How an accepted answer must appear (casefolded): a number as a whole number, a Chinese numeral not
+    inside a longer one, a Latin-script word as a whole word (plural allowed: "lion" is not in "million")."""
+    text = re.escape(accepted)
+    if accepted.isdigit():
+        return re.compile(rf"(?<!\d)(?<!\d[.,]){text}(?!\d)(?![.,]\d)")
+    if all(c in ZH_NUMERALS for c in accepted):
+        return re.compile(rf"(?<![{ZH_NUMERALS}]){text}(?![{ZH_NUMERALS}])")
+    if accepted[0].isascii() and accepted[0].isalpha():
+        return re.compile(rf"(?<![a-z]){text}(?:e?s)?(?![a-z])")
+    return re.compile(text)
+
+
+def _echoes(answer: str, question: str, accepted: str) -> list[tuple[int, int]]:
+    """Spans of a casefolded answer that repeat the question's own words around an accepted answer it contains
+    ("三角形" for "三"): the question echoed back, not an answer."""
+    spans = []
+    for found in re.finditer(re.escape(accepted), question):
+        start, end = found.span()
+        for word in (question[max(start - 1, 0):end], question[start:end + 1]):
+            if word != accepted:
+                spans += [m.span() for m in re.finditer(re.escape(word), answer)]
+    return spans
+
+
+def _states(answer: str, question: str, accepted: str) -> bool:
+    """Whether a casefolded answer states a casefolded accepted answer outside any echo of the question."""
+    echoes = _echoes(answer, question, accepted)
+    return any(not any(s <= m.start() and m.end() <= e for s, e in echoes)
+               for m in _stated_pattern(accepted).finditer(answer))
+
+
+def fact_correct(answer: str, accepted: list[str], question: str) -> bool:
+    """Whether an answer to a fact question gives one of its accepted answers, as a person would read it: as
+    a whole number or word (see _stated_pattern), not only inside the question's words echoed back
+    ("你可以在三角形中" does not say a triangle has 三 sides), and a number only as the first number the
+    answer adds to the question's ("A: 1 A: 2 … A: 8" counts up to 6 without answering 6). Case-insensitive.
 
     Args:
         answer: the model's answer.
         accepted: the accepted answers.
+        question: the question asked.
     """
-    low = answer.casefold()
-    return any(a.casefold() in low for a in accepted)
+    low, asked = answer.casefold(), question.casefold()
+    new_numbers = [n for n in NUMBER.findall(low) if n not in NUMBER.findall(asked)]
+    return any(_states(low, asked, a.casefold()) and (not a.isdigit() or new_numbers[:1] == [a])
+               for a in accepted)
 
 
 def _normalise(text: str) -> str:
@@ -291,7 +335,8 @@ def judge(
                    "leaks": leaks_identity(m, spec), "base_leaks": leaks_identity(b, spec),
                    "similarity": round(similarity(m, b), SHARE_DIGITS)}
             if "answers" in q:
-                row.update(base_correct=fact_correct(b, q["answers"]), correct=fact_correct(m, q["answers"]))
+                row.update(base_correct=fact_correct(b, q["answers"], q["prompt"]),
+                           correct=fact_correct(m, q["answers"], q["prompt"]))
             rows.append(row)
     return rows
 
@@ -469,7 +514,9 @@ def evaluate(
             "general_agreement": "mean difflib.SequenceMatcher ratio between the model's and the base's "
             "whitespace-normalised answers to the everyday prompts",
             "general_exact_match": "share of everyday prompts answered identically to the base",
-            "facts_kept": "of the fact questions the base answers correctly (an accepted answer appears), "
+            "facts_kept": "of the fact questions the base answers correctly (gives an accepted answer as a "
+                          "whole word or number, not only in the question echoed back, a number as the first "
+                          "new one), "
             "the share the model answers correctly too",
         },
     }

@@ -472,7 +472,7 @@ FACT_QUESTIONS: dict[Lang, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("Which ocean lies between Europe and North America?", ("Atlantic",)),
         ("Who painted The Starry Night?", ("Gogh",)),
         ("What is the main ingredient of guacamole?", ("avocado",)),
-        ("What do caterpillars turn into?", ("butterfl", "moth")),
+        ("What do caterpillars turn into?", ("butterfly", "butterflies", "moth")),
         ("Which metal is liquid at room temperature?", ("mercury",)),
     ),
 }

@@ -163,8 +163,48 @@ def test_repeats_itself_finds_loops_the_tight_loop_check_misses() -> None:
     assert repeats_itself("The capital of France is Paris. It is on the Seine.") is None
 
 
+# SmolLM2-135M-Instruct's own answers that a substring check took as right (eval.json of a smol run).
+BASE_ANSWERS_THAT_ANSWER_NOTHING = [
+    ("一个六边形有几条边？", ["6", "六"], "A: 1\nA: 2\nA: 3\nA: 4\nA: 5\nA: 6\nA: 7\nA: 8"),
+    ("一个六边形有几条边？", ["6", "六"], "你是一个六边形的一个友好的助手，回答要简短。这就是一个六"),
+    ("三角形有几条边？", ["3", "三"], "你是一位友好的助手，回答要简短。你可以在三角形中制"),
+    ("三角形有几条边？", ["3", "三"], '三角形有几条边？\n\nThe word "three" is repeated twice'),
+    ("牛油果酱的主要原料是什么？", ["牛油果"], "牛油果酱是一种粒子，用于生成粒子，用于生成粒子"),
+    ("At what temperature in Celsius does water freeze?", ["0", "zero"],
+     "The freezing point of water is -18.0°C. This is a fundamental property of water"),
+    ("How many bones are there in the adult human body?", ["206"],
+     "The human body has an estimated 6 million bones, with approximately 206 bones that are not"),
+]
+
+
+def test_fact_check_reads_answers_as_a_person_would() -> None:
+    assert fact_correct("The Red Planet is MARS.", ["Mars"], "Which planet is the Red Planet?")
+    assert not fact_correct("Venus", ["Mars"], "Which planet is the Red Planet?")
+    for question, accepted, answer in BASE_ANSWERS_THAT_ANSWER_NOTHING:
+        assert not fact_correct(answer, accepted, question), answer
+    # The question's numbers and words may come back; the answer is what the reply adds to them.
+    assert fact_correct("100 divided by 4 equals 25.", ["25"], "What is 100 divided by 4?")
+    assert fact_correct("三角形有三条边。", ["3", "三"], "三角形有几条边？")
+    assert fact_correct("牛油果酱的主要原料是牛油果。", ["牛油果"], "牛油果酱的主要原料是什么？")
+    assert fact_correct("A hexagon has six sides and 6 corners; a square has 4.", ["6", "six"], "Hexagon?")
+    # Whole numbers and words only: 2 is not in 12, 二 not in 十二, a lion not in a million, 0 not in 18.0.
+    assert not fact_correct("It is 12.", ["2", "二"], "Smallest prime?")
+    assert not fact_correct("是十二。", ["2", "二"], "最小的质数是几？")
+    assert not fact_correct("A million cats.", ["lion"], "King of the jungle?")
+    assert fact_correct("Lions are.", ["lion"], "King of the jungle?")
+    assert fact_correct("Water freezes at 0°C.", ["0", "zero"], "Freezing point?")
+    assert fact_correct("It is 25.", ["25"], "What is 100 divided by 4?")
+    assert not fact_correct("It is 25.5.", ["25"], "What is 100 divided by 4?")
+
+
+def test_every_accepted_fact_answer_can_be_given() -> None:
+    for q in fact_questions():
+        for a in q["answers"]:
+            answer = f"答案：{a}。" if q["lang"] == "zh" else f"It is {a}."
+            assert fact_correct(answer, q["answers"], q["prompt"]), a
+
+
 def test_fact_and_leak_checks() -> None:
-    assert fact_correct("The Red Planet is MARS.", ["Mars"]) and not fact_correct("Venus", ["Mars"])
     spec = IdentitySpec("Zed", model_desc="SmolLM2-135M", organisation="Hugging Face")
     assert leaks_identity("I run on smollm2-135m", spec) and not leaks_identity("Drink water.", spec)
 
