@@ -280,7 +280,8 @@ def fact_correct(answer: str, accepted: list[str], question: str) -> bool:
         question: the question asked.
     """
     low, asked = answer.casefold(), question.casefold()
-    new_numbers = [n for n in NUMBER.findall(low) if n not in NUMBER.findall(asked)]
+    asked_numbers = set(NUMBER.findall(asked))
+    new_numbers = [n for n in NUMBER.findall(low) if n not in asked_numbers]
     return any(_states(low, asked, a.casefold()) and (not a.isdigit() or new_numbers[:1] == [a])
                for a in accepted)
 
