@@ -84,6 +84,10 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     # The training machine's path of the base says nothing to others: keep its dir name only.
     config = json.loads((partial / "adapter_config.json").read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = Path(str(config.get("base_model_name_or_path") or BASE_NAME)).name
+    # peft writes target_modules from a set, in an order that changes from run to run; sorted, a retrained
+    # identical adapter gives identical files, and the app's cache key (their hashes) does not change.
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     record = demo_meta(meta, provenance(find_gguf()),
                        json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None)

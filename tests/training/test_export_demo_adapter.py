@@ -52,6 +52,19 @@ def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, META_FILE, "README.md"])
 
 
+def test_export_writes_the_same_config_for_the_same_adapter(tmp_path: Path) -> None:
+    # peft saves target_modules from a set: the same adapter comes out in another order run to run.
+    exported = []
+    for i, modules in enumerate((["o_proj", "down_proj", "q_proj"], ["q_proj", "o_proj", "down_proj"])):
+        work = _run_dir(tmp_path / f"work{i}", "smol")
+        config = json.loads((work / "hf_adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+        (work / "hf_adapter" / "adapter_config.json").write_text(
+            json.dumps({**config, "target_modules": modules}), encoding="utf-8")
+        exported.append((export_adapter(work, tmp_path / f"out{i}") / "adapter_config.json").read_bytes())
+    assert exported[0] == exported[1]
+    assert json.loads(exported[0])["target_modules"] == ["down_proj", "o_proj", "q_proj"]
+
+
 def test_export_refuses_a_run_on_another_base(tmp_path: Path) -> None:
     out = tmp_path / "demo_adapter"
     with pytest.raises(ExportError, match="preset 'tiny'"):
