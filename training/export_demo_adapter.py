@@ -28,11 +28,33 @@ class ExportError(ValueError):
     """The run dir lacks what the demo adapter needs (the message names it)."""
 
 
-def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) -> dict[str, object]:
+def made_with(training_meta: dict, data_settings: dict) -> str:
+    """The run.sh command that trains these weights again: every flag that shapes them, spelt out.
+
+    Args:
+        training_meta: the run's merged/training_meta.json (name, preset, recipe, settings, adapter_scale).
+        data_settings: the "settings" of the run's data/meta.json (identity_repeat or seed_repeat).
+    """
+    settings = training_meta.get("settings") or {}
+    flags = [("--preset", training_meta.get("preset")), ("--name", json.dumps(training_meta["name"])),
+             ("--recipe", training_meta.get("recipe")), ("--max-iters", settings.get("max_iters")),
+             ("--lr", settings.get("lr")), ("--seed", settings.get("seed")),
+             ("--identity-repeat", data_settings.get("identity_repeat")),
+             ("--seed-repeat", data_settings.get("seed_repeat"))]
+    scale = training_meta.get("adapter_scale", 1.0)
+    if scale != 1:
+        flags.append(("--adapter-scale", scale))
+    given = [f"{flag} {value}" for flag, value in flags if value is not None]
+    return " ".join(["bash training/run.sh", *given])
+
+
+def demo_meta(training_meta: dict, data_settings: dict, base_source: dict,
+              eval_json: dict | None) -> dict[str, object]:
     """The committed metadata of the demo adapter.
 
     Args:
         training_meta: the run's merged/training_meta.json (name, preset, recipe, lora, settings, created).
+        data_settings: the "settings" of the run's data/meta.json (identity_repeat or seed_repeat).
         base_source: where the base weights come from (training.smol_base.provenance of the GGUF file).
         eval_json: the run's eval.json, if it was evaluated.
     """
@@ -51,9 +73,7 @@ def demo_meta(training_meta: dict, base_source: dict, eval_json: dict | None) ->
                      if k in settings},
         "created": training_meta.get("created"),
         "eval": {k: eval_json.get(k) for k in EVAL_KEYS if k in eval_json} if eval_json else None,
-        "made_with": f"bash training/run.sh --preset {training_meta.get('preset')} --name "
-                     f"{json.dumps(training_meta['name'])} --recipe {training_meta.get('recipe')}"
-                     + (f" --adapter-scale {scale}" if scale != 1 else ""),
+        "made_with": made_with(training_meta, data_settings),
     }
 
 
@@ -61,12 +81,13 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     """Copy WORK/hf_adapter's files and write demo_meta.json into ``out`` (replaced atomically).
 
     Args:
-        work: the run's work dir (hf_adapter/, merged/training_meta.json, eval.json).
+        work: the run's work dir (hf_adapter/, merged/training_meta.json, data/meta.json, eval.json).
         out: the demo adapter dir to write.
         training_meta: the run's training_meta.json (default: WORK/merged/training_meta.json).
     """
     adapter, meta_path = work / "hf_adapter", training_meta or work / "merged" / TRAINING_META
-    for path in [adapter / name for name in ADAPTER_FILES] + [meta_path]:
+    data_meta = work / "data" / "meta.json"
+    for path in [adapter / name for name in ADAPTER_FILES] + [meta_path, data_meta]:
         if not path.is_file():
             raise ExportError(f"{path} not found: run bash training/run.sh --preset smol first")
     too_big = [name for name in ADAPTER_FILES if (adapter / name).stat().st_size > MAX_FILE_BYTES]
@@ -89,7 +110,8 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    record = demo_meta(meta, provenance(find_gguf()),
+    record = demo_meta(meta, json.loads(data_meta.read_text(encoding="utf-8")).get("settings") or {},
+                       provenance(find_gguf()),
                        json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None)
     (partial / META_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n",
                                      encoding="utf-8")

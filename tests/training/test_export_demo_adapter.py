@@ -4,6 +4,7 @@ Run: .venv-train/bin/python -m pytest tests/training/test_export_demo_adapter.py
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from infer_engine.smol_demo import ADAPTER_FILES, DEMO_ADAPTER_DIR, META_FILE, adapter_meta
 from training.export_demo_adapter import ExportError, export_adapter
+from training.pipeline import parse_args
 from training.smol_base import find_gguf, provenance
 
 
@@ -24,6 +26,8 @@ def _run_dir(work: Path, preset: str) -> Path:
                          "base_kl_weight": 1.0, "data_path": "/home/me/data.json",
                          "identity_answers": ["I'm Qorvia Zed's assistant."]}}
     (work / "merged" / "training_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (work / "data").mkdir()
+    (work / "data" / "meta.json").write_text(json.dumps({"settings": {"seed_repeat": 7}}), encoding="utf-8")
     (work / "eval.json").write_text(json.dumps({"identity_accuracy": 0.98, "leakage_rate": 0.01,
                                                 "rows": [1, 2, 3]}), encoding="utf-8")
     return work
@@ -46,7 +50,7 @@ def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
     assert meta["eval"] == {"identity_accuracy": 0.98, "leakage_rate": 0.01}
     assert meta["adapter_scale"] == 0.9  # the share of the trained change the adapter's lora_alpha keeps
     assert meta["made_with"] == ('bash training/run.sh --preset smol --name "Qorvia Zed" --recipe seed '
-                                 "--adapter-scale 0.9")
+                                 "--max-iters 150 --lr 0.001 --seed-repeat 7 --adapter-scale 0.9")
     assert meta["base"]["source"] == provenance(find_gguf())
     assert (out / "README.md").read_text() == "how it was made\n"  # the hand-written header stays
     assert sorted(p.name for p in out.iterdir()) == sorted([*ADAPTER_FILES, META_FILE, "README.md"])
@@ -70,3 +74,16 @@ def test_export_refuses_a_run_on_another_base(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="preset 'tiny'"):
         export_adapter(_run_dir(tmp_path / "work", "tiny"), out)
     assert not out.exists()
+
+
+def test_the_committed_adapter_says_how_to_train_it_again() -> None:
+    # made_with is a command a user can paste: run.sh's own parser takes it, with the recorded settings.
+    meta = adapter_meta(DEMO_ADAPTER_DIR)
+    command = shlex.split(meta["made_with"])
+    assert command[:2] == ["bash", "training/run.sh"]
+    cfg = parse_args(command[2:])
+    settings = meta["settings"]
+    assert (cfg.name, cfg.preset, cfg.recipe) == (meta["name"], meta["preset"], meta["recipe"])
+    assert (cfg.max_iters, cfg.lr, cfg.seed) == (settings["max_iters"], settings["lr"], settings["seed"])
+    assert cfg.adapter_scale == meta["adapter_scale"]
+    assert cfg.identity_repeat is not None  # the data's shape, not left to a default that may change
