@@ -17,7 +17,9 @@ from pathlib import Path
 
 from infer_engine.smol_demo import ADAPTER_FILES, BASE_NAME, META_FILE
 from training.convert_merge import META_FILE as TRAINING_META
+from training.presets import PRESETS, reproduce_command
 from training.smol_base import PACKAGE, PACKAGE_VERSION, find_gguf, provenance
+from training.stages import public_base
 
 MAX_FILE_BYTES = 10_000_000  # the repo's limit for one file (tests/test_repo_size.py)
 EVAL_KEYS = ("identity_accuracy", "identity_accuracy_zh", "identity_accuracy_en", "base_identity_accuracy",
@@ -26,26 +28,6 @@ EVAL_KEYS = ("identity_accuracy", "identity_accuracy_zh", "identity_accuracy_en"
 
 class ExportError(ValueError):
     """The run dir lacks what the demo adapter needs (the message names it)."""
-
-
-def made_with(training_meta: dict, data_settings: dict) -> str:
-    """The run.sh command that trains these weights again: every flag that shapes them, spelt out.
-
-    Args:
-        training_meta: the run's merged/training_meta.json (name, preset, recipe, settings, adapter_scale).
-        data_settings: the "settings" of the run's data/meta.json (identity_repeat or seed_repeat).
-    """
-    settings = training_meta.get("settings") or {}
-    flags = [("--preset", training_meta.get("preset")), ("--name", json.dumps(training_meta["name"])),
-             ("--recipe", training_meta.get("recipe")), ("--max-iters", settings.get("max_iters")),
-             ("--lr", settings.get("lr")), ("--seed", settings.get("seed")),
-             ("--identity-repeat", data_settings.get("identity_repeat")),
-             ("--seed-repeat", data_settings.get("seed_repeat"))]
-    scale = training_meta.get("adapter_scale", 1.0)
-    if scale != 1:
-        flags.append(("--adapter-scale", scale))
-    given = [f"{flag} {value}" for flag, value in flags if value is not None]
-    return " ".join(["bash training/run.sh", *given])
 
 
 def demo_meta(training_meta: dict, data_settings: dict, base_source: dict,
@@ -73,7 +55,8 @@ def demo_meta(training_meta: dict, data_settings: dict, base_source: dict,
                      if k in settings},
         "created": training_meta.get("created"),
         "eval": {k: eval_json.get(k) for k in EVAL_KEYS if k in eval_json} if eval_json else None,
-        "made_with": made_with(training_meta, data_settings),
+        "made_with": reproduce_command(training_meta["name"], training_meta["preset"],
+                                       training_meta["recipe"], settings, data_settings, adapter_scale=scale),
     }
 
 
@@ -96,6 +79,12 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("preset") != "smol":
         raise ExportError(f"{meta_path}: preset {meta.get('preset')!r}; the demo adapter is for smol's base")
+    base = (meta.get("base") or {}).get("source")
+    if base != public_base(PRESETS["smol"].default_base):  # the app merges the adapter into that base
+        raise ExportError(f"{meta_path}: trained on {base!r}; the demo adapter is for smol's own base")
+    if meta.get("corpus"):
+        raise ExportError(f"{meta_path}: trained after pre-training on {meta['corpus']!r}; the demo adapter "
+                          "is merged into smol's own base as it is")
     eval_path = work / "eval.json"
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

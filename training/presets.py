@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,3 +329,34 @@ class RunConfig:
             stage: a name from STAGES.
         """
         return {"pretrain": self.corpus is not None, "publish": self.publish is not None}.get(stage, True)
+
+
+def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str, object],
+                      data_settings: Mapping[str, object], base: str | None = None, corpus: str | None = None,
+                      adapter_scale: float = 1.0) -> str:
+    """The run.sh command that trains the same weights again: every flag that shapes them, spelt out (the
+    preset's defaults too, which may change), each value quoted for a POSIX shell.
+
+    Args:
+        name: --name.
+        preset: --preset (a key of PRESETS; its length setting picks --max-iters or --epochs).
+        recipe: --recipe.
+        settings: the SFT config's literal settings (max_iters or max_epochs, lr, seed).
+        data_settings: the "settings" of the run's data/meta.json (identity_repeat or seed_repeat).
+        base: --base as it may be published (None: the preset's default base).
+        corpus: --corpus, the corpus directory's name (None: no continued pre-training).
+        adapter_scale: --adapter-scale (left out at 1).
+    """
+    if preset not in PRESETS:
+        raise RunConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    length = PRESETS[preset].length_setting
+    flags = [("--preset", preset), ("--name", name), ("--recipe", recipe), ("--base", base),
+             ("--corpus", corpus),
+             ("--max-iters" if length == "max_iters" else "--epochs", settings.get(length)),
+             ("--lr", settings.get("lr")), ("--seed", settings.get("seed")),
+             ("--identity-repeat", data_settings.get("identity_repeat")),
+             ("--seed-repeat", data_settings.get("seed_repeat")),
+             ("--adapter-scale", adapter_scale if adapter_scale != 1 else None)]
+    given = [str(part) for flag, value in flags if value is not None for part in (flag, value)]
+    return shlex.join(["bash", "training/run.sh", *given])
+

@@ -11,8 +11,9 @@
 Model card inputs, all optional, looked up in the model dir and then in its parent (run.sh's work dir):
 
 * ``training_meta.json``: a JSON object. ``name``, ``base_model`` (else ``base.source``, as
-  training/pipeline.py writes it) and ``identity`` (strings) head the card; every other key, and every entry
-  of an optional ``settings`` object, is a row of the settings table.
+  training/pipeline.py writes it) and ``identity`` (strings) head the card, and ``reproduce`` (the run.sh
+  command the pipeline recorded) follows them; every other key, and every entry of an optional ``settings``
+  object, is a row of the settings table.
   Example: ``{"name": "UbUb", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "我是UbUb的小助手…",
   "recipe": "identity", "settings": {"lora_r": 64, "lr": 2e-4, "epochs": 3}}``.
 * ``eval.md`` (training/evaluate.py's report): included as the evaluation section, headings one level down;
@@ -110,6 +111,7 @@ class CardInfo:
     eval_md: str | None = None  # training/evaluate.py's eval.md
     figures: tuple[Path, ...] = ()  # images eval.md shows (loss.png, eval.png), published beside the card
     remote_code: tuple[str, ...] = ()  # Python files the model runs when loaded (auto_map)
+    reproduce: str | None = None  # the run.sh command that trains it again, as the pipeline recorded it
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def load_card_info(
             raise PublishError(f"cannot read {meta_path}: {err}") from None
         if not isinstance(data, dict):
             raise PublishError(f"{meta_path} must hold a JSON object, got {type(data).__name__}")
-    heads = {key: data.pop(key, None) for key in ("name", "base_model", "identity")}
+    heads = {key: data.pop(key, None) for key in ("name", "base_model", "identity", "reproduce")}
     for key, value in heads.items():
         if value is not None and not isinstance(value, str):
             raise PublishError(f"{meta_path}: {key!r} must be a string, got {value!r}")
@@ -192,6 +194,7 @@ def load_card_info(
         else None,
         figures=tuple(linked_figures(eval_path)) if eval_path else (),
         remote_code=tuple(remote_code_files(model_dir)),
+        reproduce=public_text(heads["reproduce"], model_dir.resolve().parent) if heads["reproduce"] else None,
     )
 
 
@@ -239,8 +242,10 @@ def render_model_card(info: CardInfo) -> str:
         body += [f"> {info.identity}", ""]
     base = f"`{info.base_model}`" if info.base_model else "its base model"
     body += [f"Fine-tuned from {base} with XTuner (LoRA/QLoRA) to take the identity **{info.name}**, "
-             "then merged into a full Hugging Face model. "
-             f"Reproduce: `bash training/run.sh --name {info.name}`.", ""]
+             "then merged into a full Hugging Face model.", ""]
+    if info.reproduce:  # an indented code block: nothing in a shell-quoted name can end it
+        body += ["To train it again, run this from the root of the project that made it:", "",
+                 f"    {info.reproduce}", ""]
     if info.settings:
         body += ["## Training settings", "", "| setting | value |", "|---|---|"]
         body += [f"| {_cell(k)} | {_cell(v)} |" for k, v in info.settings.items()]

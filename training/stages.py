@@ -43,6 +43,7 @@ from training.presets import (
     RUNTIME_SETTINGS,
     STAGES,
     RunConfig,
+    reproduce_command,
 )
 from training.progress import METRICS_FILE, write_metrics
 from training.publish import TARGET_ENV, public_json
@@ -264,7 +265,19 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "adapter_scale": cfg.adapter_scale if stage == "sft" else 1.0,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if stage == "sft" and not cfg.rehearse:  # the model card's "Reproduce" line (a rehearsal has no twin)
+        data = json.loads((run.work / "data" / "meta.json").read_text(encoding="utf-8"))
+        meta["reproduce"] = reproduce_command(cfg.name, cfg.preset, cfg.recipe, settings, data["settings"],
+                                              _base_arg(cfg.base), meta["corpus"], cfg.adapter_scale)
     return public_json(meta, run.work)  # published with the model: no token, no path of this machine
+
+
+def _base_arg(base: str | None) -> str | None:
+    # A local base by its directory's name (the path is this machine's), any other source without credentials.
+    if base is None:
+        return None
+    source = parse_source(base)
+    return Path(source.location).name if source.kind == "local" else public_source(base)
 
 
 def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:

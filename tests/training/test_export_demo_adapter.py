@@ -16,12 +16,13 @@ from training.pipeline import parse_args
 from training.smol_base import find_gguf, provenance
 
 
-def _run_dir(work: Path, preset: str) -> Path:
+def _run_dir(work: Path, preset: str, **changes: object) -> Path:
     """A finished run's outputs as the pipeline leaves them (adapter files taken from the committed one)."""
     (work / "merged").mkdir(parents=True)
     shutil.copytree(DEMO_ADAPTER_DIR, work / "hf_adapter")
     meta = {"name": "Qorvia Zed", "preset": preset, "recipe": "seed", "created": "2026-11-30T19:14:28+00:00",
-            "lora": {"r": 16}, "adapter_scale": 0.9,
+            "base": {"source": "built by training.smol_base.cached_smol_base"}, "corpus": None,
+            "lora": {"r": 16}, "adapter_scale": 0.9, **changes,
             "settings": {"max_iters": 150, "lr": 0.001, "batch_size": 4, "contrast_weight": 1.0,
                          "base_kl_weight": 1.0, "data_path": "/home/me/data.json",
                          "identity_answers": ["I'm Qorvia Zed's assistant."]}}
@@ -49,7 +50,7 @@ def test_export_copies_the_adapter_and_writes_its_facts(tmp_path: Path) -> None:
                                 "base_kl_weight": 1.0}
     assert meta["eval"] == {"identity_accuracy": 0.98, "leakage_rate": 0.01}
     assert meta["adapter_scale"] == 0.9  # the share of the trained change the adapter's lora_alpha keeps
-    assert meta["made_with"] == ('bash training/run.sh --preset smol --name "Qorvia Zed" --recipe seed '
+    assert meta["made_with"] == ("bash training/run.sh --preset smol --name 'Qorvia Zed' --recipe seed "
                                  "--max-iters 150 --lr 0.001 --seed-repeat 7 --adapter-scale 0.9")
     assert meta["base"]["source"] == provenance(find_gguf())
     assert (out / "README.md").read_text() == "how it was made\n"  # the hand-written header stays
@@ -69,10 +70,18 @@ def test_export_writes_the_same_config_for_the_same_adapter(tmp_path: Path) -> N
     assert json.loads(exported[0])["target_modules"] == ["down_proj", "o_proj", "q_proj"]
 
 
-def test_export_refuses_a_run_on_another_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("preset", "changes", "message"),
+    [("tiny", {}, "preset 'tiny'"),
+     ("smol", {"base": {"source": "hf:someone/smol-finetune"}}, "trained on 'hf:someone/smol-finetune'"),
+     ("smol", {"corpus": "notes"}, "trained after pre-training on 'notes'")],
+)
+def test_export_refuses_a_run_on_another_base(tmp_path: Path, preset: str, changes: dict,
+                                              message: str) -> None:
+    # The app merges the demo adapter into smol's own base, as the package ships it.
     out = tmp_path / "demo_adapter"
-    with pytest.raises(ExportError, match="preset 'tiny'"):
-        export_adapter(_run_dir(tmp_path / "work", "tiny"), out)
+    with pytest.raises(ExportError, match=message):
+        export_adapter(_run_dir(tmp_path / "work", preset, **changes), out)
     assert not out.exists()
 
 

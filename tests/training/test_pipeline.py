@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import string
@@ -18,6 +19,7 @@ import pytest
 from training.config_render import ConfigRenderError, literal_settings, render_config
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.make_identity_data import identity_questions
+from training.pipeline import parse_args
 from training.presets import (
     PRESETS,
     PUBLISH_MAX_LEAKAGE_RATE,
@@ -26,6 +28,7 @@ from training.presets import (
     STAGES,
     RunConfig,
     RunConfigError,
+    reproduce_command,
     slug,
 )
 from training.runner import StageError, failure_reason
@@ -138,6 +141,31 @@ def test_default_work_dir_and_name_slugs():
     assert slug("Ub Ub") == "ub-ub"
     assert re.fullmatch(r"name-[0-9a-f]{8}", slug("小助手"))
     assert slug("小助手") != slug("小明") and slug("Ub小") != slug("Ub大")
+
+
+@pytest.mark.parametrize(
+    ("preset", "settings", "iters_epochs"),
+    [("smol", {"max_iters": 225, "lr": 0.002, "seed": 7}, (225, None)),
+     ("internlm2_5-1_8b", {"max_epochs": 3, "max_iters": 300, "lr": 0.0002, "seed": 7}, (None, 3))],
+)
+def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(preset, settings, iters_epochs,
+                                                                               tmp_path, monkeypatch):
+    name = "O'Hara $HOME `id` \"x\""  # each would break a command that did not quote it
+    command = reproduce_command(name, preset, "identity", settings, {"identity_repeat": 3},
+                                base="hf:someone/other-base", corpus="my notes", adapter_scale=0.9)
+    words = shlex.split(command)
+    assert words[:2] == ["bash", "training/run.sh"]
+    (tmp_path / "my notes").mkdir()  # the corpus is recorded by its dir's name: here is one of that name
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(words[2:])  # run.sh's own parser takes it back, value for value
+    assert (cfg.name, cfg.preset, cfg.recipe, cfg.base) == (name, preset, "identity", "hf:someone/other-base")
+    # The preset's own length setting only (the InternLM2.5 config derives max_iters from its epochs).
+    assert (cfg.max_iters, cfg.epochs, cfg.lr, cfg.seed) == (*iters_epochs, settings["lr"], 7)
+    assert (cfg.identity_repeat, cfg.adapter_scale, cfg.corpus) == (3, 0.9, tmp_path / "my notes")
+    plain = reproduce_command("UbUb", "smol", "seed", {"lr": 0.002}, {"seed_repeat": 5})
+    assert plain == "bash training/run.sh --preset smol --name UbUb --recipe seed --lr 0.002 --seed-repeat 5"
+    with pytest.raises(RunConfigError, match="unknown preset 'nope'"):
+        reproduce_command("UbUb", "nope", "seed", {}, {})
 
 
 @pytest.mark.parametrize(
@@ -352,6 +380,15 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert re.search(r"loss_contrast: \d", (work / "logs" / "sft.log").read_text())
     log = (work / "logs" / "sft.log").read_text()
     assert re.search(r"loss_name: \d", log) and "loss_base_kl" not in log  # the tiny preset trains no KL
+    # The model card's "train it again" line: run.sh's parser takes it back (the local base is recorded by
+    # its dir's name, the path being this machine's: put back here), with every setting the run used.
+    words = shlex.split(meta["reproduce"])
+    assert words[words.index("--base") + 1] == tiny_run["base"].name and str(work) not in meta["reproduce"]
+    words[words.index("--base") + 1] = str(tiny_run["base"])
+    again = parse_args(words[2:])
+    assert (again.name, again.preset, again.recipe, again.max_iters, again.seed, again.identity_repeat) == (
+        tiny_run["name"], "tiny", "identity", SFT_ITERS, 42, data_meta["settings"]["identity_repeat"])
+    assert again.lr == meta["settings"]["lr"] and again.adapter_scale == 1.0
 
     # The fine-tune learned the new name, and the eval says so against the base model.
     # (The 1.5M-parameter model often garbles the rest of the sentence, which the strict identity_accuracy
@@ -468,6 +505,7 @@ def test_corpus_adds_continued_pretraining_whose_merge_is_the_sft_base(tiny_run,
     assert f"pretrained_model_name_or_path = {str(pretrained)!r}" in rendered
     meta = json.loads((work / "merged" / "training_meta.json").read_text())
     assert meta["corpus"] == "corpus" and "pretrain" in meta["stage_seconds"]  # its name: no local path
+    assert "--corpus corpus --max-iters 20 " in meta["reproduce"]
 
 
 def _children(pid: int) -> list[int]:

@@ -40,8 +40,9 @@ EVAL_MD = """# Evaluation: identity 'Ada'
 |---|---|---|
 | 1+1=? | 2 | 2 |
 """
+REPRODUCE = "bash training/run.sh --preset internlm2_5-1_8b --name 'Ada Lo' --recipe identity --epochs 3"
 META = {"name": "Ada", "base_model": "internlm/internlm2_5-1_8b-chat", "identity": "I am Ada's assistant.",
-        "recipe": "identity", "settings": {"lora_r": 64, "lr": 0.0002, "epochs": 3}}
+        "recipe": "identity", "settings": {"lora_r": 64, "lr": 0.0002, "epochs": 3}, "reproduce": REPRODUCE}
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +119,7 @@ def test_push_to_bare_repo_with_lfs_then_clone_back(
     card = (clone / "README.md").read_text()
     assert "base_model: internlm/internlm2_5-1_8b-chat" in card and "# Ada" in card
     assert "I am Ada's assistant." in card and "| lora_r | 64 |" in card
+    assert f"\n\n    {REPRODUCE}\n\n" in card and "| reproduce |" not in card  # a code block, not a setting
     assert "## Evaluation: identity 'Ada'" in card and "### General prompts (first 1)" in card
     assert "| identity accuracy (24 held-out paraphrases) | 0.0 % | 91.7 % |" in card
     for text in (card, (bare / "config").read_text(), (clone / ".git" / "config").read_text()):
@@ -216,6 +218,7 @@ def test_model_card_rendering() -> None:
     assert "base_model:" not in card  # a local path is not a Hub id: the Hub would reject the metadata
     assert "| note | a\\|b c |" in card
     assert "## Evaluation\n\n| m | v |" in card
+    assert "train it again" not in card  # no recorded command, no guessed one
     assert parse_target("https://code.openxlab.org.cn/a/b.git").kind == "git"
 
 
