@@ -359,4 +359,3 @@ def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str
              ("--adapter-scale", adapter_scale if adapter_scale != 1 else None)]
     given = [str(part) for flag, value in flags if value is not None for part in (flag, value)]
     return shlex.join(["bash", "training/run.sh", *given])
-
