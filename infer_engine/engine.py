@@ -27,7 +27,13 @@ from infer_engine.chat_format import (
     normalise_messages,
     trim_messages,
 )
-from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
+from infer_engine.settings import (
+    MIN_PROMPT_TOKENS,
+    EngineSettings,
+    GenerationParams,
+    SettingsError,
+    reply_token_limit,
+)
 
 __all__ = [
     "ChatEngine",
@@ -156,6 +162,10 @@ def prepare_prompt(
     """
     if not isinstance(params, GenerationParams):
         raise SettingsError(f"params must be GenerationParams, got {type(params).__name__}")
+    most = reply_token_limit(session_len)
+    if params.max_new_tokens > most:
+        raise SettingsError(f"max_new_tokens must be at most {most} here (a session of {session_len} tokens "
+                            f"keeps {MIN_PROMPT_TOKENS} for the prompt), got {params.max_new_tokens}")
     return trim_messages(tokenizer, normalise_messages(messages), params.max_new_tokens, session_len)
 
 

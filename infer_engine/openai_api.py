@@ -7,9 +7,9 @@ server-sent events or whole) and ``/v1/models``, on the same engine, settings an
 The wire format is OpenAI's Chat Completions, close enough for the ``openai`` package, LangChain's
 ``ChatOpenAI`` and ``curl -N``. Sampling values become a ``GenerationParams`` (validated there, as for the
 page); messages go through the engine's own checks and injection-safe encoding. Errors are OpenAI error
-objects: 400 bad request, 401 bad key (``API_KEYS``), 404 unknown path, 413 body too large, 503 when
-``engine.max_concurrency + queue_size`` API requests are already in flight. A client that disconnects aborts
-its reply in the engine at once.
+objects: 400 bad request, 401 bad key (``API_KEYS``), 404 unknown path, 405 wrong method, 413 body too large,
+503 when ``engine.max_concurrency + queue_size`` API requests are already in flight. A client that disconnects
+aborts its reply in the engine at once.
 
 Why a thread per reply: the engine's stream blocks while it waits for text. One thread iterates it and hands
 each piece to the event loop, which sends everything decoded so far in one event: no thread hop per token,
@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from loguru import logger
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
@@ -42,6 +43,9 @@ from infer_engine.settings import MAX_REQUEST_BYTES, GenerationParams, ServerSet
 EVENT_INTERVAL_S = 0.02  # streamed text: at most ~50 events a second after the first (a person sees no gap)
 MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
 MAX_STOP_CHARS = 256
+MAX_NAMED_FIELDS = 5  # unknown fields an error names (a body may hold thousands)
+MAX_FIELD_NAME_CHARS = 40
+ENDPOINTS = {"chat/completions": "POST", "models": "GET"}
 # OpenAI fields this server cannot honour: accepted only when absent or at their "off" value
 UNSUPPORTED = {
     "seed": (None,),  # the engine samples batched replies with one shared generator: temperature 0 is exact
@@ -83,16 +87,25 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        # A field name or value echoed back may hold a lone surrogate ("\ud800"), which JSON text may carry
+        # but UTF-8 cannot: escaped, the error can always be sent.
+        message, param = _sendable(message), param if param is None else _sendable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        headers = {"Retry-After": "1", **self.headers} if self.status == 503 else self.headers
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _sendable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    length_field: str = "max_tokens"  # the field that set params.max_new_tokens, as its errors name it
 
 
 def model_id(name: str) -> str:
@@ -147,9 +161,12 @@ def parse_chat_request(body: object, defaults: GenerationParams) -> ChatRequest:
     """
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN)
+    unknown = [name if len(name) <= MAX_FIELD_NAME_CHARS else f"{name[:MAX_FIELD_NAME_CHARS]}…"
+               for name in sorted(set(body) - KNOWN)]
     if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
+        more = f" (and {len(unknown) - MAX_NAMED_FIELDS} more)" if len(unknown) > MAX_NAMED_FIELDS else ""
+        names = ", ".join(unknown[:MAX_NAMED_FIELDS])
+        raise APIError(400, f"Unrecognized request argument supplied: {names}{more}", unknown[0])
     for name, off in UNSUPPORTED.items():
         if not any(type(body.get(name)) is type(value) and body.get(name) == value for value in off):
             hint = ": temperature 0 gives reproducible (greedy) replies" if name == "seed" else ""
@@ -183,19 +200,32 @@ def parse_chat_request(body: object, defaults: GenerationParams) -> ChatRequest:
         "top_k": defaults.top_k if body.get("top_k") is None else body["top_k"],
         "do_sample": not greedy,
     }
+    length_field = next(iter(limits), "max_tokens")
     try:
         params = replace(defaults, **values)
-    except SettingsError as exc:  # "top_p must be between 0.01 and 1.0, got 0.0": name the field sent
-        field, _, rest = str(exc).partition(" ")
-        name = next(iter(limits), "max_tokens") if field == "max_new_tokens" else field
-        raise APIError(400, f"{name} {rest}" if name else str(exc), name) from None
+    except SettingsError as exc:
+        raise field_error(exc, length_field) from None
     return ChatRequest(
         messages=body["messages"],
         params=params,
         stop=_stop_strings(body.get("stop")),
         stream=bool(stream),
         include_usage=bool(options and options.get("include_usage")),
+        length_field=length_field,
     )
+
+
+def field_error(exc: SettingsError, length_field: str) -> APIError:
+    """A 400 for a refused sampling value, naming the field that was sent: "top_p must be between 0.01 and
+    1.0, got 0.0"; the engine's "max_new_tokens ..." as "max_tokens ..." (or "max_completion_tokens ...").
+
+    Args:
+        exc: the error of ``GenerationParams`` or of the engine's check of it.
+        length_field: the request field that gave ``max_new_tokens``.
+    """
+    field, _, rest = str(exc).partition(" ")
+    name = length_field if field == "max_new_tokens" else field
+    return APIError(400, f"{name} {rest}" if name else str(exc), name)
 
 
 def authorized(request: Request, keys: Sequence[str]) -> bool:
@@ -221,13 +251,16 @@ async def read_json(request: Request) -> object:
     if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_REQUEST_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REQUEST_BYTES:
+                raise too_large
+    except ClientDisconnect:  # gone before the whole body came: nobody reads the answer, nothing to log
+        raise APIError(400, "the client closed the connection before the whole body was sent") from None
     try:
         return json.loads(body)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting deeper than Python recurses
         raise APIError(400, "the request body must be JSON (Content-Type: application/json)") from None
 
 
@@ -477,6 +510,7 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
                 401,
                 "Incorrect API key provided: send 'Authorization: Bearer KEY' with one of the server's keys",
                 code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
 
     @router.get("/models")
@@ -509,7 +543,10 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
         reply = Reply(engine, chat, f"openai-{uuid.uuid4().hex[:12]}")
         try:
             stream = await reply.start()
-        except (ChatInputError, SettingsError) as exc:
+        except SettingsError as exc:  # max_tokens over what the session leaves for a reply
+            admission.leave()
+            return field_error(exc, chat.length_field).response()
+        except ChatInputError as exc:
             admission.leave()
             return APIError(400, str(exc), "messages").response()
         except Exception as exc:  # GenerationError: the engine is closed or its decoder died
@@ -525,6 +562,11 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(request: Request, path: str) -> Response:
+        endpoint = "models" if path.startswith("models/") else path
+        if endpoint in ENDPOINTS:  # a real endpoint asked with another method
+            method = ENDPOINTS[endpoint]
+            return APIError(405, f"/v1/{path} takes {method}, not {request.method}",
+                            code="method_not_allowed", headers={"Allow": method}).response()
         return APIError(
             404,
             f"Unknown endpoint /v1/{path}: this server offers /v1/chat/completions and /v1/models",

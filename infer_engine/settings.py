@@ -92,6 +92,17 @@ class GenerationParams:
             raise SettingsError(f"do_sample must be true or false, got {self.do_sample!r}")
 
 
+def reply_token_limit(session_len: int) -> int:
+    """The most ``max_new_tokens`` a reply may ask for in a session: it keeps ``MIN_PROMPT_TOKENS`` for the
+    prompt (bigger values could never be answered; ``session_len`` >= 64 leaves at least 32). The page's
+    slider ends there, and both APIs refuse more.
+
+    Args:
+        session_len: most tokens of prompt + reply.
+    """
+    return min(MAX_NEW_TOKENS, session_len - MIN_PROMPT_TOKENS)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How the inference engine is built.
@@ -151,9 +162,8 @@ class EngineSettings:
 
     @property
     def max_reply_tokens(self) -> int:
-        """The most ``max_new_tokens`` a reply may ask for: ``session_len`` keeps ``MIN_PROMPT_TOKENS`` for
-        the prompt (bigger values could never be answered; ``session_len`` >= 64 leaves at least 32)."""
-        return min(MAX_NEW_TOKENS, self.session_len - MIN_PROMPT_TOKENS)
+        """The most ``max_new_tokens`` a reply may ask for (see ``reply_token_limit``)."""
+        return reply_token_limit(self.session_len)
 
     def default_params(self) -> GenerationParams:
         """``GenerationParams()`` with ``max_new_tokens`` lowered to ``max_reply_tokens`` when the session is

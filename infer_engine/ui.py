@@ -539,6 +539,7 @@ def build_ui(
                 raise gr.Error(
                     "This reply was replaced by a newer request from the same client session.",
                     title="Replaced",
+                    print_exception=False,  # what the client asked for, not a failure: no traceback
                 )
         finally:
             slots.release(session, token)

@@ -1,0 +1,105 @@
+"""The ``/v1`` routes (``infer_engine/openai_api.py``) on a real engine with a short session, in process:
+requests a client can send that once got a bare 500 or a misleading error. The running app's API is tested
+end to end in tests/app/test_openai_api.py.
+
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/infer_engine/test_openai_api.py -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.requests import Request
+
+from infer_engine.engine import create_engine
+from infer_engine.openai_api import MAX_NAMED_FIELDS, APIError, openai_routes, read_json
+from infer_engine.settings import MIN_PROMPT_TOKENS, EngineSettings, ServerSettings
+
+SESSION_LEN = 256
+MOST = SESSION_LEN - MIN_PROMPT_TOKENS  # what the page's slider allows
+CHAT = "/v1/chat/completions"
+HI = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model_dir: Path) -> Iterator[TestClient]:
+    engine = create_engine(tiny_model_dir, EngineSettings(backend="transformers", session_len=SESSION_LEN))
+    app = FastAPI(routes=openai_routes(engine, ServerSettings(api_keys=("k1",)), "tiny"))
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer k1"}) as client:
+        yield client
+    engine.close()
+
+
+def error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_reply_longer_than_the_session_allows_is_refused_naming_the_field_sent(api, field) -> None:
+    # Under the engine's 2048 but over what a 256-token session leaves: the page's slider ends at MOST.
+    refused = error(api.post(CHAT, json={**HI, field: MOST + 1}), 400)
+    assert refused["param"] == field
+    assert refused["message"].startswith(f"{field} must be at most {MOST} here")
+    answered = api.post(CHAT, json={**HI, field: MOST, "temperature": 0})
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_field_name_no_utf_8_can_carry_is_a_400_with_it_escaped(api) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "\\ud800x": 1}'
+    refused = error(api.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400)
+    assert refused["message"] == "Unrecognized request argument supplied: \\ud800x"
+    assert refused["param"] == "\\ud800x"
+
+
+def test_thousands_of_unknown_fields_are_named_a_few_at_a_time(api) -> None:
+    fields = {f"field{i:05}" + "y" * 100: 1 for i in range(2000)}
+    refused = error(api.post(CHAT, json={**HI, **fields}), 400)
+    assert refused["message"].endswith(f"(and {2000 - MAX_NAMED_FIELDS} more)")
+    assert len(refused["message"]) < 500 and refused["param"] == "field00000" + "y" * 30 + "…"
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000])
+def test_json_nested_deeper_than_python_recurses_is_a_400(api, nested: str) -> None:
+    body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + nested + "}"
+    refused = error(api.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400)
+    assert "must be JSON" in refused["message"]
+    assert api.post(CHAT, json={**HI, "max_tokens": 1}).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", CHAT, "POST"), ("PUT", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET")],
+)
+def test_a_real_endpoint_asked_with_another_method_is_a_405_saying_which(api, method, path, allowed) -> None:
+    response = api.request(method, path)
+    refused = error(response, 405)
+    assert refused["message"] == f"{path} takes {allowed}, not {method}"
+    assert response.headers["allow"] == allowed
+    assert error(api.get("/v1/nothing"), 404)["code"] == "unknown_url"
+
+
+def test_a_missing_key_gets_401_with_the_scheme_to_use(api) -> None:
+    response = api.get("/v1/models", headers={"Authorization": ""})
+    assert error(response, 401)["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert api.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_a_client_gone_before_its_body_came_is_a_plain_refusal() -> None:
+    # What Starlette's request.stream() raises when the connection closes mid-body (ClientDisconnect) must not
+    # escape as an unhandled ASGI exception with a traceback in the server log.
+    parts = iter([{"type": "http.request", "body": b'{"model":', "more_body": True},
+                  {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(parts)
+
+    scope = {"type": "http", "method": "POST", "path": CHAT, "headers": [(b"content-length", b"1000")]}
+    with pytest.raises(APIError, match="closed the connection before the whole body was sent"):
+        asyncio.run(read_json(Request(scope, receive)))
