@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer_engine.model_source import validate_model_dir
 from training.answer_cache import DEFAULT_ANSWER_CACHE, add_cache_args, cache_dir_from, cached, model_key
 from training.atomic_io import write_json_atomic, write_text_atomic
 from training.general_chat import everyday_prompts, fact_questions
@@ -483,7 +484,12 @@ def evaluate(
         the metrics dict and one row per prompt and system condition with both answers (both go into
         eval.json).
     """
+    for value, label in ((max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
+        if value < 1:  # checked before anything is answered, or read back from the answer cache
+            raise ValueError(f"{label} must be at least 1, got {value}")
     spec, heldout, general = load_eval_set(data_dir, name)
+    for path in (model_dir, base_dir):  # a dir without weights: one line, not transformers' traceback
+        validate_model_dir(path)
     start = time.perf_counter()
     model_answers, model_timing = answer_all(model_dir, heldout, general, max_new_tokens, batch_size,
                                              cache_dir if cache_model else None)
@@ -627,15 +633,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     add_cache_args(parser)
     args = parser.parse_args(argv)
+    if args.out_dir.exists() and not args.out_dir.is_dir():  # found out now, not after the evaluation
+        parser.error(f"--out-dir {args.out_dir} is a file: give a directory")
     try:
         metrics, rows = evaluate(
             args.model, args.base, args.data, args.name, args.max_new_tokens, args.batch_size,
             cache_dir_from(args),
         )
-    except (ValueError, FileNotFoundError) as err:
+        write_report(metrics, rows, args.out_dir)
+    except (ValueError, OSError) as err:  # OSError: a model transformers cannot load, --out-dir a file
         print(f"evaluate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    write_report(metrics, rows, args.out_dir)
     print(
         f"{metrics['name']}: identity {_pct(metrics['base_identity_accuracy'])} -> "
         f"{_pct(metrics['identity_accuracy'])} (zh {_pct(metrics['identity_accuracy_zh'])}, en "

@@ -76,7 +76,7 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     too_big = [name for name in ADAPTER_FILES if (adapter / name).stat().st_size > MAX_FILE_BYTES]
     if too_big:
         raise ExportError(f"{', '.join(too_big)} is over {MAX_FILE_BYTES} bytes: lower the LoRA rank")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = _read_object(meta_path)
     if meta.get("preset") != "smol":
         raise ExportError(f"{meta_path}: preset {meta.get('preset')!r}; the demo adapter is for smol's base")
     base = (meta.get("base") or {}).get("source")
@@ -86,6 +86,8 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
         raise ExportError(f"{meta_path}: trained after pre-training on {meta['corpus']!r}; the demo adapter "
                           "is merged into smol's own base as it is")
     eval_path = work / "eval.json"
+    data_settings = _read_object(data_meta).get("settings") or {}
+    eval_json = _read_object(eval_path) if eval_path.is_file() else None
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(out, partial) if out.is_dir() else partial.mkdir(parents=True)  # keeps README.md
@@ -99,14 +101,22 @@ def export_adapter(work: Path, out: Path, training_meta: Path | None = None) -> 
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     (partial / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    record = demo_meta(meta, json.loads(data_meta.read_text(encoding="utf-8")).get("settings") or {},
-                       provenance(find_gguf()),
-                       json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None)
+    record = demo_meta(meta, data_settings, provenance(find_gguf()), eval_json)
     (partial / META_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n",
                                      encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     return out
+
+
+def _read_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot read {path}: {err}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

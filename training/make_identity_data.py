@@ -21,6 +21,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from training.answer_cache import add_cache_args, cache_dir_from
 from training.atomic_io import write_json_atomic
@@ -430,9 +431,8 @@ def replay_pairs(
     return kept, stats
 
 
-def template_default_system(base_dir: Path) -> str | None:
-    """The system prompt the base's chat template inserts when a chat has none (SmolLM2's "You are a helpful
-    AI assistant named SmolLM..."), or None: the identity must hold with it, so training shows it too.
+def base_tokenizer(base_dir: Path) -> Any:
+    """The base model's tokenizer, with its chat template.
 
     Args:
         base_dir: the base model dir.
@@ -441,7 +441,35 @@ def template_default_system(base_dir: Path) -> str | None:
 
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir} is not a model dir (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=True)
+
+
+def check_no_control_tokens(tokenizer: Any, spec: IdentitySpec) -> None:
+    """Refuse an identity whose text holds one of the base tokenizer's special tokens ("<|endoftext|>",
+    "<unk>", InternLM2's "<|action_start|>"...): XTuner would encode it as that control token in every answer.
+    (IdentitySpec refuses the chat format's own tokens for any base.)
+
+    Args:
+        tokenizer: the base model's tokenizer.
+        spec: the identity to teach.
+    """
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special |= set(tokenizer.all_special_tokens)
+    for field in ("name", "model_desc", "organisation"):
+        text = getattr(spec, field)
+        found = sorted(token for token in special if token and token in text)
+        if found:
+            raise DataError(f"{field} {text!r} holds {', '.join(found)}: special tokens of the base model's "
+                            "tokenizer, which would become control tokens in training; choose other text")
+
+
+def template_default_system(tokenizer: Any) -> str | None:
+    """The system prompt the base's chat template inserts when a chat has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM..."), or None: the identity must hold with it, so training shows it too.
+
+    Args:
+        tokenizer: the base model's tokenizer (``base_tokenizer``).
+    """
     marker = "\x00user\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text[: text.index(marker)], re.S)
@@ -521,6 +549,9 @@ def build_dataset(
     general = [*everyday_prompts(), *fact_questions()]
     replay_stats: dict[str, int] = {}
     default_system = None
+    tokenizer = base_tokenizer(Path(base_dir)) if base_dir is not None else None
+    if tokenizer is not None:
+        check_no_control_tokens(tokenizer, spec)
     if recipe == "seed":  # the tutorial's data as it is: no system prompts
         identity_rows, replay_rows = with_systems(seed_pairs(spec, seed_repeat), [None]), []
     else:
@@ -528,7 +559,7 @@ def build_dataset(
             raise DataError(
                 "the identity recipe needs --base MODEL_DIR: replay answers come from the base model"
             )
-        default_system = template_default_system(Path(base_dir))
+        default_system = template_default_system(tokenizer)
         identity = identity_pairs(spec, identity_repeat)
         # Replay must not answer an identity question the base's way, nor give away an eval prompt's answer.
         taken = {normalise_prompt(q) for q, _ in identity}
@@ -632,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
             cache_dir_from(args),
             args.open_replay,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a base dir transformers cannot load, --out a file
         print(f"make_identity_data: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     c = meta["counts"]

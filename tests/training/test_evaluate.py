@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -368,11 +369,22 @@ def test_undecodable_data_file_is_a_clear_error(tmp_path: Path) -> None:
         load_eval_set(tmp_path, None)
 
 
-def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
+def test_cli_reports_errors_without_traceback(tmp_path: Path, tiny_base_dir: Path) -> None:
     proc = _run_cli("--model", str(tmp_path), "--base", str(tmp_path), "--out-dir", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert "--data DATA_DIR or --name" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "eval.json").exists()
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_base_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args, message in [(["--model", str(no_weights)], "missing weights (*.safetensors or *.bin)"),
+                          (["--out-dir", str(a_file)], "is a file"),
+                          (["--batch-size", "0"], "batch_size must be at least 1"),
+                          (["--max-new-tokens", "0"], "max_new_tokens must be at least 1")]:
+        proc = _run_cli("--model", str(tiny_base_dir), "--base", str(tiny_base_dir), "--name", "UbUb",
+                        "--out-dir", str(tmp_path / "out"), "--no-answer-cache", *args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_shares_round_once_when_printed_as_percent() -> None:

@@ -85,6 +85,16 @@ def test_export_refuses_a_run_on_another_base(tmp_path: Path, preset: str, chang
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("text", "message"), [("{bad", "cannot read .*training_meta.json"),
+                                               ("[1, 2]", "must hold a JSON object, got list")])
+def test_a_broken_run_record_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    work = _run_dir(tmp_path / "work", "smol")
+    (work / "merged" / "training_meta.json").write_text(text, encoding="utf-8")
+    with pytest.raises(ExportError, match=message):
+        export_adapter(work, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_committed_adapter_says_how_to_train_it_again() -> None:
     # made_with is a command a user can paste: run.sh's own parser takes it, with the recorded settings.
     meta = adapter_meta(DEMO_ADAPTER_DIR)

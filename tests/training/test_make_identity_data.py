@@ -195,6 +195,15 @@ def test_build_dataset_errors_are_value_errors(tmp_path: Path) -> None:
         build_dataset(spec, "identity", tmp_path, base_dir=tmp_path / "missing", replay_max=2)
 
 
+def test_a_name_holding_a_special_token_of_the_base_is_refused(tiny_base_dir: Path, tmp_path: Path) -> None:
+    # "<unk>" is not one of the chat format's tokens (IdentitySpec's list) but the tiny base's tokenizer
+    # encodes it as its unknown-token id: in training data it would be a control token, not text.
+    for recipe in ("seed", "identity"):
+        with pytest.raises(DataError, match=r"name 'Bo<unk>' holds <unk>: special tokens of the base"):
+            build_dataset(IdentitySpec("Bo<unk>"), recipe, tmp_path / recipe, tiny_base_dir, replay_max=2)
+        assert not (tmp_path / recipe).exists()
+
+
 REPLAY_MAX = 24
 
 

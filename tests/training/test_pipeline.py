@@ -116,6 +116,8 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", adapter_scale=1.2), "--adapter-scale must be in (0, 1], got 1.2"),
         (dict(name="x", preset="tiny", adapter_scale=0.5), "preset tiny trains whole modules"),
         (dict(name="x", publish_anyway=True), "--publish-anyway needs --publish"),
+        (dict(name="x", seed=-5), "--seed must be between 0 and 4294967295, got -5"),
+        (dict(name="x", seed=2**32), "--seed must be between 0 and 4294967295, got 4294967296"),
         (dict(name="x", rehearse=True, base="hf:a/b", max_iters=3), "drop --base, --max-iters"),
     ],
 )
@@ -127,6 +129,7 @@ def test_bad_run_settings_are_clear_errors(kwargs, message):
 def test_relative_paths_mean_the_callers_directory(tmp_path, monkeypatch):
     (tmp_path / "base").mkdir()
     (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text")
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig(name="x", base="base", corpus=Path("corpus"), work_dir=Path("w"))
     assert cfg.base == str(tmp_path / "base")
@@ -156,6 +159,7 @@ def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(p
     words = shlex.split(command)
     assert words[:2] == ["bash", "training/run.sh"]
     (tmp_path / "my notes").mkdir()  # the corpus is recorded by its dir's name: here is one of that name
+    (tmp_path / "my notes" / "a.md").write_text("# notes")
     monkeypatch.chdir(tmp_path)
     cfg = parse_args(words[2:])  # run.sh's own parser takes it back, value for value
     assert (cfg.name, cfg.preset, cfg.recipe, cfg.base) == (name, preset, "identity", "hf:someone/other-base")
@@ -166,6 +170,8 @@ def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(p
     assert plain == "bash training/run.sh --preset smol --name UbUb --recipe seed --lr 0.002 --seed-repeat 5"
     with pytest.raises(RunConfigError, match="unknown preset 'nope'"):
         reproduce_command("UbUb", "nope", "seed", {}, {})
+    dash = reproduce_command("-Bob", "smol", "seed", {}, {})  # a name argparse must not read as an option
+    assert "--name=-Bob" in dash and parse_args(shlex.split(dash)[2:]).name == "-Bob"
 
 
 @pytest.mark.parametrize(
@@ -177,6 +183,8 @@ def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(p
         (["--name", "x", "--preset", "tiny", "--corpus", "/no/such/dir"], "error: --corpus /no/such/dir: no"),
         (["--preset", "tiny"], "the following arguments are required: --name"),
         (["--name", "x", "--adapter-scale", "nan"], "error: --adapter-scale must be in (0, 1], got nan"),
+        (["--name", "x", "--preset", "tiny", "--corpus", ""], "argument --corpus: must not be empty"),
+        (["--name", "x", "--preset", "tiny", "--seed", "-1"], "error: --seed must be between 0 and"),
     ],
 )
 def test_cli_rejects_bad_input_without_a_traceback(args, message, tmp_path):
@@ -184,6 +192,40 @@ def test_cli_rejects_bad_input_without_a_traceback(args, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "stages").exists()
+
+
+def test_a_work_dir_that_holds_other_files_or_cannot_be_one_is_refused_and_left_as_it_was(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "notes.txt").write_text("precious")
+    (mine / "eval.md").write_text("my own")
+    proc = run_sh("--name", "x", "--preset", "tiny", "--work-dir", str(mine), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--work-dir {mine} holds files but no run (no stages/ in it)" in proc.stderr
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["data", "data/notes.txt",
+                                                                              "eval.md"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for work, message in [(a_file, "is a file: give a directory"),
+                          (a_file / "sub", f"--work-dir {a_file / 'sub'}: cannot create it"),
+                          ("", "argument --work-dir: must not be empty")]:
+        proc = run_sh("--name", "x", "--preset", "tiny", "--dry-run", "--work-dir", str(work), timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    # A new dir, an empty one, and one a run was interrupted in before its first record are all fine.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / ".lock").write_text("")
+    for work in (tmp_path / "new", tmp_path / "empty", tmp_path / "locked"):
+        assert RunConfig(name="x", preset="tiny", work_dir=work).work_dir == work
+
+
+def test_a_corpus_without_a_text_file_is_refused_before_any_work(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / ".git").mkdir(parents=True)
+    (corpus / ".git" / "notes.md").write_text("hidden")
+    (corpus / "paper.pdf").write_bytes(b"%PDF")
+    with pytest.raises(RunConfigError, match=r"--corpus .*: no \.txt or \.md file in it"):
+        RunConfig(name="x", preset="tiny", corpus=corpus)
 
 
 def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
@@ -520,13 +562,13 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp_path, sig):
     work, args = copy_run(tiny_run, tmp_path)
     args += ["--max-iters", "40", "--save-every", "10"]
     before = log_bytes(work)
     proc = subprocess.Popen(["bash", str(RUN_SH), *args, "--from", "sft"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     marker, deadline = work / "sft" / "train" / "last_checkpoint", time.monotonic() + 600
     # Wait for a mid-run checkpoint of this run (the copy starts with the first run's iter_300).
     while not (marker.exists() and Path(marker.read_text().strip()).name in ("iter_10.pth", "iter_20.pth")):
@@ -534,11 +576,16 @@ def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp
         time.sleep(0.2)
     trainers = _children(proc.pid)  # run.sh execs the pipeline, whose child is xtuner's trainer
     assert trainers
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground process group
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
-    if sig == signal.SIGTERM:
+    assert proc.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 128 + signal.SIGTERM,
+                               signal.SIGINT: 128 + signal.SIGINT}[sig]
+    if sig != signal.SIGKILL:
         assert "[pipeline] sft: interrupted; rerun the same command to resume" in output
+        assert "Traceback" not in output  # that one line, nothing more
     deadline = time.monotonic() + 30
     while not all(_gone(pid) for pid in trainers):  # no orphan keeps writing into the work dir
         assert time.monotonic() < deadline, "the trainer outlived the pipeline"

@@ -17,7 +17,7 @@ from training import convert_merge
 from training.config_render import write_stage_config
 from training.generate import generate, load_chat_model
 from training.identity import IdentitySpec
-from training.make_identity_data import build_dataset, template_default_system
+from training.make_identity_data import base_tokenizer, build_dataset, template_default_system
 from training.presets import PRESETS
 from training.smol_base import (
     CHECK_ANSWER,
@@ -75,7 +75,7 @@ def test_both_environments_read_the_model_the_same_way(smol_dir: Path) -> None:
 
 
 def test_template_injects_smollms_own_system_prompt(smol_dir: Path) -> None:
-    assert template_default_system(smol_dir) == SMOLLM_SYSTEM
+    assert template_default_system(base_tokenizer(smol_dir)) == SMOLLM_SYSTEM
     chat = load_chat_model(smol_dir)
     assert chat.tokenizer("hi")["input_ids"] == chat.tokenizer("hi", add_special_tokens=False)["input_ids"]
     assert chat.stop_ids == [chat.tokenizer.convert_tokens_to_ids(EOS)]
