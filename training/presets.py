@@ -253,9 +253,12 @@ class RunConfig:
             if local.exists():  # stages run from the repo root: a relative dir must mean the caller's
                 object.__setattr__(self, "base", str(local.resolve()))
             try:  # data, never an option or a command (the base stage fetches it)
-                parse_source(self.base)
+                source = parse_source(self.base)
             except ModelSourceError as err:
                 raise RunConfigError(f"--base: {err}") from None
+            if source.kind == "local" and not Path(source.location).is_dir():
+                raise RunConfigError(f"--base {self.base}: no such directory (a local base is a model "
+                                     "directory; or give a git URL, openxlab:OWNER/REPO or hf:OWNER/REPO)")
         if self.corpus is not None:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():

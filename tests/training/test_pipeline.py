@@ -107,6 +107,8 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", recipe="copy"), "unknown recipe 'copy'"),
         (dict(name="x", from_stage="train"), "unknown stage 'train'"),
         (dict(name="x", corpus=Path("/no/such/corpus")), "--corpus /no/such/corpus: no such directory"),
+        (dict(name="x", base="/no/such/base"), "--base /no/such/base: no such directory"),
+        (dict(name="x", base=__file__), f"--base {__file__}: no such directory"),
         (dict(name="x", publish_dry_run=True), "--publish-dry-run needs --publish"),
         (dict(name="x", preset="tiny", max_iters=0), "--max-iters must be at least 1"),
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
@@ -561,6 +563,12 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell without job control (a CI job run in the background) starts its commands with SIGINT ignored,
+    # and children inherit that; in a terminal, Ctrl-C reaches processes whose SIGINT is at its default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp_path, sig):
@@ -568,7 +576,8 @@ def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp
     args += ["--max-iters", "40", "--save-every", "10"]
     before = log_bytes(work)
     proc = subprocess.Popen(["bash", str(RUN_SH), *args, "--from", "sft"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     marker, deadline = work / "sft" / "train" / "last_checkpoint", time.monotonic() + 600
     # Wait for a mid-run checkpoint of this run (the copy starts with the first run's iter_300).
     while not (marker.exists() and Path(marker.read_text().strip()).name in ("iter_10.pth", "iter_20.pth")):
