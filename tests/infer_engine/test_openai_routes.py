@@ -2,7 +2,7 @@
 requests a client can send that once got a bare 500 or a misleading error. The running app's API is tested
 end to end in tests/app/test_openai_api.py.
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/infer_engine/test_openai_api.py -q
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/infer_engine/test_openai_routes.py -q
 """
 
 from __future__ import annotations
