@@ -342,7 +342,6 @@ class RunConfig:
         return {"pretrain": self.corpus is not None, "publish": self.publish is not None}.get(stage, True)
 
 
-
 def _check_work_dir(work: Path) -> None:
     # A run clears the outputs of the stages it is about to run (data/, merged/, eval.md...): in a directory
     # that holds something else, those could be the user's own files.
@@ -351,6 +350,7 @@ def _check_work_dir(work: Path) -> None:
     if work.is_dir() and not (work / "stages").is_dir() and any(p.name != ".lock" for p in work.iterdir()):
         raise RunConfigError(f"--work-dir {work} holds files but no run (no stages/ in it): give a new or "
                              "empty directory, or the work dir of an earlier run")
+
 
 def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str, object],
                       data_settings: Mapping[str, object], base: str | None = None, corpus: str | None = None,
