@@ -34,7 +34,7 @@ from fastapi import APIRouter, Request
 from loguru import logger
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
@@ -45,7 +45,6 @@ MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
 MAX_STOP_CHARS = 256
 MAX_NAMED_FIELDS = 5  # unknown fields an error names (a body may hold thousands)
 MAX_FIELD_NAME_CHARS = 40
-ENDPOINTS = {"chat/completions": "POST", "models": "GET"}
 # OpenAI fields this server cannot honour: accepted only when absent or at their "off" value
 UNSUPPORTED = {
     "seed": (None,),  # the engine samples batched replies with one shared generator: temperature 0 is exact
@@ -560,13 +559,16 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
         finally:
             _close(reply, admission)
 
+    endpoints = list(router.routes)  # the routes above, before the catch-all below
+
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(request: Request, path: str) -> Response:
-        endpoint = "models" if path.startswith("models/") else path
-        if endpoint in ENDPOINTS:  # a real endpoint asked with another method
-            method = ENDPOINTS[endpoint]
-            return APIError(405, f"/v1/{path} takes {method}, not {request.method}",
-                            code="method_not_allowed", headers={"Allow": method}).response()
+        # A partial match is a real endpoint's path asked with another method.
+        allowed = sorted({method for route in endpoints if route.matches(request.scope)[0] is Match.PARTIAL
+                          for method in getattr(route, "methods", ())})
+        if allowed:
+            return APIError(405, f"/v1/{path} takes {', '.join(allowed)}, not {request.method}",
+                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)}).response()
         return APIError(
             404,
             f"Unknown endpoint /v1/{path}: this server offers /v1/chat/completions and /v1/models",

@@ -142,6 +142,26 @@ def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return [c for c in [*chunks, current] if c]
 
 
+def visible_files(corpus_dir: Path) -> list[Path]:
+    """Every file under corpus_dir, sorted, leaving out hidden files and everything in hidden directories.
+
+    Args:
+        corpus_dir: directory walked recursively.
+    """
+    return [path for path in sorted(corpus_dir.rglob("*"))
+            if path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(corpus_dir).parts)]
+
+
+def corpus_files(corpus_dir: Path) -> list[Path]:
+    """The files build_corpus reads: visible_files with a .txt/.md suffix (any case).
+
+    Args:
+        corpus_dir: directory walked recursively.
+    """
+    return [path for path in visible_files(corpus_dir) if path.suffix.lower() in SUFFIXES]
+
+
 def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusReport:
     """Read, clean and chunk every .txt/.md file under corpus_dir.
 
@@ -154,13 +174,9 @@ def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusRepo
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus directory {corpus_dir} does not exist or is not a directory")
     report = CorpusReport()
-    for path in sorted(corpus_dir.rglob("*")):
-        rel = path.relative_to(corpus_dir)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if path.suffix.lower() not in SUFFIXES:
-            report.ignored.append(path)
-            continue
+    readable = corpus_files(corpus_dir)
+    report.ignored = sorted(set(visible_files(corpus_dir)) - set(readable))
+    for path in readable:
         try:
             raw = path.read_bytes()
         except OSError as err:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
-from training.make_corpus import SUFFIXES as CORPUS_SUFFIXES
+from training.make_corpus import corpus_files
 from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -263,8 +263,7 @@ class RunConfig:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():
                 raise RunConfigError(f"--corpus {self.corpus}: no such directory")
-            if not any(p.suffix.lower() in CORPUS_SUFFIXES and p.is_file() and not any(
-                    part.startswith(".") for part in p.relative_to(corpus).parts) for p in corpus.rglob("*")):
+            if not corpus_files(corpus):
                 raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
                                      "left out) to pre-train on")
             object.__setattr__(self, "corpus", corpus)

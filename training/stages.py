@@ -28,6 +28,7 @@ from training.atomic_io import write_text_atomic
 from training.config_render import literal_settings, render_config, template_settings, write_stage_config
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
+from training.make_corpus import corpus_files
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
 from training.presets import (
     BASE_CACHE,
@@ -105,7 +106,7 @@ def _require_files(directory: Path, names: tuple[str, ...], tool: str) -> None:
 def _corpus_digest(corpus: Path) -> str:
     # Changed corpus files must not silently reuse a finished pre-training.
     digest = hashlib.sha1()
-    for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
+    for path in corpus_files(corpus):
         stat = path.stat()
         digest.update(f"{path.relative_to(corpus)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -399,8 +400,7 @@ def corpus_samples(run: Run, settings: dict[str, object]) -> int:
         settings: the pre-training settings, from config_render.template_settings (max_length).
     """
     assert run.cfg.corpus is not None
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(run.cfg.corpus.rglob("*"))
-             if p.is_file() and p.suffix.lower() in (".txt", ".md")]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus_files(run.cfg.corpus)]
     return schedule.packed_samples([schedule.estimate_tokens(t) + 1 for t in texts],
                                    int(settings["max_length"]))[0]
 

@@ -74,7 +74,8 @@ def test_json_nested_deeper_than_python_recurses_is_a_400(api, nested: str) -> N
 
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
-    [("GET", CHAT, "POST"), ("PUT", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET")],
+    [("GET", CHAT, "POST"), ("PUT", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET"),
+     ("POST", "/v1/models/org/name", "GET")],
 )
 def test_a_real_endpoint_asked_with_another_method_is_a_405_saying_which(api, method, path, allowed) -> None:
     response = api.request(method, path)

@@ -16,6 +16,7 @@ from training.make_corpus import (
     chunk_text,
     clean_markdown,
     clean_text,
+    corpus_files,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,6 +127,18 @@ def test_build_corpus_reports_empty_and_bad_files(corpus: Path) -> None:
     assert skipped["blank.md"] == "empty file"
     assert skipped["only_syntax.md"] == "empty after cleaning"
     assert skipped["gbk.txt"].startswith("not UTF-8")
+    assert [p.name for p in report.ignored] == ["image.png"]
+
+
+def test_corpus_files_are_the_files_build_corpus_reads(corpus: Path) -> None:
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "notes.md").write_text("hidden dir", encoding="utf-8")
+    (corpus / "UPPER.TXT").write_text("Upper-case suffixes count too.", encoding="utf-8")
+    files = corpus_files(corpus)
+    assert [p.relative_to(corpus).as_posix() for p in files] == [
+        "UPPER.TXT", "a.txt", "blank.md", "empty.txt", "gbk.txt", "only_syntax.md", "sub/b.md"]
+    report = build_corpus(corpus, chunk_chars=500)
+    assert sorted(report.used + [p for p, _ in report.skipped]) == files
     assert [p.name for p in report.ignored] == ["image.png"]
 
 

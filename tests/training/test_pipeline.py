@@ -550,6 +550,12 @@ def test_corpus_adds_continued_pretraining_whose_merge_is_the_sft_base(tiny_run,
     meta = json.loads((work / "merged" / "training_meta.json").read_text())
     assert meta["corpus"] == "corpus" and "pretrain" in meta["stage_seconds"]  # its name: no local path
     assert "--corpus corpus --max-iters 20 " in meta["reproduce"]
+    # Files the corpus does not read (hidden, not .txt/.md) do not make a finished pre-training stale.
+    (corpus / ".draft.md").write_text("not yet")
+    (corpus / "scan.pdf").write_bytes(b"%PDF")
+    proc = run_sh(*args, "--corpus", str(corpus), "--max-iters", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[pipeline] pretrain: done earlier, skipped" in proc.stdout
 
 
 def _children(pid: int) -> list[int]:
