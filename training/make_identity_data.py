@@ -39,7 +39,9 @@ from training.open_prompts import open_prompts
 
 RECIPES = ("identity", "seed")
 SEED_REPEAT = 3750  # the camp3 tutorial's n
+MAX_SEED_REPEAT = 100_000  # 200 000 rows: far past the tutorial's n, still a quick file to write
 IDENTITY_REPEAT = 2  # each question twice, with two different answer templates
+MAX_IDENTITY_REPEAT = 100  # more drowns the replay, and a typo would build millions of rows
 REPLAY_MAX_NEW_TOKENS = 256
 SHUFFLE_SEED = 0
 SENTENCE_END = re.compile(r"[。！？!?.\n]")
@@ -336,8 +338,8 @@ def identity_pairs(spec: IdentitySpec, repeat: int = IDENTITY_REPEAT) -> list[tu
         spec: the identity to fill in.
         repeat: rows per question; repeats beyond the number of templates reuse them.
     """
-    if repeat < 1:
-        raise DataError(f"identity repeat must be at least 1, got {repeat}")
+    if not 1 <= repeat <= MAX_IDENTITY_REPEAT:
+        raise DataError(f"identity repeat must be between 1 and {MAX_IDENTITY_REPEAT}, got {repeat}")
     rows = []
     for i, (question, lang, cat) in enumerate(identity_questions()):
         templates = ANSWER_TEMPLATES[lang][cat]
@@ -354,8 +356,8 @@ def seed_pairs(spec: IdentitySpec, repeat: int = SEED_REPEAT) -> list[tuple[str,
         spec: the identity (its zh wording: the tutorial's data is Chinese only).
         repeat: the tutorial's n (3750 in camp3).
     """
-    if repeat < 1:
-        raise DataError(f"seed repeat must be at least 1, got {repeat}")
+    if not 1 <= repeat <= MAX_SEED_REPEAT:
+        raise DataError(f"seed repeat must be between 1 and {MAX_SEED_REPEAT}, got {repeat}")
     pairs = [(q, a.format(**spec.fields("zh"))) for q, a in SEED_PAIRS]
     return pairs * (repeat + 1)
 

@@ -139,7 +139,13 @@ def check_device(cfg: RunConfig, todo: list[Stage]) -> None:
         cfg: the run config.
         todo: the stages about to run.
     """
-    if not cfg.spec.needs_cuda or not any(s.name in CUDA_STAGES for s in todo):
+    if not any(s.name in CUDA_STAGES for s in todo):
+        return
+    if not cfg.spec.needs_cuda:  # --gpus N runs N training processes on the CPU, one core each at least
+        cores = len(os.sched_getaffinity(0))
+        if cfg.gpus > cores:
+            raise RunConfigError(f"--gpus {cfg.gpus}: preset {cfg.preset} trains in {cfg.gpus} processes on "
+                                 f"the CPU, and this machine gives it {cores} core(s)")
         return
     import torch
 
@@ -148,6 +154,9 @@ def check_device(cfg: RunConfig, todo: list[Stage]) -> None:
         raise RunConfigError(
             f"preset {cfg.preset} {what} 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, and this "
             "machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)")
+    if cfg.gpus > torch.cuda.device_count():
+        raise RunConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             "visible (CUDA_VISIBLE_DEVICES)")
 
 
 def dry_run(run: Run, plan: Plan) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
 from training.make_corpus import corpus_files
+from training.make_identity_data import MAX_IDENTITY_REPEAT, MAX_SEED_REPEAT
 from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -291,11 +292,14 @@ class RunConfig:
                                               ("--max-iters", self.max_iters)) if value is not None]
             if given:
                 raise RunConfigError(f"--rehearse trains its own random model; drop {', '.join(given)}")
-        for option, value in (("--max-iters", self.max_iters), ("--epochs", self.epochs),
-                              ("--save-every", self.save_every), ("--identity-repeat", self.identity_repeat),
-                              ("--seed-repeat", self.seed_repeat)):
+        for option, value, most in (("--max-iters", self.max_iters, None), ("--epochs", self.epochs, None),
+                                    ("--save-every", self.save_every, None),
+                                    ("--identity-repeat", self.identity_repeat, MAX_IDENTITY_REPEAT),
+                                    ("--seed-repeat", self.seed_repeat, MAX_SEED_REPEAT)):
             if value is not None and value < 1:
                 raise RunConfigError(f"{option} must be at least 1, got {value}")
+            if value is not None and most is not None and value > most:
+                raise RunConfigError(f"{option} must be at most {most}, got {value}")
         if not 0 <= self.seed < 2**32:  # numpy's and torch's range: refused here, not after the download
             raise RunConfigError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.lr is not None and not 0 < self.lr < 1:

@@ -187,10 +187,14 @@ def test_build_dataset_errors_are_value_errors(tmp_path: Path) -> None:
         build_dataset(spec, "Identity", tmp_path)
     with pytest.raises(DataError, match="needs --base"):
         build_dataset(spec, "identity", tmp_path, base_dir=None)
-    with pytest.raises(DataError, match="at least 1"):
+    with pytest.raises(DataError, match="between 1 and 100, got 0"):
         identity_pairs(spec, repeat=0)
-    with pytest.raises(DataError, match="at least 1"):
+    with pytest.raises(DataError, match="between 1 and 100, got 101"):
+        identity_pairs(spec, repeat=101)
+    with pytest.raises(DataError, match="between 1 and 100000, got -3"):
         seed_pairs(spec, repeat=-3)
+    with pytest.raises(DataError, match="between 1 and 100000, got 100001"):
+        seed_pairs(spec, repeat=100_001)
     with pytest.raises(FileNotFoundError, match="not a model dir"):
         build_dataset(spec, "identity", tmp_path, base_dir=tmp_path / "missing", replay_max=2)
 

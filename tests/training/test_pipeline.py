@@ -111,6 +111,8 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", base=__file__), f"--base {__file__}: no such directory"),
         (dict(name="x", publish_dry_run=True), "--publish-dry-run needs --publish"),
         (dict(name="x", preset="tiny", max_iters=0), "--max-iters must be at least 1"),
+        (dict(name="x", identity_repeat=101), "--identity-repeat must be at most 100, got 101"),
+        (dict(name="x", recipe="seed", seed_repeat=10**6), "--seed-repeat must be at most 100000, got 10"),
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
         (dict(name="x", preset="tiny", epochs=1), "trains by iterations: use --max-iters"),
         (dict(name="x", lr=2.0), "--lr must be between 0 and 1"),
@@ -228,6 +230,20 @@ def test_a_corpus_without_a_text_file_is_refused_before_any_work(tmp_path):
     (corpus / "paper.pdf").write_bytes(b"%PDF")
     with pytest.raises(RunConfigError, match=r"--corpus .*: no \.txt or \.md file in it"):
         RunConfig(name="x", preset="tiny", corpus=corpus)
+
+
+def test_more_cpu_training_processes_than_cores_are_refused_before_any_stage(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    proc = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(tmp_path),
+                  timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --gpus {cores + 1}: preset tiny trains in {cores + 1} processes on the CPU, and this "
+        f"machine gives it {cores} core(s)"]
+    assert not (tmp_path / "logs").exists()
+    dry = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(tmp_path),
+                 "--dry-run", timeout=300)  # the plan for another machine is still shown
+    assert dry.returncode == 0, dry.stderr
 
 
 def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
