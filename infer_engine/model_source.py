@@ -409,6 +409,14 @@ class RemoteCodeError(ModelSourceError):
     """The model ships Python code to run at load time and the operator has not allowed that."""
 
 
+def _auto_map_refs(auto_map: object) -> list[str]:
+    # Every class reference in an auto_map, in each shape transformers imports from: {"AutoModel": "m.C"},
+    # {"AutoTokenizer": [slow, fast]}, and a tokenizer_config's legacy bare list [slow, fast].
+    entries = list(auto_map.values()) if isinstance(auto_map, dict) else [auto_map]
+    refs = [r for entry in entries for r in (entry if isinstance(entry, list) else [entry])]
+    return [r for r in refs if isinstance(r, str)]
+
+
 def remote_code_files(model_dir: Path) -> list[str]:
     """The Python files a model's ``auto_map`` entries make transformers import with trust_remote_code
     (``module.py``, or ``module.py from OWNER/REPO`` for code taken from another repo).
@@ -422,9 +430,7 @@ def remote_code_files(model_dir: Path) -> list[str]:
             auto_map = json.loads((model_dir / config).read_text(encoding="utf-8")).get("auto_map") or {}
         except (OSError, ValueError, AttributeError):
             continue
-        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else [])
-                for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
-        for ref in refs:
+        for ref in _auto_map_refs(auto_map):
             repo, _, ref = ref.rpartition("--")
             module = ref.rpartition(".")[0].replace(".", "/") + ".py"
             files.add(f"{module} from {repo}" if repo else module)

@@ -33,6 +33,24 @@ def add_remote_code(model_dir: Path, marker: Path) -> Path:
     return model_dir
 
 
+def add_legacy_tokenizer_code(model_dir: Path, marker: Path) -> Path:
+    """Give ``model_dir`` a tokenizer_config.json ``auto_map`` in the legacy bare-list form ([slow, fast]),
+    which transformers still imports from, whose module creates ``marker`` on import.
+
+    Args:
+        model_dir: a model directory with a fast tokenizer, edited in place.
+        marker: the file the model's code creates when it runs.
+    """
+    (model_dir / "tokenization_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["auto_map"] = ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return model_dir
+
+
 def git_argv_recorder(bin_dir: Path, log: Path) -> dict[str, str]:
     """An environment whose ``git`` appends its argv (one line per call) to ``log``, then runs the real git.
 

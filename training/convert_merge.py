@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from infer_engine.model_source import RemoteCodeError, check_remote_code
+from training.atomic_io import write_text_atomic
 
 IM_END = "<|im_end|>"
 META_FILE = "training_meta.json"
@@ -174,11 +175,20 @@ def finalize(
         generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(model_dir)
 
+    # XTuner's merge records the base's path on this machine; the model is published as it is.
+    config_path = model_dir / "config.json"
+    model_config_json = json.loads(config_path.read_text(encoding="utf-8"))
+    if "_name_or_path" in model_config_json:
+        base = meta.get("base")  # the pipeline's {"source": public name}, or a name
+        base = base.get("source") if isinstance(base, Mapping) else base
+        model_config_json["_name_or_path"] = str(base or "")
+        write_text_atomic(config_path, json.dumps(model_config_json, ensure_ascii=False, indent=2) + "\n")
+
     added = {
         "eos_token_id": generation.eos_token_id,
         "im_end_id": im_end_id,
         "weights": weights,
-        "torch_dtype": json.loads((model_dir / "config.json").read_text()).get("torch_dtype"),
+        "torch_dtype": model_config_json.get("torch_dtype"),
     }
     write_meta(model_dir, {**meta, **added})
     return added

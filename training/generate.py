@@ -70,6 +70,23 @@ def _stop_ids(
     return sorted(ids)
 
 
+def load_tokenizer(
+    model_dir: str | Path, trust_remote_code: bool | None = None
+) -> transformers.PreTrainedTokenizerBase:
+    """A HF model dir's tokenizer, refusing one whose files would run the model's own code unless allowed.
+
+    Args:
+        model_dir: a HF model dir.
+        trust_remote_code: let a model that ships Python code run it; None: ``$TRUST_REMOTE_CODE``.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model dir (no config.json)")
+    trust = trust_remote_code_from_env() if trust_remote_code is None else trust_remote_code
+    check_remote_code(model_dir, trust, "TRUST_REMOTE_CODE=1 (training/run.sh: --trust-remote-code)")
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+
+
 def load_chat_model(model_dir: str | Path, trust_remote_code: bool | None = None) -> ChatModel:
     """Load a HF model dir for greedy chat generation (GPU in bf16 when there is one, else CPU in fp32).
 
@@ -78,11 +95,8 @@ def load_chat_model(model_dir: str | Path, trust_remote_code: bool | None = None
         trust_remote_code: let a model that ships Python code run it; None: ``$TRUST_REMOTE_CODE``.
     """
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model dir (no config.json)")
     trust = trust_remote_code_from_env() if trust_remote_code is None else trust_remote_code
-    check_remote_code(model_dir, trust, "TRUST_REMOTE_CODE=1 (training/run.sh: --trust-remote-code)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    tokenizer = load_tokenizer(model_dir, trust)
     if not tokenizer.chat_template:
         raise ValueError(f"{model_dir} has no chat template; the answers would not be chat answers")
     tokenizer.padding_side = "left"

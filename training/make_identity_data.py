@@ -434,16 +434,14 @@ def replay_pairs(
 
 
 def base_tokenizer(base_dir: Path) -> Any:
-    """The base model's tokenizer, with its chat template.
+    """The base model's tokenizer, with its chat template (its own code only with ``$TRUST_REMOTE_CODE``).
 
     Args:
         base_dir: the base model dir.
     """
-    from transformers import AutoTokenizer
+    from training.generate import load_tokenizer  # torch is imported with it
 
-    if not (base_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{base_dir} is not a model dir (no config.json)")
-    return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=True)
+    return load_tokenizer(base_dir)
 
 
 def check_no_control_tokens(tokenizer: Any, spec: IdentitySpec) -> None:

@@ -334,7 +334,9 @@ class RunConfig:
         if self.base is None:
             return True
         given, official = parse_source(self.base), parse_source(self.spec.default_base)
-        return (given.kind, given.location) == (official.kind, official.location)  # any pinned revision
+        # Any branch, tag or commit of the official repo, but not refs/pr/N: anyone may open a pull request.
+        return ((given.kind, given.location) == (official.kind, official.location)
+                and not (given.revision or "").startswith("refs/"))
 
     def stage_enabled(self, stage: str) -> bool:
         """Whether `stage` is part of this run (pretrain needs --corpus, publish needs --publish).

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hostile_inputs import SECRET, add_remote_code, git_argv_recorder
+from hostile_inputs import SECRET, add_legacy_tokenizer_code, add_remote_code, git_argv_recorder
 from lfs_repo import build_tiny_model, make_bare_repo, push_plain_repo
 
 from infer_engine import model_source
@@ -191,20 +191,26 @@ def test_local_dir_links_outside_refused_inside_and_hf_snapshots_accepted(
     assert resolve_model(str(snapshot)) == snapshot
 
 
-def test_model_code_runs_only_when_allowed(tiny_model: Path, tmp_path: Path) -> None:
+# Model code through config.json's auto_map, and through a tokenizer_config.json's legacy bare-list auto_map.
+CODE_PLANTS = [(add_remote_code, "configuration_evil.py, modeling_evil.py"),
+               (add_legacy_tokenizer_code, "tokenization_evil.py")]
+
+
+@pytest.mark.parametrize(("plant", "files"), CODE_PLANTS)
+def test_model_code_runs_only_when_allowed(tiny_model: Path, tmp_path: Path, plant, files: str) -> None:
     from infer_engine.hf_engine import TransformersEngine
 
     mark = tmp_path / "pwned"
-    model = add_remote_code(shutil.copytree(tiny_model, tmp_path / "model"), mark)
+    model = plant(shutil.copytree(tiny_model, tmp_path / "model"), mark)
     # The app refuses it with one line naming the files and the setting; nothing ran.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("TRUST_REMOTE_CODE", None)
     proc = subprocess.run([sys.executable, "app.py", "--model", str(model)], env=env, cwd=REPO, text=True,
                           capture_output=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "configuration_evil.py, modeling_evil.py" in proc.stderr and "TRUST_REMOTE_CODE=1" in proc.stderr
+    assert files in proc.stderr and "TRUST_REMOTE_CODE=1" in proc.stderr
     assert not mark.exists()
-    with pytest.raises(RemoteCodeError, match="configuration_evil.py"):
+    with pytest.raises(RemoteCodeError, match=files):
         check_remote_code(model, allowed=False, how_to_allow="TRUST_REMOTE_CODE=1")
     # The engine itself never runs it by default (transformers falls back to its own Llama code) ...
     engine = TransformersEngine(model, EngineSettings(device="cpu", torch_threads=1))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hostile_inputs import SECRET, add_remote_code, git_argv_recorder
+from hostile_inputs import SECRET, add_legacy_tokenizer_code, add_remote_code, git_argv_recorder
 from lfs_repo import build_tiny_model, git, make_bare_repo
 
 from infer_engine.model_source import RemoteCodeError
@@ -99,16 +99,26 @@ def test_card_of_a_model_with_code_names_its_files(tiny_model: Path, tmp_path: P
     assert "AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)" in card
 
 
+# Model code through config.json's auto_map, and through a tokenizer_config.json's legacy bare-list auto_map.
+CODE_PLANTS = [(add_remote_code, "configuration_evil.py, modeling_evil.py"),
+               (add_legacy_tokenizer_code, "tokenization_evil.py")]
+
+
+@pytest.mark.parametrize(("plant", "files"), CODE_PLANTS)
 def test_training_tools_run_model_code_only_when_allowed(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant, files: str
 ) -> None:
+    from training.make_identity_data import base_tokenizer
+
     mark = tmp_path / "pwned"
-    model = add_remote_code(shutil.copytree(tiny_model, tmp_path / "model"), mark)
+    model = plant(shutil.copytree(tiny_model, tmp_path / "model"), mark)
     monkeypatch.delenv("TRUST_REMOTE_CODE", raising=False)
-    with pytest.raises(RemoteCodeError, match=r"configuration_evil\.py.*--trust-remote-code"):
+    with pytest.raises(RemoteCodeError, match=f"{files}.*--trust-remote-code"):
         load_chat_model(model)  # evaluation and replay-data generation
+    with pytest.raises(RemoteCodeError, match=f"{files}.*--trust-remote-code"):
+        base_tokenizer(model)  # the data stage's special-token check
     ran: list[list[str]] = []
-    with pytest.raises(convert_merge.ConvertError, match=r"modeling_evil\.py.*--trust-remote-code"):
+    with pytest.raises(convert_merge.ConvertError, match=f"{files}.*--trust-remote-code"):
         convert_merge.merge_model(model, tmp_path / "adapter", tmp_path / "merged", {}, ran.append)
     assert ran == [] and not mark.exists()  # XTuner's merge (which always trusts) never started
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # what run.sh sets for a trusted base
@@ -176,28 +186,31 @@ def test_hostile_run_values_are_refused_before_any_work(
     assert SECRET not in out.out + out.err and not mark.exists() and not work.exists()
 
 
+@pytest.mark.parametrize(("plant", "files"), CODE_PLANTS)
 def test_base_with_code_is_refused_unless_allowed(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], plant, files: str
 ) -> None:
     from training.pipeline import main
     from training.presets import RunConfig
     from training.runner import child_env
 
     mark = tmp_path / "pwned"
-    evil = add_remote_code(shutil.copytree(tiny_model, tmp_path / "evil"), mark)
+    evil = plant(shutil.copytree(tiny_model, tmp_path / "evil"), mark)
     rc = main(["--preset", "tiny", "--name", "Ada", "--base", str(evil), "--work-dir", str(tmp_path / "w")])
     err = capsys.readouterr().err
     assert rc == 1 and "stage base failed: model local directory evil ships its own Python code" in err
-    assert "configuration_evil.py, modeling_evil.py" in err and "--trust-remote-code" in err
-    assert not mark.exists()
+    assert files in err and "--trust-remote-code" in err
+    assert not mark.exists() and not (tmp_path / "w" / "data").exists()
     # Who may run code: the flag, or the preset's own official base (pinned or not); never anything else.
     official = "internlm2_5-1_8b"
     cases = [("tiny", str(evil), False), ("tiny", str(evil), True), ("tiny", None, False),
              (official, None, False), (official, "hf:internlm/internlm2_5-1_8b-chat@0a1b", False),
-             (official, "hf:someone/internlm2_5-1_8b-chat", False)]
+             (official, "hf:someone/internlm2_5-1_8b-chat", False),
+             (official, "hf:internlm/internlm2_5-1_8b-chat@refs/pr/1", False),  # anyone's pull request
+             (official, "hf:internlm/internlm2_5-1_8b-chat@refs/pr/1", True)]
     allowed = [RunConfig("Ada", preset=p, base=b, trust_remote_code=f).remote_code_allowed
                for p, b, f in cases]
-    assert allowed == [False, True, False, True, True, False]
+    assert allowed == [False, True, False, True, True, False, False, True]
     assert child_env(RunConfig("Ada", preset="tiny"))["TRUST_REMOTE_CODE"] == "0"
     assert child_env(RunConfig("Ada"))["TRUST_REMOTE_CODE"] == "1"
 

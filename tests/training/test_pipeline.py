@@ -424,6 +424,9 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert (meta["name"], meta["preset"], meta["recipe"]) == (tiny_run["name"], "tiny", "identity")
     assert meta["base"] == {"source": f"local directory {tiny_run['base'].name}"}  # no local path
     assert str(work) not in json.dumps(meta) and str(Path.home()) not in json.dumps(meta)
+    for text in (p.read_text() for p in merged.glob("*.json")):  # users upload merged/ as it is
+        assert str(tiny_run["base"].parent) not in text and str(work) not in text
+    assert json.loads((merged / "config.json").read_text())["_name_or_path"] == meta["base"]["source"]
     assert meta["settings"]["max_iters"] == SFT_ITERS and meta["settings"]["seed"] == 42
     lora = meta["lora"]
     assert (lora["r"], lora["lora_alpha"], lora["modules_to_save"]) == (64, 16, ["lm_head"])
