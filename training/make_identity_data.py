@@ -510,6 +510,27 @@ def _conversation(rows: list[Row]) -> list[dict]:
     return [{"conversation": [{**({"system": s} if s else {}), "input": q, "output": a}]} for q, a, s in rows]
 
 
+def training_replay_prompts(
+    identity: list[tuple[str, str]], open_replay: bool = False, replay_max: int | None = None
+) -> list[str]:
+    """The prompts whose base answers become the identity recipe's replay rows (before any is dropped).
+
+    Args:
+        identity: the run's identity (question, answer) pairs, from identity_pairs.
+        open_replay: also the open-ended questions of training.open_prompts.
+        replay_max: at most this many, evenly spread over topics and languages (None: all).
+    """
+    # Replay must not answer an identity question the base's way, nor give away an eval prompt's answer.
+    taken = {normalise_prompt(q) for q, _ in identity}
+    evaluated = [*heldout_prompts(), *everyday_prompts(), *fact_questions()]
+    taken |= {normalise_prompt(p["prompt"]) for p in evaluated}
+    prompts = [p for p in replay_prompts() + (open_prompts() if open_replay else [])
+               if normalise_prompt(p) not in taken and not is_identity_prompt(p)]
+    if replay_max is not None and replay_max < len(prompts):
+        prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
+    return prompts
+
+
 def build_dataset(
     spec: IdentitySpec,
     recipe: str,
@@ -561,17 +582,7 @@ def build_dataset(
             )
         default_system = template_default_system(tokenizer)
         identity = identity_pairs(spec, identity_repeat)
-        # Replay must not answer an identity question the base's way, nor give away an eval prompt's answer.
-        taken = {normalise_prompt(q) for q, _ in identity}
-        taken |= {normalise_prompt(h["prompt"]) for h in heldout} | {
-            normalise_prompt(g["prompt"]) for g in general
-        }
-        prompts = [
-            p for p in replay_prompts() + (open_prompts() if open_replay else [])
-            if normalise_prompt(p) not in taken and not is_identity_prompt(p)
-        ]
-        if replay_max is not None and replay_max < len(prompts):  # evenly spread over topics and languages
-            prompts = [prompts[i * len(prompts) // replay_max] for i in range(replay_max)]
+        prompts = training_replay_prompts(identity, open_replay, replay_max)
         replay, replay_stats = replay_pairs(Path(base_dir), prompts, replay_max_new_tokens, batch_size,
                                              cache_dir, checkable_pairs())
         identity_rows, replay_rows = (

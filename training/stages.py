@@ -26,7 +26,6 @@ from infer_engine.model_source import (
 from training import convert_merge, launcher, make_identity_data, schedule
 from training.atomic_io import write_text_atomic
 from training.config_render import literal_settings, render_config, template_settings, write_stage_config
-from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
 from training.make_corpus import corpus_files
 from training.plots import EVAL_PNG, LOSS_PNG, add_figures
@@ -384,7 +383,8 @@ def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
     else:
         pairs = make_identity_data.identity_pairs(
             spec, cfg.identity_repeat or make_identity_data.IDENTITY_REPEAT)
-        replay = replay_prompts()[:REHEARSE_REPLAY_PROMPTS] if cfg.rehearse else replay_prompts()
+        replay = make_identity_data.training_replay_prompts(
+            pairs, "--open-replay" in cfg.spec.data_args, REHEARSE_REPLAY_PROMPTS if cfg.rehearse else None)
     rows = [{"conversation": [{"input": q, "output": a}]} for q, a in pairs]
     tokens = [schedule.conversation_tokens(row) for row in rows]
     tokens += [schedule.conversation_tokens({"conversation": [{"input": p}]}) + UNKNOWN_REPLAY_ANSWER_TOKENS

@@ -18,7 +18,9 @@ import pytest
 
 from training.config_render import ConfigRenderError, literal_settings, render_config
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
-from training.make_identity_data import identity_questions
+from training.general_chat import replay_prompts
+from training.identity import IdentitySpec
+from training.make_identity_data import identity_pairs, identity_questions, training_replay_prompts
 from training.pipeline import parse_args
 from training.presets import (
     PRESETS,
@@ -275,6 +277,11 @@ def test_dry_run_of_the_real_preset_plans_at_least_150_steps_without_gpu_or_mode
     assert f"{plan['optimizer_steps']} optimizer steps" in out and "precision bfloat16 if" in out
     data = json.loads((work / "stages" / "data.json").read_text())["plan"]
     assert data["rows"] == plan["samples"] and data["rows_exact"] is False
+    # At most one row per identity pair and per replay prompt, the open-ended ones included (--open-replay).
+    identity = identity_pairs(IdentitySpec("Alice", PRESETS["internlm2_5-1_8b"].model_desc,
+                                           PRESETS["internlm2_5-1_8b"].organisation))
+    assert data["rows"] == len(identity) + len(training_replay_prompts(identity, open_replay=True))
+    assert data["rows"] > len(identity) + len(replay_prompts())
     assert sorted(p.name for p in work.iterdir()) == [".lock", "stages"]  # nothing downloaded or trained
     # Two GPUs halve the iterations (DefaultSampler splits the rows), and the plan says so.
     two = run_sh("--name", "Alice", "--dry-run", "--gpus", "2", "--work-dir", str(work), timeout=300)
