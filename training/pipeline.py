@@ -234,7 +234,9 @@ def execute(run: Run, plan: Plan) -> None:
                 traceback.print_exc(file=fh)
             raise StageError(f"stage {stage.name} failed: {type(err).__name__}: {err} (log: {log})") from None
         except (KeyboardInterrupt, SystemExit):
-            say(f"[pipeline] {stage.name}: interrupted; rerun the same command to resume (log: {log})")
+            # With --from, the same command would start that stage again: without it, the run goes on here.
+            again = "the same command without --from" if run.cfg.from_stage else "the same command"
+            say(f"[pipeline] {stage.name}: interrupted; rerun {again} to resume (log: {log})")
             raise
         wall = round(time.monotonic() - start, 1)
         run.results[stage.name] = result

@@ -625,7 +625,7 @@ def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp
     assert proc.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 128 + signal.SIGTERM,
                                signal.SIGINT: 128 + signal.SIGINT}[sig]
     if sig != signal.SIGKILL:
-        assert "[pipeline] sft: interrupted; rerun the same command to resume" in output
+        assert "[pipeline] sft: interrupted; rerun the same command without --from to resume" in output
         assert "Traceback" not in output  # that one line, nothing more
     deadline = time.monotonic() + 30
     while not all(_gone(pid) for pid in trainers):  # no orphan keeps writing into the work dir
