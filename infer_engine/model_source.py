@@ -665,6 +665,7 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     no_smudge = {"filter.lfs.process": "", "filter.lfs.smudge": "", "filter.lfs.required": "false"}
     run_git(["clone", "--quiet", "--", src.location, str(dest)], remote=src.location, config=no_smudge,
             credentials=src.credentials)
+    _check_out_a_branch(src, dest, no_smudge)
     if has_git_lfs():
         try:
             run_git(["lfs", "pull"], cwd=dest, remote=src.location, config=LFS_FILTER_CONFIG,
@@ -679,6 +680,30 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     revision = run_git(["rev-parse", "HEAD"], cwd=dest).stdout.strip()
     shutil.rmtree(dest / ".git")  # it would hold a second copy of every LFS object
     return revision
+
+
+def _check_out_a_branch(src: ModelSource, dest: Path, config: dict[str, str]) -> None:
+    """After a clone whose remote HEAD names a branch without commits (a bare repo made by an older
+    ``git init --bare``, HEAD ``master``, that was pushed ``main``): check out ``main``, or the one branch.
+
+    Args:
+        src: the git source (for the message).
+        dest: the clone.
+        config: the clone's git config (LFS smudge off).
+    """
+    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=dest,
+                      capture_output=True).returncode == 0:
+        return
+    listed = run_git(["for-each-ref", "--format=%(refname:lstrip=3)", "refs/remotes/origin"], cwd=dest).stdout
+    branches = [b for b in listed.split() if b != "HEAD"]
+    if not branches:
+        raise ModelSourceError(f"{src} has no commits: publish a model to it first")
+    if "main" not in branches and len(branches) > 1:
+        raise ModelSourceError(f"{src}: its HEAD names a branch without commits, and it has several "
+                               f"({', '.join(sorted(branches))}); set its HEAD to the model's branch")
+    branch = "main" if "main" in branches else branches[0]
+    log.info("model %s: its HEAD names a branch without commits; using branch %s", src, branch)
+    run_git(["checkout", "--quiet", "-b", branch, "--track", f"origin/{branch}"], cwd=dest, config=config)
 
 
 def _fetch_openxlab(src: ModelSource, dest: Path) -> None:

@@ -211,6 +211,26 @@ def test_bare_repo_path_and_cache_reuse_without_network(remote: Path, tmp_path: 
         resolve_model(str(remote), cache_dir=cache)
 
 
+def test_remote_whose_head_names_an_unborn_branch_serves_its_main(tiny_model: Path, tmp_path: Path) -> None:
+    # A plain `git init --bare` (git's default branch master): HEAD is master, the push was main.
+    bare = tmp_path / "master.git"
+    git("init", "--quiet", "--bare", "--initial-branch=master", str(bare))
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelSourceError, match="has no commits: publish a model to it first"):
+        resolve_model(bare.as_uri(), cache_dir=cache, retry=FAST)
+    push_model_dir(tiny_model, bare.as_uri(), tmp_path / "work")
+    path = resolve_model(bare.as_uri(), cache_dir=cache, retry=FAST)
+    assert sha256(path / "model.safetensors") == sha256(tiny_model / "model.safetensors")  # LFS pulled
+    revision = json.loads((path / SOURCE_INFO_FILE).read_text())["revision"]
+    assert revision == git("rev-parse", "main", cwd=bare).strip()
+    # Several branches and none of them main: which one holds the model is the owner's to say.
+    git("push", "--quiet", bare.as_uri(), "main:refs/heads/a", "main:refs/heads/b", ":refs/heads/main",
+        cwd=tmp_path / "work")
+    with pytest.raises(ModelSourceError, match=r"branch without commits, and it has several \(a, b\)"):
+        resolve_model(bare.as_uri(), cache_dir=tmp_path / "cache2", retry=FAST)
+    assert cache_entries(tmp_path / "cache2") == []
+
+
 def test_remote_without_lfs_objects_is_reported(tiny_model: Path, tmp_path: Path) -> None:
     bare = make_bare_repo(tmp_path / "broken.git")
     push_model_dir(tiny_model, bare.as_uri(), tmp_path / "work", upload_lfs_objects=False)
