@@ -37,6 +37,7 @@ from infer_engine.settings import (  # noqa: E402
     ServerSettings,
     SettingsError,
     engine_settings_from_env,
+    said_as,
     server_settings_from_env,
 )
 from infer_engine.smol_demo import display_name  # noqa: E402
@@ -111,13 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     route_std_logging()
     try:
-        server = server_settings_from_env()
-        server = dataclasses.replace(
-            server,
-            model_source=server.model_source if args.model is None else args.model.strip(),
-            host=args.host or server.host,
-            port=server.port if args.port is None else args.port,
-        )
+        from_env = server_settings_from_env()
+        flags = {"model_source": "--model", "host": "--host", "port": "--port"}
+        server = said_as(flags, lambda: dataclasses.replace(
+            from_env,
+            model_source=from_env.model_source if args.model is None else args.model.strip(),
+            host=args.host or from_env.host,
+            port=from_env.port if args.port is None else args.port,
+        ))
         engine_settings = engine_settings_from_env()
         if args.backend:
             engine_settings = dataclasses.replace(engine_settings, backend=args.backend)
@@ -176,7 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "s" if compare else "",
             time.perf_counter() - started,
         )
-        demo.launch(**options)
+        try:
+            demo.launch(**options)
+        except OSError as exc:  # Gradio: "Cannot find empty port in range: 7860-7860" (port taken)
+            print(f"app.py: cannot listen on {server.host}:{server.port}: {exc} (another server there? set "
+                  "GRADIO_SERVER_PORT or --port)", file=sys.stderr)
+            return 1
     return 0
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
 QUANT_POLICIES = (0, 4, 8)
+T = TypeVar("T")
 MAX_NEW_TOKENS = 2048  # the most tokens one reply may ask for
 MIN_PROMPT_TOKENS = 32  # what a session keeps for the prompt at least (a short question in the chat format)
 # Input limits of every event and API call (checked by ``chat_format.checked_text`` / ``check_history_size``
@@ -236,6 +238,29 @@ def _parse(kind: type, raw: str, name: str) -> object:
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
+# The environment variable that sets each ServerSettings field (EngineSettings: the field's name in capitals).
+SERVER_ENV = {"model_source": "MODEL_SOURCE", "cache_dir": "MODEL_CACHE_DIR", "host": "GRADIO_SERVER_NAME",
+              "port": "GRADIO_SERVER_PORT", "queue_size": "QUEUE_SIZE", "system_prompt": "SYSTEM_PROMPT",
+              "api_keys": "API_KEYS", "compare_model_source": "COMPARE_MODEL_SOURCE"}
+
+
+def said_as(names: Mapping[str, str], make: Callable[[], T]) -> T:
+    """``make()``, with a SettingsError about a field said by the name the user set it by (``SESSION_LEN``,
+    ``--port``) instead of the field's.
+
+    Args:
+        names: field name -> the name to say.
+        make: builds the settings object.
+    """
+    try:
+        return make()
+    except SettingsError as err:
+        name, _, rest = str(err).partition(" ")
+        if name in names:
+            raise SettingsError(f"{names[name]} {rest}") from None
+        raise
+
+
 def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSettings:
     """Read ``EngineSettings`` from upper-case env vars (``BACKEND``, ``SESSION_LEN``, ``QUANT_POLICY``, ...).
 
@@ -247,7 +272,7 @@ def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSetti
         raw = env.get(f.name.upper())
         if raw is not None and raw.strip():
             values[f.name] = _parse(_TYPES[str(f.type)], raw, f.name.upper())
-    return EngineSettings(**values)
+    return said_as({f.name: f.name.upper() for f in fields(EngineSettings)}, lambda: EngineSettings(**values))
 
 
 def trust_remote_code_from_env(env: Mapping[str, str] = os.environ) -> bool:
@@ -271,7 +296,7 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
     cache = env.get("MODEL_CACHE_DIR", "").strip()
     port = env.get("GRADIO_SERVER_PORT", "").strip()
     queue = env.get("QUEUE_SIZE", "").strip()
-    return ServerSettings(
+    return said_as(SERVER_ENV, lambda: ServerSettings(
         model_source=env.get("MODEL_SOURCE", "").strip(),
         cache_dir=Path(cache) if cache else None,
         host=env.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1",
@@ -280,4 +305,4 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
         system_prompt=env.get("SYSTEM_PROMPT", ""),
         api_keys=tuple(key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()),
         compare_model_source=env.get("COMPARE_MODEL_SOURCE", "").strip(),
-    )
+    ))

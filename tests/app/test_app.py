@@ -176,9 +176,23 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
     assert (local.name, local.source) == ("my-model", "local directory my-model")
 
 
+def test_a_port_already_taken_is_one_line_not_a_traceback() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "app.py", "--port", str(port)], capture_output=True, text=True,
+                              timeout=300, cwd=Path(app.__file__).parent,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"app.py: cannot listen on 127.0.0.1:{port}: Cannot find empty port" in proc.stderr
+
+
 def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
     assert app.main(["--port", "70000"]) == 2
-    assert "port must be between 1 and 65535" in capsys.readouterr().err
+    assert "invalid setting: --port must be between 1 and 65535, got 70000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -159,12 +159,16 @@ def test_engine_settings_from_env_parses_every_type() -> None:
         ({"SESSION_LEN": "4k"}, "SESSION_LEN must be int"),
         ({"SESSION_LEN": "4096.0"}, "SESSION_LEN must be int"),
         ({"QUANT_POLICY": "int8"}, "QUANT_POLICY must be int"),
-        ({"QUANT_POLICY": "3"}, "quant_policy must be one of 0, 4, 8"),
+        ({"QUANT_POLICY": "3"}, "QUANT_POLICY must be one of 0, 4, 8"),
         ({"ENABLE_PREFIX_CACHING": "maybe"}, "ENABLE_PREFIX_CACHING must be true or false"),
-        ({"CACHE_MAX_ENTRY_COUNT": "nan"}, "cache_max_entry_count"),
+        ({"CACHE_MAX_ENTRY_COUNT": "nan"}, "CACHE_MAX_ENTRY_COUNT must be"),
+        ({"CACHE_MAX_ENTRY_COUNT": "1.5"}, "CACHE_MAX_ENTRY_COUNT must be"),
+        ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE must be between 1 and 1024, got 0"),
+        ({"SESSION_LEN": "10"}, "SESSION_LEN must be between 64 and 1048576, got 10"),
+        ({"DEVICE": "tpu"}, "DEVICE must be one of auto, cpu, cuda"),
         ({"CACHE_MAX_ENTRY_COUNT": "lots"}, "CACHE_MAX_ENTRY_COUNT must be float"),
-        ({"BACKEND": "vllm"}, "backend must be one of"),
-        ({"TP": "3"}, "tp must be one of"),
+        ({"BACKEND": "vllm"}, "BACKEND must be one of"),
+        ({"TP": "3"}, "TP must be one of"),
     ],
 )
 def test_engine_settings_from_env_errors_name_the_variable(env: dict[str, str], match: str) -> None:
@@ -211,9 +215,9 @@ def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() ->
     ("env", "match"),
     [
         ({"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT must be int"),
-        ({"GRADIO_SERVER_PORT": "0"}, "port must be between 1 and 65535"),
-        ({"GRADIO_SERVER_PORT": "70000"}, "port must be between 1 and 65535"),
-        ({"QUEUE_SIZE": "-1"}, "queue_size must be between"),
+        ({"GRADIO_SERVER_PORT": "0"}, "GRADIO_SERVER_PORT must be between 1 and 65535"),
+        ({"GRADIO_SERVER_PORT": "70000"}, "GRADIO_SERVER_PORT must be between 1 and 65535"),
+        ({"QUEUE_SIZE": "-1"}, "QUEUE_SIZE must be between"),
         ({"QUEUE_SIZE": "many"}, "QUEUE_SIZE must be int"),
     ],
 )
