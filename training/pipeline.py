@@ -153,7 +153,8 @@ def check_device(cfg: RunConfig, todo: list[Stage]) -> None:
         what = "rehearses" if cfg.rehearse else "trains"
         raise RunConfigError(
             f"preset {cfg.preset} {what} 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, and this "
-            "machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)")
+            "machine has none; on a CPU, --preset smol trains a real small chat model (SmolLM2-135M) and "
+            "--preset tiny the toy (--dry-run shows this preset's plan without a GPU)")
     if cfg.gpus > torch.cuda.device_count():
         raise RunConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
                              "visible (CUDA_VISIBLE_DEVICES)")

@@ -256,7 +256,8 @@ def test_real_preset_without_cuda_fails_before_any_stage(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: preset internlm2_5-1_8b trains 4-bit QLoRA through bitsandbytes, which needs a CUDA GPU, "
-        "and this machine has none; use --preset tiny on CPU (--dry-run shows the plan without a GPU)"]
+        "and this machine has none; on a CPU, --preset smol trains a real small chat model (SmolLM2-135M) "
+        "and --preset tiny the toy (--dry-run shows this preset's plan without a GPU)"]
     assert not (tmp_path / "logs").exists()
 
 
