@@ -247,7 +247,12 @@ def main() -> None:
     parser.add_argument("--after", default=None,
                         help="list the most likely next tokens after this start of the answer instead")
     args = parser.parse_args()
-    chat = load_chat_model(args.model)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        chat = load_chat_model(args.model)
+    except (ValueError, OSError) as err:  # not a model dir, no weights, no chat template, code not allowed
+        parser.error(str(err))
     if args.after is not None:
         for prompt in args.prompt:
             ranked = next_token_probs(chat, prompt, args.after, system=args.system)

@@ -387,6 +387,22 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path, tiny_base_dir: Pat
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_generate_cli_refuses_what_it_cannot_load_in_one_line(tiny_base_dir: Path, tmp_path: Path) -> None:
+    def generate_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.generate", "--prompt", "hi", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_base_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    for args, message in [(["--model", str(tmp_path / "nope")], "is not a model dir (no config.json)"),
+                          (["--model", str(no_weights)], "model.safetensors"),
+                          (["--model", str(tiny_base_dir), "--max-new-tokens", "0"], "must be at least 1")]:
+        proc = generate_cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    ok = generate_cli("--model", str(tiny_base_dir), "--max-new-tokens", "4")
+    assert ok.returncode == 0 and ok.stdout.startswith("> hi\n"), ok.stderr
+
+
 def test_shares_round_once_when_printed_as_percent() -> None:
     from training.results_table import cells
 
