@@ -96,6 +96,11 @@ class Plan:
     resume: bool
 
 
+def _shown(value: object) -> str:
+    # A setting left out of the command is recorded as None: the preset's own value.
+    return "the preset's default" if value is None else repr(value)
+
+
 def plan_run(run: Run) -> Plan:
     """Decide which stages are reused and which run; loads the reused stages' results into `run`.
 
@@ -120,7 +125,8 @@ def plan_run(run: Run) -> Plan:
             if stage.rerun_on_change:
                 return Plan(reuse, stages[i:], False)
             old = record.get("inputs", {})
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in inputs.items() if old.get(k) != v)
+            changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(v)}" for k, v in inputs.items()
+                                if old.get(k) != v)
             raise RunConfigError(
                 f"stage {stage.name} in {run.work} was run with other settings ({changes}); rerun it with "
                 f"--from {stage.name}, or use another --work-dir")

@@ -535,6 +535,9 @@ def test_changed_settings_are_refused_not_silently_reused(tiny_run, tmp_path):
     assert proc.returncode == 2
     assert "stage data in" in proc.stderr and "(recipe: 'identity' -> 'seed')" in proc.stderr
     assert "--from data" in proc.stderr
+    lr = run_sh(*args, "--lr", "0.001")  # a setting the first run left to the preset
+    assert lr.returncode == 2 and "stage sft in" in lr.stderr, lr.stderr
+    assert "(lr: the preset's default -> 0.001)" in lr.stderr and "--from sft" in lr.stderr
 
 
 @pytest.mark.slow
