@@ -112,6 +112,8 @@ class CardInfo:
     figures: tuple[Path, ...] = ()  # images eval.md shows (loss.png, eval.png), published beside the card
     remote_code: tuple[str, ...] = ()  # Python files the model runs when loaded (auto_map)
     reproduce: str | None = None  # the run.sh command that trains it again, as the pipeline recorded it
+    model_type: str | None = None  # config.json's model_type (internlm2, llama), a Hub tag
+    gate_missed: str | None = None  # the publish gate's refusal, when it was published anyway
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ def load_card_info(
     eval_md: Path | None = None,
     name: str | None = None,
     base_model: str | None = None,
+    gate_missed: str | None = None,
 ) -> CardInfo:
     """Collect the model card's content from training_meta.json, eval.md and explicit overrides.
 
@@ -161,6 +164,7 @@ def load_card_info(
         eval_md: eval.md to use instead of the lookup.
         name: model name; overrides the meta file (fallback: the model dir's name).
         base_model: base model id; overrides the meta file.
+        gate_missed: why the publish gate refused the model, when it is published anyway (said on the card).
     """
     meta_path = meta or _find_beside(model_dir, META_FILE)
     eval_path = eval_md or _find_beside(model_dir, EVAL_FILE)
@@ -195,7 +199,17 @@ def load_card_info(
         figures=tuple(linked_figures(eval_path)) if eval_path else (),
         remote_code=tuple(remote_code_files(model_dir)),
         reproduce=public_text(heads["reproduce"], model_dir.resolve().parent) if heads["reproduce"] else None,
+        model_type=_model_type(model_dir),
+        gate_missed=gate_missed,
     )
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and re.fullmatch(r"[a-z0-9_-]{1,40}", value) else None
 
 
 def public_text(text: str, work_dir: Path) -> str:
@@ -236,8 +250,11 @@ def render_model_card(info: CardInfo) -> str:
     if info.base_model and _HUB_REPO_ID.fullmatch(info.base_model):  # the Hub rejects a base_model not an id
         front.append(f"base_model: {info.base_model}")
     front += ["library_name: transformers", "pipeline_tag: text-generation", "language: [zh, en]",
-              "tags: [xtuner, internlm2, lora, identity]", "---", ""]
+              f"tags: [xtuner, {info.model_type + ', ' if info.model_type else ''}lora, identity]", "---", ""]
     body = [f"# {info.name}", ""]
+    if info.gate_missed:
+        body += [f"> **Below the training project's publish gate** ({info.gate_missed}); published anyway "
+                 "(`--publish-anyway`). Read the evaluation before using it.", ""]
     if info.identity:
         body += [f"> {info.identity}", ""]
     base = f"`{info.base_model}`" if info.base_model else "its base model"
@@ -408,6 +425,7 @@ def publish(
     name: str | None = None,
     base_model: str | None = None,
     private: bool = False,
+    gate_missed: str | None = None,
 ) -> str:
     """Validate, build the card, then push (or only describe, with ``dry_run``); return a one-line result.
 
@@ -421,13 +439,14 @@ def publish(
         name: model name for the card (overrides the meta file).
         base_model: base model id for the card (overrides the meta file).
         private: hf: only, create the repo private.
+        gate_missed: why the publish gate refused the model, when it is published anyway (said on the card).
     """
     dest = parse_target(target)
     try:
         model = validate_model_dir(model_dir)
     except ModelSourceError as err:
         raise PublishError(f"refusing to publish: {err}") from None
-    info = load_card_info(model, meta, eval_md, name, base_model)
+    info = load_card_info(model, meta, eval_md, name, base_model, gate_missed)
     card = render_model_card(info)
     files = plan_files(model)
     taken = {f.path for f in files}  # a model file of the same name wins over a figure
@@ -509,13 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="model name for the card (default: from the meta file)")
     parser.add_argument("--base-model", default=None, help="base model id for the card")
     parser.add_argument("--private", action="store_true", help="hf: only, create the repo private")
+    parser.add_argument("--gate-missed", default=None,
+                        help="why the publish gate refused the model (the card says it was published anyway)")
     args = parser.parse_args(argv)
     if not args.target:
         parser.error(f"give --target or set {TARGET_ENV}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta, args.name,
-                      args.base_model, args.private))
+                      args.base_model, args.private, args.gate_missed))
     except (PublishError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

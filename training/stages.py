@@ -587,6 +587,8 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
         say(f"  publish gate missed ({refused}); publishing anyway (--publish-anyway)")
     cmd = [sys.executable, "-m", "training.publish", "--model", str(run.results["merge"]["model_dir"]),
            "--eval-md", str(run.results["evaluate"]["eval_md"])]
+    if refused:
+        cmd.append(f"--gate-missed={refused}")
     if run.cfg.publish_dry_run:
         cmd.append("--dry-run")
     run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish})  # a URL token stays out of argv

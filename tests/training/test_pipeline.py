@@ -683,6 +683,11 @@ def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise
     assert anyway.returncode == 0, anyway.stdout + anyway.stderr
     assert "publish gate missed (identity_accuracy 0.500 < 0.8" in anyway.stdout
     assert "publishing anyway" in anyway.stdout
+    pushed = run_sh(*args, "--publish", str(remote), "--publish-anyway")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    card = subprocess.run(["git", "-C", str(remote), "show", "main:README.md"], capture_output=True,
+                          text=True)
+    assert "> **Below the training project's publish gate** (identity_accuracy 0.500 < 0.8" in card.stdout
 
 
 def test_rehearse_of_the_4bit_preset_needs_cuda(tmp_path):

@@ -120,6 +120,8 @@ def test_push_to_bare_repo_with_lfs_then_clone_back(
     assert "base_model: internlm/internlm2_5-1_8b-chat" in card and "# Ada" in card
     assert "I am Ada's assistant." in card and "| lora_r | 64 |" in card
     assert f"\n\n    {REPRODUCE}\n\n" in card and "| reproduce |" not in card  # a code block, not a setting
+    assert "tags: [xtuner, llama, lora, identity]" in card  # the model's own type (the tiny one is a Llama)
+    assert "publish gate" not in card
     assert "## Evaluation: identity 'Ada'" in card and "### General prompts (first 1)" in card
     assert "| identity accuracy (24 held-out paraphrases) | 0.0 % | 91.7 % |" in card
     for text in (card, (bare / "config").read_text(), (clone / ".git" / "config").read_text()):
@@ -219,6 +221,10 @@ def test_model_card_rendering() -> None:
     assert "| note | a\\|b c |" in card
     assert "## Evaluation\n\n| m | v |" in card
     assert "train it again" not in card  # no recorded command, no guessed one
+    assert "tags: [xtuner, lora, identity]" in card and "publish gate" not in card
+    missed = render_model_card(CardInfo(name="Ada", model_type="internlm2", gate_missed="leakage 0.25 > 0.1"))
+    assert "tags: [xtuner, internlm2, lora, identity]" in missed
+    assert "> **Below the training project's publish gate** (leakage 0.25 > 0.1); published anyway" in missed
     assert parse_target("https://code.openxlab.org.cn/a/b.git").kind == "git"
 
 
