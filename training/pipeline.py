@@ -285,11 +285,17 @@ def run_pipeline(cfg: RunConfig) -> Run:
         run.work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunConfigError(f"--work-dir {run.work}: cannot create it ({err.strerror or err})") from None
-    with (run.work / ".lock").open("w") as lock:
+    with (run.work / ".lock").open("a+") as lock:  # not "w": the holder's pid stays readable
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunConfigError(f"another run is using {run.work}") from None
+            lock.seek(0)
+            holder = lock.read().strip()
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise RunConfigError(f"another run is using {run.work}{who}") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
         plan = plan_run(run)
         if cfg.dry_run:
             say("\n".join(dry_run(run, plan)))

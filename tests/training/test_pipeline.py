@@ -225,6 +225,23 @@ def test_a_work_dir_that_holds_other_files_or_cannot_be_one_is_refused_and_left_
         assert RunConfig(name="x", preset="tiny", work_dir=work).work_dir == work
 
 
+def test_a_work_dir_in_use_is_refused_naming_the_process_using_it(tmp_path):
+    import fcntl
+
+    work = tmp_path / "w"
+    work.mkdir()
+    with (work / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        proc = run_sh("--name", "x", "--preset", "tiny", "--work-dir", str(work), "--dry-run", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: another run is using {work} (process 4242)"
+    done = run_sh("--name", "x", "--preset", "tiny", "--work-dir", str(work), "--dry-run", timeout=300)
+    assert done.returncode == 0, done.stderr  # released: the next run takes it, and leaves its own pid
+    assert (work / ".lock").read_text().strip().isdigit()
+
+
 def test_a_corpus_without_a_text_file_is_refused_before_any_work(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / ".git").mkdir(parents=True)
