@@ -9,7 +9,7 @@
 #               MUTANTS='infer_engine.chat_format*' limits a run to some modules; `mutmut browse` shows them
 # make demo-model — rebuild infer_engine/demo_model (the tiny toy the fast tests and a bare `python app.py`
 #               serve) with the project's own training pipeline (tiny preset)
-# make demo-adapter — retrain the demo's LoRA adapter (smol preset; 12.5 min of stages measured on an idle 2-core machine),
+# make demo-adapter — retrain the demo's LoRA adapter (smol preset; 18 min of stages in its last run on a 2-core machine),
 #               kept at 0.9 of its trained strength (it leaks its name less: README, run UB9), and copy it with its
 #               metadata into infer_engine/demo_adapter; DEMO_ADAPTER_ARGS adds run.sh flags (e.g. --recipe seed)
 VENV := .venv
