@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 # Tracebacks in the log without local variable values (loguru reads this at import): they can hold user
 # text, keys or tokens.
 os.environ.setdefault("LOGURU_DIAGNOSE", "False")
+# Gradio reads GRADIO_SERVER_PORT when it is imported and dies with a traceback on "" or "http": the value is
+# kept away from it until main() has checked it (the app passes the port to launch() itself).
+_PORT_FROM_ENV = os.environ.pop("GRADIO_SERVER_PORT", None)
 
 from loguru import logger  # noqa: E402
 
@@ -88,6 +92,28 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     return ModelInfo(name=name, source=shown, is_demo=False)
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (a host that is no address of this machine, a port in
+    use), found before any model loads; None when it can.
+
+    Args:
+        host: the interface (GRADIO_SERVER_NAME / --host).
+        port: the TCP port (GRADIO_SERVER_PORT / --port).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        return f"the host {host!r} (GRADIO_SERVER_NAME or --host) is no name or address known here ({err})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            return (f"cannot listen on {host}:{port}: {err.strerror or err} (GRADIO_SERVER_NAME / --host, "
+                    "GRADIO_SERVER_PORT / --port)")
+    return None
+
+
 def fetch_model(source: str, server: ServerSettings, trust_remote_code: bool) -> tuple[Path, ModelInfo]:
     """Resolve a model source to a checked local directory (else ``ModelSourceError``) and say what it is.
 
@@ -112,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     route_std_logging()
     try:
-        from_env = server_settings_from_env()
+        port = {} if _PORT_FROM_ENV is None else {"GRADIO_SERVER_PORT": _PORT_FROM_ENV}
+        from_env = server_settings_from_env({**os.environ, **port})
         flags = {"model_source": "--model", "host": "--host", "port": "--port"}
         server = said_as(flags, lambda: dataclasses.replace(
             from_env,
@@ -126,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"app.py: invalid setting: {exc}", file=sys.stderr)
         return 2
+    problem = listen_problem(server.host, server.port)
+    if problem:
+        print(f"app.py: {problem}", file=sys.stderr)
+        return 1
     reply_tokens = engine_settings.default_params().max_new_tokens
     if reply_tokens < GenerationParams().max_new_tokens:
         logger.warning(
@@ -180,9 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         try:
             demo.launch(**options)
-        except OSError as exc:  # Gradio: "Cannot find empty port in range: 7860-7860" (port taken)
-            print(f"app.py: cannot listen on {server.host}:{server.port}: {exc} (another server there? set "
-                  "GRADIO_SERVER_PORT or --port)", file=sys.stderr)
+        except OSError as exc:  # taken since listen_problem looked: "Cannot find empty port in range: ..."
+            print(f"app.py: cannot listen on {server.host}:{server.port}: {exc}", file=sys.stderr)
             return 1
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -229,13 +230,15 @@ def _parse(kind: type, raw: str, name: str) -> object:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise SettingsError(f"{name} must be {kind.__name__}, got {raw!r}") from None
+    # int() and float() also take "1_000" and full-width digits: a number setting is written in ASCII digits.
+    if kind in _NUMBER_FORMS and not _NUMBER_FORMS[kind][0].fullmatch(text):
+        raise SettingsError(f"{name} must be {_NUMBER_FORMS[kind][1]}, got {raw!r}")
+    return kind(text)
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_NUMBER_FORMS = {int: (re.compile(r"[+-]?[0-9]+"), "a whole number"),
+                 float: (re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"), "a number")}
 
 
 # The environment variable that sets each ServerSettings field (EngineSettings: the field's name in capitals).
@@ -286,6 +289,13 @@ def trust_remote_code_from_env(env: Mapping[str, str] = os.environ) -> bool:
     return bool(_parse(bool, raw, "TRUST_REMOTE_CODE")) if raw.strip() else False
 
 
+def _api_keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+    if raw.strip() and not keys:  # " , ": meant to protect /v1, would leave it open
+        raise SettingsError(f"API_KEYS is set but holds no key ({raw!r}); unset it for an open API")
+    return keys
+
+
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
     ``QUEUE_SIZE``, ``SYSTEM_PROMPT``, ``API_KEYS`` (comma-separated) and ``COMPARE_MODEL_SOURCE``.
@@ -303,6 +313,6 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
         port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,
         system_prompt=env.get("SYSTEM_PROMPT", ""),
-        api_keys=tuple(key.strip() for key in env.get("API_KEYS", "").split(",") if key.strip()),
+        api_keys=_api_keys(env.get("API_KEYS", "")),
         compare_model_source=env.get("COMPARE_MODEL_SOURCE", "").strip(),
     ))

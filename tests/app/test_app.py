@@ -187,7 +187,21 @@ def test_a_port_already_taken_is_one_line_not_a_traceback() -> None:
                               timeout=300, cwd=Path(app.__file__).parent,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"app.py: cannot listen on 127.0.0.1:{port}: Cannot find empty port" in proc.stderr
+    assert f"app.py: cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+
+
+@pytest.mark.parametrize(("env", "code", "message"), [
+    # Gradio reads GRADIO_SERVER_PORT when imported, and died on these with a traceback before app.py spoke.
+    ({"GRADIO_SERVER_PORT": "http"}, 2, "app.py: invalid setting: GRADIO_SERVER_PORT must be a whole number"),
+    ({"GRADIO_SERVER_PORT": "", "GRADIO_SERVER_NAME": "no.such.host.invalid"}, 1,
+     "app.py: the host 'no.such.host.invalid' (GRADIO_SERVER_NAME or --host) is no name or address"),
+])
+def test_a_bad_address_is_one_line_before_any_model_loads(env: dict, code: int, message: str) -> None:
+    proc = subprocess.run([sys.executable, "app.py"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(app.__file__).parent, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "loaded" not in proc.stderr  # refused before the model
 
 
 def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,9 +156,11 @@ def test_engine_settings_from_env_parses_every_type() -> None:
 @pytest.mark.parametrize(
     ("env", "match"),
     [
-        ({"SESSION_LEN": "4k"}, "SESSION_LEN must be int"),
-        ({"SESSION_LEN": "4096.0"}, "SESSION_LEN must be int"),
-        ({"QUANT_POLICY": "int8"}, "QUANT_POLICY must be int"),
+        ({"SESSION_LEN": "4k"}, "SESSION_LEN must be a whole number"),
+        ({"SESSION_LEN": "4096.0"}, "SESSION_LEN must be a whole number"),
+        ({"SESSION_LEN": "8_192"}, "SESSION_LEN must be a whole number"),
+        ({"SESSION_LEN": "８１９２"}, "SESSION_LEN must be a whole number"),
+        ({"QUANT_POLICY": "int8"}, "QUANT_POLICY must be a whole number"),
         ({"QUANT_POLICY": "3"}, "QUANT_POLICY must be one of 0, 4, 8"),
         ({"ENABLE_PREFIX_CACHING": "maybe"}, "ENABLE_PREFIX_CACHING must be true or false"),
         ({"CACHE_MAX_ENTRY_COUNT": "nan"}, "CACHE_MAX_ENTRY_COUNT must be"),
@@ -166,7 +168,7 @@ def test_engine_settings_from_env_parses_every_type() -> None:
         ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE must be between 1 and 1024, got 0"),
         ({"SESSION_LEN": "10"}, "SESSION_LEN must be between 64 and 1048576, got 10"),
         ({"DEVICE": "tpu"}, "DEVICE must be one of auto, cpu, cuda"),
-        ({"CACHE_MAX_ENTRY_COUNT": "lots"}, "CACHE_MAX_ENTRY_COUNT must be float"),
+        ({"CACHE_MAX_ENTRY_COUNT": "lots"}, "CACHE_MAX_ENTRY_COUNT must be a number"),
         ({"BACKEND": "vllm"}, "BACKEND must be one of"),
         ({"TP": "3"}, "TP must be one of"),
     ],
@@ -203,7 +205,9 @@ def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() ->
     settings = server_settings_from_env({"API_KEYS": " sk-one, sk-two ,,"})
     assert settings.api_keys == ("sk-one", "sk-two")
     assert "sk-one" not in repr(settings)
-    assert server_settings_from_env({"API_KEYS": " , "}).api_keys == ()
+    assert server_settings_from_env({"API_KEYS": "  "}).api_keys == ()  # blank = unset: an open API
+    with pytest.raises(SettingsError, match="API_KEYS is set but holds no key"):
+        server_settings_from_env({"API_KEYS": " , "})  # meant to protect /v1: not silently left open
     with pytest.raises(SettingsError, match="API key 2 must not contain spaces") as caught:
         ServerSettings(api_keys=("sk-one", "sk two"))
     assert "sk two" not in str(caught.value)  # the message names the key by number only
@@ -214,11 +218,11 @@ def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() ->
 @pytest.mark.parametrize(
     ("env", "match"),
     [
-        ({"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT must be int"),
+        ({"GRADIO_SERVER_PORT": "http"}, "GRADIO_SERVER_PORT must be a whole number"),
         ({"GRADIO_SERVER_PORT": "0"}, "GRADIO_SERVER_PORT must be between 1 and 65535"),
         ({"GRADIO_SERVER_PORT": "70000"}, "GRADIO_SERVER_PORT must be between 1 and 65535"),
         ({"QUEUE_SIZE": "-1"}, "QUEUE_SIZE must be between"),
-        ({"QUEUE_SIZE": "many"}, "QUEUE_SIZE must be int"),
+        ({"QUEUE_SIZE": "many"}, "QUEUE_SIZE must be a whole number"),
     ],
 )
 def test_server_settings_from_env_errors(env: dict[str, str], match: str) -> None:
