@@ -33,7 +33,13 @@ from loguru import logger  # noqa: E402
 
 from infer_engine.engine import create_engine  # noqa: E402
 from infer_engine.lmdeploy_engine import one_card_settings  # noqa: E402
-from infer_engine.model_source import DEMO_MODEL_DIR, check_remote_code, redact, resolve_model  # noqa: E402
+from infer_engine.model_source import (  # noqa: E402
+    DEMO_MODEL_DIR,
+    check_remote_code,
+    parse_source,
+    redact,
+    resolve_model,
+)
 from infer_engine.openai_api import model_id, openai_routes  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
     BACKENDS,
@@ -171,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = {"model": server.model_source}
     if server.compare_model_source:
         sources["compare model (COMPARE_MODEL_SOURCE)"] = server.compare_model_source
+    for what, source in sources.items():  # a typo in the second source is said before the first downloads
+        try:
+            parse_source(source) if source else None
+        except ValueError as exc:
+            print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
+            return 1
     models = []
     for what, source in sources.items():
         try:

@@ -380,6 +380,8 @@ def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
     name = name or str(root)
     if not root.is_dir():
         raise ModelSourceError(f"model directory not found: {name}")
+    if not (root / "config.json").is_file():  # before walking the tree: MODEL_SOURCE=/ must not read it all
+        raise ModelSourceError(f"{name} is not a model directory: it has no config.json")
     leaving = links_leaving(root)
     if leaving:
         shown = ", ".join(leaving[:5]) + (f" (+{len(leaving) - 5} more)" if len(leaving) > 5 else "")
@@ -391,8 +393,6 @@ def validate_model_dir(model_dir: Path, name: str | None = None) -> Path:
             "(install git-lfs first if needed: apt-get install git-lfs).",
         )
     missing = []
-    if not (root / "config.json").is_file():
-        missing.append("config.json")
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
         missing.append("a tokenizer file (" + " or ".join(TOKENIZER_FILES) + ")")
     if not any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in root.iterdir()):

@@ -274,7 +274,8 @@ def engine_settings_from_env(env: Mapping[str, str] = os.environ) -> EngineSetti
     for f in fields(EngineSettings):
         raw = env.get(f.name.upper())
         if raw is not None and raw.strip():
-            values[f.name] = _parse(_TYPES[str(f.type)], raw, f.name.upper())
+            kind = _TYPES[str(f.type)]  # the text ones are choices (BACKEND, DEVICE): AUTO is auto
+            values[f.name] = _parse(kind, raw.lower() if kind is str else raw, f.name.upper())
     return said_as({f.name: f.name.upper() for f in fields(EngineSettings)}, lambda: EngineSettings(**values))
 
 

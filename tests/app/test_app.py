@@ -254,6 +254,15 @@ def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
         assert "Traceback" not in err
 
 
+def test_a_bad_compare_source_is_said_before_the_model_is_fetched(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MODEL_SOURCE", "file:///no/such/repo.git")  # would be cloned (and fail) first
+    monkeypatch.setenv("COMPARE_MODEL_SOURCE", "demo:nope")
+    assert app.main(["--backend", "transformers"]) == 1
+    err = capsys.readouterr().err
+    assert "app.py: cannot get the compare model (COMPARE_MODEL_SOURCE): " in err and "demo:tuned" in err, err
+    assert "git clone" not in err and "/no/such/repo" not in err
+
+
 @pytest.fixture
 def loguru_messages() -> Iterator[list[str]]:
     messages: list[str] = []

@@ -137,15 +137,24 @@ def test_local_dir_is_validated_and_not_copied(tiny_model: Path, tmp_path: Path)
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_dir_without_config_is_refused_before_its_tree_is_walked(tmp_path: Path) -> None:
+    # MODEL_SOURCE=/tmp or / is a typo: it must not read every file under it looking for links and pointers,
+    # and the answer is that it is no model (not that something deep inside links elsewhere).
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "er" / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(ModelSourceError, match=r"is not a model directory: it has no config\.json$"):
+        resolve_model(str(tmp_path))
+
+
 @pytest.mark.parametrize(("remove", "message"), [
-    ("config.json", "config.json"),
-    ("tokenizer.json", "tokenizer file"),
-    ("model.safetensors", "weights"),
+    ("config.json", "is not a model directory: it has no config.json"),
+    ("tokenizer.json", "not a complete model directory: missing .*tokenizer file"),
+    ("model.safetensors", "not a complete model directory: missing .*weights"),
 ])
 def test_local_dir_incomplete(tiny_model: Path, tmp_path: Path, remove: str, message: str) -> None:
     model = shutil.copytree(tiny_model, tmp_path / "model")
     (model / remove).unlink()
-    with pytest.raises(ModelSourceError, match=f"not a complete model directory: missing .*{message}"):
+    with pytest.raises(ModelSourceError, match=message):
         resolve_model(str(model))
 
 

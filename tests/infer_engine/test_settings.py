@@ -150,6 +150,8 @@ def test_engine_settings_from_env_parses_every_type() -> None:
         torch_threads=2,
     )
     assert engine_settings_from_env({}) == EngineSettings()
+    assert engine_settings_from_env({"BACKEND": " Transformers ", "DEVICE": "CPU"}) == EngineSettings(
+        backend="transformers", device="cpu")
     assert engine_settings_from_env({"SESSION_LEN": "  "}) == EngineSettings()  # blank = unset
 
 
