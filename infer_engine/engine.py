@@ -44,6 +44,7 @@ __all__ = [
     "Update",
     "create_engine",
     "lmdeploy_available",
+    "lmdeploy_unavailable",
     "pick_backend",
     "prepare_prompt",
 ]
@@ -169,19 +170,25 @@ def prepare_prompt(
     return trim_messages(tokenizer, normalise_messages(messages), params.max_new_tokens, session_len)
 
 
-def lmdeploy_available() -> bool:
-    """True only when a CUDA GPU is visible and LMDeploy's TurboMind native module really imports."""
+def lmdeploy_unavailable() -> str | None:
+    """Why LMDeploy's TurboMind cannot serve here (no CUDA GPU, not installed, its native module fails to
+    load); None when it can."""
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return False
+            return "no CUDA GPU is visible"
         from lmdeploy import turbomind
 
-        return bool(turbomind.is_available())
+        return None if turbomind.is_available() else "LMDeploy's TurboMind native module is not available"
     except Exception as exc:  # an import error anywhere in LMDeploy's large tree means "not available"
         logger.info("LMDeploy unavailable: {}", exc)
-        return False
+        return f"LMDeploy does not import ({type(exc).__name__}: {exc})"
+
+
+def lmdeploy_available() -> bool:
+    """True only when a CUDA GPU is visible and LMDeploy's TurboMind native module really imports."""
+    return lmdeploy_unavailable() is None
 
 
 def pick_backend(settings: EngineSettings) -> str:

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 from transformers import GenerationConfig as HFGenerationConfig
 
 from infer_engine.chat_format import Message, stop_token_ids
-from infer_engine.engine import ChatStream, GenerationError, Update, lmdeploy_available, prepare_prompt
+from infer_engine.engine import ChatStream, GenerationError, Update, lmdeploy_unavailable, prepare_prompt
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
 _POLL_S = 0.5  # how often a waiting consumer checks that LMDeploy's event loop thread is still alive
@@ -145,9 +145,10 @@ def open_pipeline(model_dir: Path, settings: EngineSettings) -> Any:
         model_dir: a Hugging Face model directory.
         settings: the validated engine settings.
     """
-    if not lmdeploy_available():
+    why = lmdeploy_unavailable()
+    if why:
         raise SettingsError(
-            "BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind (see the log line above); "
+            f"BACKEND=lmdeploy needs a CUDA GPU and LMDeploy's TurboMind, and here {why}; "
             "use BACKEND=transformers or auto"
         )
     check_turbomind_supports(model_dir, settings.trust_remote_code)

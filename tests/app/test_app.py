@@ -212,7 +212,7 @@ def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.Capture
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--backend", "lmdeploy"], {}, "BACKEND=lmdeploy needs a CUDA GPU"),
+        (["--backend", "lmdeploy"], {}, "needs a CUDA GPU and LMDeploy's TurboMind, and here "),
         (["--backend", "transformers"], {"DEVICE": "cuda"}, "device=cuda was asked for, but no CUDA GPU"),
     ],
 )

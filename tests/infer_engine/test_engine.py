@@ -23,6 +23,7 @@ from infer_engine.settings import EngineSettings, GenerationParams
 def test_lmdeploy_is_available_only_with_cuda_and_turbomind() -> None:
     if not torch.cuda.is_available():
         assert lmdeploy_available() is False
+        assert engine_module.lmdeploy_unavailable() == "no CUDA GPU is visible"
     else:  # a GPU machine: TurboMind's native module decides
         from lmdeploy import turbomind
 
