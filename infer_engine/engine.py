@@ -13,6 +13,7 @@ the UI. Bad input raises ``ChatInputError`` from ``stream_chat`` itself, before 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,20 @@ def pick_backend(settings: EngineSettings) -> str:
     return "lmdeploy" if lmdeploy_available() else "transformers"
 
 
+def model_context_length(model_dir: Path) -> int | None:
+    """The positions a model was made for (config.json's ``max_position_embeddings``), if it says.
+
+    Args:
+        model_dir: a Hugging Face model directory.
+    """
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        value = config.get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def create_engine(model_dir: Path, settings: EngineSettings) -> ChatEngine:
     """Build the backend that ``settings`` asks for on the model in ``model_dir``.
 
@@ -211,6 +226,11 @@ def create_engine(model_dir: Path, settings: EngineSettings) -> ChatEngine:
     """
     backend = pick_backend(settings)
     logger.info("engine backend: {} (requested {})", backend, settings.backend)
+    trained = model_context_length(model_dir)
+    if trained is not None and settings.session_len > trained:
+        logger.warning("SESSION_LEN={} is longer than the {} positions model {} was made for: a long "
+                       "conversation may turn to nonsense before it is cut", settings.session_len, trained,
+                       model_dir.name)
     if backend == "lmdeploy":
         from infer_engine.lmdeploy_engine import LMDeployEngine
 

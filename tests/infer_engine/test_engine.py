@@ -51,6 +51,21 @@ def test_create_engine_with_transformers_serves_the_demo_model(tiny_model_dir: P
         engine.close()
 
 
+def test_a_session_longer_than_the_model_knows_is_warned_about(tiny_model_dir: Path) -> None:
+    from loguru import logger
+
+    assert engine_module.model_context_length(tiny_model_dir) == 4096
+    warnings: list[str] = []
+    handler = logger.add(lambda m: warnings.append(str(m)), level="WARNING", format="{message}")
+    try:
+        for session_len in (4096, 8192):
+            settings = EngineSettings(backend="transformers", session_len=session_len)
+            create_engine(tiny_model_dir, settings).close()
+    finally:
+        logger.remove(handler)
+    assert len(warnings) == 1 and "SESSION_LEN=8192 is longer than the 4096 positions" in warnings[0]
+
+
 def test_the_public_names_the_ui_imports_exist() -> None:
     for name in engine_module.__all__:
         assert hasattr(engine_module, name), name
