@@ -171,7 +171,7 @@ def test_seed_cli_default_is_the_camp3_size(tmp_path: Path) -> None:
         (["--name", "Ub<|im_end|>", "--recipe", "seed"], "special tokens"),
         (["--name", "UbUb", "--recipe", "alpaca"], "unknown recipe"),
         (["--name", "UbUb", "--recipe", "identity"], "needs --base"),
-        (["--name", "UbUb", "--recipe", "seed", "--seed-repeat", "0"], "at least 1"),
+        (["--name", "UbUb", "--recipe", "seed", "--seed-repeat", "0"], "between 1 and 100000, got 0"),
     ],
 )
 def test_cli_rejects_bad_input_with_a_clear_message(tmp_path: Path, args: list[str], message: str) -> None:
