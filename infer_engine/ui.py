@@ -609,8 +609,11 @@ def build_ui(
         generation = {"concurrency_limit": engine.max_concurrency, "concurrency_id": GENERATION_POOL}
         ask = [textbox.submit, send.click]
         redo = [retry_button.click, *(chatbot.retry for chatbot in chatbots)]
-        asked = gr.on(ask, add_question, [*chatbots, textbox], [*chatbots, textbox], **ui_only)
-        retried = gr.on(redo, drop_answer, chatbots, chatbots, **ui_only)
+        # Queued, though they wait for nothing (no concurrency limit): Gradio 6 shows a gr.Error raised in an
+        # unqueued event nowhere, and these are the steps that refuse what the user typed.
+        checks = {"queue": True, "concurrency_limit": None, "api_visibility": "private"}
+        asked = gr.on(ask, add_question, [*chatbots, textbox], [*chatbots, textbox], **checks)
+        retried = gr.on(redo, drop_answer, chatbots, chatbots, **checks)
         answers = [answerer(panel) for panel in panels]
 
         def answer_side_by_side(

@@ -317,6 +317,11 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     page.wait_for_function(f"() => document.querySelectorAll('{ANY_MESSAGE}').length === 0")
     time.sleep(QUIET_S)
     assert messages(page, "user") == messages(page, "bot") == []
+
+    # What the page refuses is said on the page, not only in the server's reply.
+    send(page, "   \n\t  ")
+    expect(page.get_by_text("Type a message first.")).to_be_visible()
+    assert messages(page, "user") == messages(page, "bot") == []
     assert errors == []
 
 
