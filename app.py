@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources["compare model (COMPARE_MODEL_SOURCE)"] = server.compare_model_source
     for what, source in sources.items():  # a typo in the second source is said before the first downloads
         try:
-            parse_source(source) if source else None
+            if source:
+                parse_source(source)
         except ValueError as exc:
             print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
             return 1
