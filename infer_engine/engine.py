@@ -13,7 +13,6 @@ the UI. Bad input raises ``ChatInputError`` from ``stream_chat`` itself, before 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from infer_engine.chat_format import (
     normalise_messages,
     trim_messages,
 )
+from infer_engine.model_source import read_json_object
 from infer_engine.settings import (
     MIN_PROMPT_TOKENS,
     EngineSettings,
@@ -209,11 +209,7 @@ def model_context_length(model_dir: Path) -> int | None:
     Args:
         model_dir: a Hugging Face model directory.
     """
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        value = config.get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = read_json_object(model_dir / "config.json").get("max_position_embeddings")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 

@@ -409,6 +409,19 @@ class RemoteCodeError(ModelSourceError):
     """The model ships Python code to run at load time and the operator has not allowed that."""
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ``{}`` when it is missing, unreadable, not JSON or not an object.
+
+    Args:
+        path: e.g. a model directory's config.json.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _auto_map_refs(auto_map: object) -> list[str]:
     # Every class reference in an auto_map, in each shape transformers imports from: {"AutoModel": "m.C"},
     # {"AutoTokenizer": [slow, fast]}, and a tokenizer_config's legacy bare list [slow, fast].
@@ -426,11 +439,7 @@ def remote_code_files(model_dir: Path) -> list[str]:
     """
     files = set()
     for config in REMOTE_CODE_CONFIGS:
-        try:
-            auto_map = json.loads((model_dir / config).read_text(encoding="utf-8")).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        for ref in _auto_map_refs(auto_map):
+        for ref in _auto_map_refs(read_json_object(model_dir / config).get("auto_map") or {}):
             repo, _, ref = ref.rpartition("--")
             module = ref.rpartition(".")[0].replace(".", "/") + ".py"
             files.add(f"{module} from {repo}" if repo else module)

@@ -52,6 +52,7 @@ from infer_engine.model_source import (
     has_git_lfs,
     parse_source,
     public_source,
+    read_json_object,
     redact,
     remote_code_files,
     run_git,
@@ -205,10 +206,7 @@ def load_card_info(
 
 
 def _model_type(model_dir: Path) -> str | None:
-    try:
-        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = read_json_object(model_dir / "config.json").get("model_type")
     return value if isinstance(value, str) and re.fullmatch(r"[a-z0-9_-]{1,40}", value) else None
 
 

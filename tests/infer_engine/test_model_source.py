@@ -34,6 +34,7 @@ from infer_engine.model_source import (
     RetryPolicy,
     git_credential_env,
     parse_source,
+    read_json_object,
     redact,
     resolve_model,
 )
@@ -594,3 +595,15 @@ def test_openxlab_download_through_the_real_sdk_with_keys_kept_off_disk(
     assert handler.keys_on_disk == []
     assert files_holding(tmp_path, keys) == []
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_read_json_object_gives_an_empty_dict_for_anything_but_a_json_object(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    assert read_json_object(path) == {}  # missing
+    for text, expected in (('{"model_type": "llama"}', {"model_type": "llama"}), ("[1, 2]", {}), ("nul", {}),
+                           ("\ufeff{}", {}), ('"x"', {})):
+        path.write_text(text, encoding="utf-8")
+        assert read_json_object(path) == expected, text
+    path.write_bytes(b'{"a": "\xff"}')  # not UTF-8
+    assert read_json_object(path) == {}
+    assert read_json_object(tmp_path) == {}  # a directory
