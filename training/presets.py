@@ -75,6 +75,8 @@ class Preset:
             files): allowed to run without --trust-remote-code, for that base only.
         model_desc: what the identity answers say the model really is ("中文 / English" per language).
         organisation: who made that model ("中文 / English" per language).
+        open_replay: the data also replays the base's answers to training.open_prompts (open-ended questions;
+            real bases only: a toy's answers to them teach nothing).
         data_args: extra training.make_identity_data options (replay size and cost).
         eval_args: extra training.evaluate options (generation cost).
         sft_settings: top-level settings of the SFT template this preset sets (literals, applied before the
@@ -93,6 +95,7 @@ class Preset:
     default_base_code: bool = False
     model_desc: str = IdentitySpec.model_desc
     organisation: str = IdentitySpec.organisation
+    open_replay: bool = False
     data_args: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
     sft_settings: Mapping[str, object] = field(default_factory=dict)
@@ -114,7 +117,7 @@ PRESETS = {
                                "internlm2_5_1_8b_qlora_pretrain.py", "hf:internlm/internlm2_5-1_8b-chat",
                                needs_cuda=True, length_setting="max_epochs", cpu_threads=None,
                                rehearse_shape=INTERNLM2_5_1_8B_SHAPE, default_base_code=True,
-                               data_args=("--open-replay",)),
+                               open_replay=True),
     # One thread: as fast as two for the tiny model, and kind to a shared 2-core CI machine. The tiny model
     # stands in for InternLM2.5-1.8B, so its identity (IdentitySpec's default) says so.
     "tiny": Preset("tiny", "lora_sft_cpu.py", "lora_pretrain_cpu.py",
@@ -145,7 +148,7 @@ PRESETS = {
                                    "num_attention_heads": 9, "num_key_value_heads": 3,
                                    "intermediate_size": 1536, "max_position_embeddings": 8192},
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
-                   data_args=("--open-replay", "--replay-max-new-tokens", "64", "--batch-size", "32"),
+                   open_replay=True, data_args=("--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32"),
                    # Unlike the tiny preset, nothing but the LoRA is trained: a trained output head taught a
                    # real model the name and wrecked its other answers (the parrot effect,

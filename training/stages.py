@@ -218,15 +218,20 @@ def download_dir(run: Run) -> Path | None:
     return default_cache_dir() / f".{parsed.cache_key}.partial"
 
 
-def stage_data(run: Run, log: Path) -> dict[str, Path]:
-    """Build the identity data (and the held-out sets) with training.make_identity_data."""
-    partial, final = run.work / "data.partial", run.work / "data"
-    shutil.rmtree(partial, ignore_errors=True)
+def data_command(run: Run, out: Path) -> list[str]:
+    """The training.make_identity_data command of a run's data stage.
+
+    Args:
+        run: the run (its name, recipe, preset and repeats).
+        out: the directory the command writes.
+    """
     # --name=VALUE: a name such as "-Bob" must not read as an option
     cmd = [sys.executable, "-m", "training.make_identity_data", f"--name={run.cfg.name}",
-           "--recipe", run.cfg.recipe, "--out", str(partial), "--base", str(run.base_dir()),
+           "--recipe", run.cfg.recipe, "--out", str(out), "--base", str(run.base_dir()),
            "--model-desc", run.cfg.spec.model_desc, "--organisation", run.cfg.spec.organisation,
            *run.cfg.spec.data_args]
+    if run.cfg.spec.open_replay:
+        cmd.append("--open-replay")
     if run.cfg.identity_repeat is not None:
         cmd += ["--identity-repeat", str(run.cfg.identity_repeat)]
     if run.cfg.seed_repeat is not None:
@@ -234,6 +239,14 @@ def stage_data(run: Run, log: Path) -> dict[str, Path]:
     if run.cfg.rehearse:
         cmd += ["--replay-max", str(REHEARSE_REPLAY_PROMPTS),
                 "--replay-max-new-tokens", str(REHEARSE_REPLAY_TOKENS)]
+    return cmd
+
+
+def stage_data(run: Run, log: Path) -> dict[str, Path]:
+    """Build the identity data (and the held-out sets) with training.make_identity_data."""
+    partial, final = run.work / "data.partial", run.work / "data"
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = data_command(run, partial)
     run_logged(cmd, log, run.env)
     _require_files(partial, DATA_FILES, "make_identity_data")
     shutil.rmtree(final, ignore_errors=True)  # left by a run killed between this rename and its record
@@ -384,7 +397,7 @@ def sft_row_tokens(run: Run) -> tuple[list[int], bool]:
         pairs = make_identity_data.identity_pairs(
             spec, cfg.identity_repeat or make_identity_data.IDENTITY_REPEAT)
         replay = make_identity_data.training_replay_prompts(
-            pairs, "--open-replay" in cfg.spec.data_args, REHEARSE_REPLAY_PROMPTS if cfg.rehearse else None)
+            pairs, cfg.spec.open_replay, REHEARSE_REPLAY_PROMPTS if cfg.rehearse else None)
     rows = [{"conversation": [{"input": q, "output": a}]} for q, a in pairs]
     tokens = [schedule.conversation_tokens(row) for row in rows]
     tokens += [schedule.conversation_tokens({"conversation": [{"input": p}]}) + UNKNOWN_REPLAY_ANSWER_TOKENS

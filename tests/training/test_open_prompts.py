@@ -32,5 +32,5 @@ def test_no_duplicate_identity_question_or_evaluation_prompt() -> None:
 
 def test_real_bases_replay_them_and_the_tiny_one_does_not() -> None:
     # The tiny base only knows general_chat's tables; its answers to open questions would teach nothing.
-    replaying = {name for name, preset in PRESETS.items() if "--open-replay" in preset.data_args}
+    replaying = {name for name, preset in PRESETS.items() if preset.open_replay}
     assert replaying == {"smol", "internlm2_5-1_8b"}

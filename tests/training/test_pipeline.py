@@ -37,6 +37,7 @@ from training.runner import StageError, failure_reason
 from training.stages import (
     PIPELINE,
     Run,
+    data_command,
     identity_answers,
     identity_markers,
     latest_checkpoint,
@@ -347,6 +348,16 @@ def test_the_identity_contrast_keeps_the_name_and_the_cited_model_out_of_other_a
     assert identity_markers(tiny) == ["Alice", "书生·浦语 InternLM2.5-1.8B", "InternLM2.5-1.8B"]
     seed = Run(RunConfig("Alice", preset="tiny", recipe="seed", work_dir=tmp_path / "s"), dict(os.environ))
     assert identity_markers(seed) == []
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_data_stage_replays_open_questions_for_real_bases_only(preset, tmp_path):
+    run = Run(RunConfig("-Bo", preset=preset, identity_repeat=2, work_dir=tmp_path / "w"), dict(os.environ))
+    run.results["base"] = {"model_dir": tmp_path / "base"}
+    cmd = data_command(run, tmp_path / "out")
+    assert ("--open-replay" in cmd) is PRESETS[preset].open_replay
+    assert cmd[cmd.index("--base") + 1] == str(tmp_path / "base") and "--name=-Bo" in cmd
+    assert cmd[-2:] == ["--identity-repeat", "2"] and all(arg in cmd for arg in PRESETS[preset].data_args)
 
 
 @pytest.mark.parametrize(
