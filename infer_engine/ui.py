@@ -45,7 +45,6 @@ from infer_engine.chat_format import plain_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, Message
 from infer_engine.history import append_user, needs_answer, retry, undo, with_system_prompt
 from infer_engine.settings import (
-    MAX_MESSAGE_CHARS,
     MAX_REQUEST_BYTES,
     GenerationParams,
     ServerSettings,
@@ -571,8 +570,7 @@ def build_ui(
                 placeholder="Type a message: Enter sends, Shift+Enter adds a line",
                 show_label=False,
                 lines=1,  # Gradio: lines=1 -> Enter submits, Shift+Enter adds a line (lines>1 swaps them)
-                max_lines=10,
-                max_length=MAX_MESSAGE_CHARS,
+                max_lines=10,  # no max_length: the browser would cut a long paste without a word
                 autofocus=True,
                 scale=6,
                 elem_id="msg",
@@ -586,8 +584,7 @@ def build_ui(
         gr.Examples(EXAMPLES, inputs=textbox, label="Examples")
         with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
             system_prompt = gr.Textbox(
-                value=settings.system_prompt, label="System prompt", lines=2, max_length=MAX_MESSAGE_CHARS
-            )
+                value=settings.system_prompt, label="System prompt", lines=2)
             # Bounds as in GenerationParams (which validates them again for the API), the reply length as the
             # engine's session allows.
             max_new_tokens = gr.Slider(

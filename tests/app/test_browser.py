@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 import app
 from infer_engine.engine import create_engine
-from infer_engine.settings import EngineSettings, GenerationParams
+from infer_engine.settings import MAX_MESSAGE_CHARS, EngineSettings, GenerationParams
 
 pytestmark = pytest.mark.browser
 
@@ -321,6 +321,12 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     # What the page refuses is said on the page, not only in the server's reply.
     send(page, "   \n\t  ")
     expect(page.get_by_text("Type a message first.")).to_be_visible()
+    assert messages(page, "user") == messages(page, "bot") == []
+    # A paste over the limit is refused whole, not cut short without a word, and stays to be trimmed.
+    too_long = "长" * (MAX_MESSAGE_CHARS + 1)
+    send(page, too_long)
+    expect(page.get_by_text(f"the message is too long ({MAX_MESSAGE_CHARS + 1} characters)")).to_be_visible()
+    assert textbox.input_value() == too_long
     assert messages(page, "user") == messages(page, "bot") == []
     assert errors == []
 
