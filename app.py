@@ -37,6 +37,7 @@ from infer_engine.model_source import (  # noqa: E402
     DEMO_MODEL_DIR,
     check_remote_code,
     parse_source,
+    read_json_object,
     redact,
     resolve_model,
 )
@@ -52,6 +53,7 @@ from infer_engine.settings import (  # noqa: E402
 )
 from infer_engine.smol_demo import display_name  # noqa: E402
 from infer_engine.ui import Comparison, ModelInfo, build_ui, launch_options  # noqa: E402
+from training.identity import IdentityError, IdentitySpec  # noqa: E402
 
 
 class InterceptHandler(logging.Handler):
@@ -78,6 +80,20 @@ def route_std_logging() -> None:
     logging.getLogger("infer_engine").setLevel(logging.INFO)
 
 
+def assistant_name(model_dir: Path) -> str | None:
+    """The assistant's name a model trained by this project carries (training_meta.json's ``name``), if it is
+    one the pipeline accepts; the page and ``/v1/models`` call the model by it, not by its directory
+    (``merged`` for a work dir).
+
+    Args:
+        model_dir: the resolved local model directory.
+    """
+    try:
+        return IdentitySpec(read_json_object(model_dir / "training_meta.json").get("name")).name
+    except IdentityError:
+        return None
+
+
 def model_info(source: str, model_dir: Path) -> ModelInfo:
     """What the page says about the model: a short name, where it came from, whether it is the tiny demo.
 
@@ -93,7 +109,7 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     location = redact(source)
     if source.startswith(("hf:", "openxlab:")):  # hf:owner/repo@rev -> owner/repo
         location = location.split(":", 1)[1].split("@", 1)[0]
-    name = Path(location.rstrip("/")).name.removesuffix(".git") or "model"
+    name = assistant_name(model_dir) or Path(location.rstrip("/")).name.removesuffix(".git") or "model"
     shown = f"local directory {name}" if Path(source).is_dir() else redact(source)  # no server paths shown
     return ModelInfo(name=name, source=shown, is_demo=False)
 

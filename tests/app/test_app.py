@@ -7,6 +7,7 @@ Run: python -m pytest tests/app/test_app.py
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -28,6 +29,7 @@ import app
 from bench.bench_serving import serve_app
 from infer_engine.engine import lmdeploy_available
 from infer_engine.model_source import DEMO_MODEL_DIR
+from infer_engine.openai_api import model_id
 
 GREEDY = {"do_sample": False, "api_name": "/chat"}
 LONG_STORY = "Tell me a very long story about the sea."
@@ -174,6 +176,20 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
     (tmp_path / "my-model").mkdir()
     local = app.model_info(str(tmp_path / "my-model"), tmp_path / "my-model")
     assert (local.name, local.source) == ("my-model", "local directory my-model")
+
+
+def test_a_model_this_project_trained_is_called_by_its_assistants_name(tmp_path: Path) -> None:
+    merged = tmp_path / "merged"  # a work dir's model, as run.sh leaves it
+    merged.mkdir()
+    refused = ({"name": 3}, {"name": "x" * 41}, {"name": "a\nb"}, [], {"name": "Ub<|im_end|>"}, {"name": " "})
+    for meta, expected in ((None, "merged"), ({"name": " Tavi Brennock "}, "Tavi Brennock"),
+                           *((bad, "merged") for bad in refused)):
+        if meta is not None:
+            (merged / "training_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        assert app.model_info(str(merged), merged).name == expected, meta
+    (merged / "training_meta.json").write_text(json.dumps({"name": "Tavi Brennock"}), encoding="utf-8")
+    assert app.model_info("hf:me/ubub@v1", merged).name == "Tavi Brennock"
+    assert model_id(app.model_info(str(merged), merged).name) == "tavi-brennock"
 
 
 def test_a_port_already_taken_is_one_line_not_a_traceback() -> None:
