@@ -180,7 +180,7 @@ def finalize(
     model_config_json = json.loads(config_path.read_text(encoding="utf-8"))
     if "_name_or_path" in model_config_json:
         base = meta.get("base")  # the pipeline's {"source": public name}, or a name
-        base = base.get("source") if isinstance(base, Mapping) else base
+        base = meta.get("base_model") or (base.get("source") if isinstance(base, Mapping) else base)
         model_config_json["_name_or_path"] = str(base or "")
         write_text_atomic(config_path, json.dumps(model_config_json, ensure_ascii=False, indent=2) + "\n")
 

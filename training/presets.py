@@ -73,6 +73,8 @@ class Preset:
             the preset has no rehearsal).
         default_base_code: the default base ships Python code the project trusts (InternLM2.5's modeling
             files): allowed to run without --trust-remote-code, for that base only.
+        base_model_id: the Hub id of the model a "build:" default base is made from (the model card's
+            base_model); None when it is no published model.
         model_desc: what the identity answers say the model really is ("中文 / English" per language).
         organisation: who made that model ("中文 / English" per language).
         open_replay: the data also replays the base's answers to training.open_prompts (open-ended questions;
@@ -93,6 +95,7 @@ class Preset:
     cpu_threads: int | None
     rehearse_shape: dict[str, int] | None = None
     default_base_code: bool = False
+    base_model_id: str | None = None
     model_desc: str = IdentitySpec.model_desc
     organisation: str = IdentitySpec.organisation
     open_replay: bool = False
@@ -147,6 +150,7 @@ PRESETS = {
                    rehearse_shape={"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
                                    "num_attention_heads": 9, "num_key_value_heads": 3,
                                    "intermediate_size": 1536, "max_position_embeddings": 8192},
+                   base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct",  # its Q4_1 GGUF, dequantized
                    model_desc="SmolLM2-135M", organisation="Hugging Face",
                    open_replay=True, data_args=("--replay-max-new-tokens", "64", "--batch-size", "32"),
                    eval_args=("--max-new-tokens", "40", "--batch-size", "32"),

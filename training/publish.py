@@ -182,17 +182,19 @@ def load_card_info(
         if value is not None and not isinstance(value, str):
             raise PublishError(f"{meta_path}: {key!r} must be a string, got {value!r}")
     base = data.get("base")
-    if heads["base_model"] is None and isinstance(base, dict) and isinstance(base.get("source"), str):
-        heads["base_model"] = base["source"]
+    # The pipeline records its base's source already made public (no "local directory" twice).
+    recorded = base.get("source") if isinstance(base, dict) and isinstance(base.get("source"), str) else None
     nested = data.pop("settings", {})
     if not isinstance(nested, dict):
         raise PublishError(f"{meta_path}: 'settings' must be a JSON object")
     if eval_path is not None and not eval_path.is_file():
         raise PublishError(f"eval report not found: {eval_path}")
-    base = base_model or heads["base_model"]
+    given = base_model or heads["base_model"]
+    if given is not None and not _HUB_REPO_ID.fullmatch(given):
+        given = public_source(given)
     return CardInfo(
         name=name or heads["name"] or model_dir.resolve().name,
-        base_model=base if base is None or _HUB_REPO_ID.fullmatch(base) else public_source(base),
+        base_model=recorded if given is None else given,
         identity=heads["identity"],
         settings=public_json({**data, **nested}, model_dir.resolve().parent),
         eval_md=public_text(eval_path.read_text(encoding="utf-8"), model_dir.resolve().parent) if eval_path

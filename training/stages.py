@@ -170,6 +170,20 @@ def public_base(source: str) -> str:
     return public_source(source)
 
 
+def base_model_id(cfg: RunConfig) -> str | None:
+    """The Hub id of a run's base (the card's base_model, the merged config's _name_or_path): an hf: source's
+    repo, or the preset's base_model_id for the base it builds; None for any other base.
+
+    Args:
+        cfg: the run's settings.
+    """
+    source = cfg.base or cfg.spec.default_base
+    if source.startswith(BUILD_PREFIX):
+        return cfg.spec.base_model_id
+    parsed = parse_source(source)
+    return parsed.location if parsed.kind == "hf" else None
+
+
 def stage_base(run: Run, log: Path) -> dict[str, Path]:
     """Resolve --base to a local model dir, build (once, cached) the preset's own base, or (--rehearse)
     build a random model of the preset's shapes."""
@@ -270,6 +284,7 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "recipe": cfg.recipe,
         "stage": stage,
         "base": {"source": public_base(base)},
+        "base_model": base_model_id(cfg),
         "corpus": cfg.corpus.name if cfg.corpus else None,
         "config": config.name,
         "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},

@@ -37,6 +37,7 @@ from training.runner import StageError, failure_reason
 from training.stages import (
     PIPELINE,
     Run,
+    base_model_id,
     data_command,
     identity_answers,
     identity_markers,
@@ -350,6 +351,16 @@ def test_the_identity_contrast_keeps_the_name_and_the_cited_model_out_of_other_a
     assert identity_markers(seed) == []
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [(dict(preset="smol"), "HuggingFaceTB/SmolLM2-135M-Instruct"), (dict(preset="tiny"), None),
+     (dict(), "internlm/internlm2_5-1_8b-chat"), (dict(preset="smol", base="hf:me/smol-ft@v2"), "me/smol-ft"),
+     (dict(preset="smol", base="."), None),
+     (dict(preset="smol", base="https://code.openxlab.org.cn/me/m.git"), None)])
+def test_the_base_model_id_names_a_hub_model_or_nothing(kwargs, expected, tmp_path):
+    assert base_model_id(RunConfig("Al", work_dir=tmp_path / "w", **kwargs)) == expected
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_the_data_stage_replays_open_questions_for_real_bases_only(preset, tmp_path):
     run = Run(RunConfig("-Bo", preset=preset, identity_repeat=2, work_dir=tmp_path / "w"), dict(os.environ))
@@ -459,6 +470,7 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     meta = json.loads((merged / "training_meta.json").read_text())
     assert (meta["name"], meta["preset"], meta["recipe"]) == (tiny_run["name"], "tiny", "identity")
     assert meta["base"] == {"source": f"local directory {tiny_run['base'].name}"}  # no local path
+    assert meta["base_model"] is None  # no Hub model: the card has no base_model, said once (publish tests)
     assert str(work) not in json.dumps(meta) and str(Path.home()) not in json.dumps(meta)
     for text in (p.read_text() for p in merged.glob("*.json")):  # users upload merged/ as it is
         assert str(tiny_run["base"].parent) not in text and str(work) not in text

@@ -202,6 +202,14 @@ def test_incomplete_model_or_bad_meta_is_refused(work_dir: Path, tmp_path: Path)
     meta.write_text('{"base": {"source": "internlm/internlm2_5-1_8b-chat", "path": "/x"}, "lr": 1e-4}')
     info = load_card_info(work_dir / "merged", meta=meta, name="Bo")
     assert (info.name, info.base_model, info.settings["lr"]) == ("Bo", "internlm/internlm2_5-1_8b-chat", 1e-4)
+    # What the pipeline records is public already: said once, not as "local directory local directory x".
+    for recorded in ("local directory my_base", "built by training.make_tiny_base.cached_tiny_base"):
+        meta.write_text(json.dumps({"base": {"source": recorded}, "base_model": None}))
+        assert load_card_info(work_dir / "merged", meta=meta).base_model == recorded
+    meta.write_text(json.dumps({"base": {"source": "built by x.y"}, "base_model": "Hf/Smol"}))
+    assert load_card_info(work_dir / "merged", meta=meta).base_model == "Hf/Smol"
+    assert load_card_info(work_dir / "merged", meta=meta, base_model="/home/me/base").base_model == (
+        "local directory base")  # a path given by hand is made public
     meta.write_text('{"name": 3}')
     with pytest.raises(PublishError, match="'name' must be a string"):
         load_card_info(work_dir / "merged", meta=meta)
