@@ -15,10 +15,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a Space or an offline box
@@ -136,18 +138,41 @@ def listen_problem(host: str, port: int) -> str | None:
     return None
 
 
-def fetch_model(source: str, server: ServerSettings, trust_remote_code: bool) -> tuple[Path, ModelInfo]:
+def fetch_model(
+    source: str, server: ServerSettings, trust_remote_code: bool, refresh: bool = False
+) -> tuple[Path, ModelInfo]:
     """Resolve a model source to a checked local directory (else ``ModelSourceError``) and say what it is.
 
     Args:
         source: the model source as given (empty = the built-in demo model).
         server: the server settings (``cache_dir``).
         trust_remote_code: whether a model that ships its own Python code may be served.
+        refresh: fetch a git, hf: or openxlab: source again even if it is cached.
     """
-    model_dir = resolve_model(source or None, server.cache_dir)
+    model_dir = resolve_model(source or None, server.cache_dir, refresh=refresh)
     info = model_info(source, model_dir)
     check_remote_code(model_dir, trust_remote_code, "TRUST_REMOTE_CODE=1", info.name)
     return model_dir, info
+
+
+@contextlib.contextmanager
+def stop_as_interrupt() -> Iterator[Callable[[], int]]:
+    """While inside, SIGTERM (a Space or container stopping) interrupts as Ctrl-C does, so a download stops
+    with its git / git-lfs processes and its partial files are removed; yields the signal that came."""
+    came = [signal.SIGINT]
+
+    def interrupt(signum: int, frame: object) -> None:
+        came[0] = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield lambda: int(came[0])
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield lambda: int(came[0])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", help="interface to listen on (overrides GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides GRADIO_SERVER_PORT)")
     parser.add_argument("--backend", choices=BACKENDS, help="engine backend (overrides BACKEND)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="fetch a git, hf: or openxlab: model again even if cached (after a new publish)")
     args = parser.parse_args(argv)
 
     route_std_logging()
@@ -201,13 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
             return 1
     models = []
-    for what, source in sources.items():
-        try:
-            models.append(fetch_model(source, server, engine_settings.trust_remote_code))
-        except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed download, remote code
-            print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
-            return 1
-        logger.info("{}: {} ({})", what, models[-1][1].source, models[-1][0])
+    with stop_as_interrupt() as stopped:
+        for what, source in sources.items():
+            try:
+                models.append(fetch_model(source, server, engine_settings.trust_remote_code, args.refresh))
+            except ValueError as exc:  # ModelSourceError: bad source, LFS pointers, failed fetch, remote code
+                print(f"app.py: cannot get the {what}: {exc}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the download stopped, nothing half-done was kept
+                print(f"app.py: stopped while getting the {what}; start again to fetch it", file=sys.stderr)
+                return 128 + stopped()
+            logger.info("{}: {} ({})", what, models[-1][1].source, models[-1][0])
     # Two engines on one GPU share the KV-cache memory that one would take (no effect on transformers).
     each = one_card_settings(engine_settings, len(models))
     with contextlib.ExitStack() as engines:

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -541,10 +542,29 @@ def run_git(
     full_env.update(git_config_env(config or {}, full_env))
     if remote:
         full_env.update(git_credential_env(remote, credentials, full_env))
-    proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise GitError(" ".join(args[:2]) if args[0] == "lfs" else args[0], proc.stderr or proc.stdout)
-    return proc
+    # Its own process group, so that a stop (Ctrl-C, SIGTERM turned into an exception by the caller) ends git
+    # and the git-lfs it started too; left alone they would go on writing into a removed partial dir.
+    with subprocess.Popen(["git", *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as git:
+        try:
+            stdout, stderr = git.communicate()
+        except BaseException:
+            _stop_group(git)
+            raise
+    if git.returncode != 0:
+        raise GitError(" ".join(args[:2]) if args[0] == "lfs" else args[0], stderr or stdout)
+    return subprocess.CompletedProcess(git.args, git.returncode, stdout, stderr)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    # SIGTERM first (git-lfs removes its temporary files), then SIGKILL for whatever of the group is left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def has_git_lfs() -> bool:
@@ -588,7 +608,9 @@ def resolve_model(
     target = root / src.cache_key
     if target.is_dir() and not refresh:
         # A complete entry needs no lock, so a read-only, pre-built cache works.
-        log.info("model %s: using cache %s (no network)", src, target)
+        fetched = read_json_object(target / SOURCE_INFO_FILE)
+        log.info("model %s: using cache %s (revision %s, fetched %s; no network: --refresh fetches it again)",
+                 src, target, fetched.get("revision") or "unknown", fetched.get("fetched_at") or "earlier")
         return _validate_cached(target, src)
     try:
         root.mkdir(parents=True, exist_ok=True)

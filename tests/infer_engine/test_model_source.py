@@ -39,6 +39,7 @@ from infer_engine.model_source import (
     resolve_model,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(attempts=3, base_delay=0.05)
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens on the discard port: every connection is refused at once
 
@@ -206,15 +207,26 @@ def test_git_lfs_clone_resolves_and_loads(remote: Path, tiny_model: Path, tmp_pa
     assert cache_entries(cache) == [path.name]  # no partial dir left
 
 
-def test_bare_repo_path_and_cache_reuse_without_network(remote: Path, tmp_path: Path) -> None:
+def test_bare_repo_path_and_cache_reuse_without_network(
+    remote: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = tmp_path / "cache"
     first = resolve_model(str(remote), cache_dir=cache, retry=FAST)
     stamp = (first / SOURCE_INFO_FILE).stat().st_mtime_ns
+    commit = git("rev-parse", "main", cwd=remote).strip()
     shutil.rmtree(remote)  # the remote is gone: only the cache can answer now
-    again = resolve_model(str(remote), cache_dir=cache, retry=FAST)
+    with caplog.at_level(logging.INFO, logger="infer_engine.model_source"):
+        again = resolve_model(str(remote), cache_dir=cache, retry=FAST)
     assert again == first and (again / SOURCE_INFO_FILE).stat().st_mtime_ns == stamp
+    assert f"(revision {commit}, fetched 20" in caplog.text and "--refresh fetches it again" in caplog.text
     with pytest.raises(ModelSourceError, match="git clone failed"):  # refresh really asks the (gone) remote
         resolve_model(str(remote), cache_dir=cache, retry=FAST, refresh=True)
+    # The app's --refresh is that refresh.
+    app = subprocess.run([sys.executable, "app.py", "--refresh", "--model", str(remote)], cwd=REPO,
+                         env={**os.environ, "MODEL_CACHE_DIR": str(cache)}, capture_output=True, text=True,
+                         timeout=300)
+    assert app.returncode == 1 and "app.py: cannot get the model:" in app.stderr
+    assert "git clone failed" in app.stderr
     assert resolve_model(str(remote), cache_dir=cache) == first  # a failed refresh keeps the good copy
     (first / "model.safetensors").unlink()  # a damaged cache is reported, not served
     with pytest.raises(ModelSourceError, match=r"missing weights .*the cached copy of .*--refresh"):
@@ -290,6 +302,39 @@ def test_killed_download_leaves_no_complete_looking_dir(remote: Path, tmp_path: 
     path = resolve_model(remote.as_uri(), cache_dir=cache, retry=FAST)
     assert path == cache / key and not partial.exists()
     assert (path / "model.safetensors").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_app_stopped_mid_download_stops_git_lfs_and_keeps_nothing(remote: Path, tmp_path: Path, sig) -> None:
+    # As a Space stopping (SIGTERM to the app alone) or Ctrl-C (SIGINT; git runs in its own process group, so
+    # the terminal's signal reaches only the app): git, git-lfs and its transfer agent must go with the app.
+    agent_pid = tmp_path / "agent.pid"
+    agent = tmp_path / "hang.sh"
+    agent.write_text(f"#!/bin/sh\necho $$ > {agent_pid}\nexec sleep 120\n")
+    agent.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MODEL_CACHE_DIR": str(cache), "GIT_CONFIG_COUNT": "2",
+           "GIT_CONFIG_KEY_0": "lfs.customtransfer.hang.path", "GIT_CONFIG_VALUE_0": str(agent),
+           "GIT_CONFIG_KEY_1": "lfs.standalonetransferagent", "GIT_CONFIG_VALUE_1": "hang"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", remote.as_uri()], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not agent_pid.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and agent_pid.exists(), proc.communicate()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == "app.py: stopped while getting the model; start again to fetch it"
+    assert "Traceback" not in stderr
+    pid = int(agent_pid.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # gone, not orphaned
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+    assert cache_entries(cache) == []  # neither the model nor a partial dir
 
 
 def test_transient_http_failure_is_retried_then_succeeds(tiny_model: Path, tmp_path: Path) -> None:
