@@ -96,4 +96,4 @@ def push_plain_repo(work: Path, bare: Path) -> Path:
 
 def lfs_files(repo: Path) -> list[str]:
     """Paths that git-lfs manages in the checkout ``repo`` (``git lfs ls-files --name-only``)."""
-    return git("lfs", "ls-files", "--name-only", cwd=repo).split()
+    return git("lfs", "ls-files", "--name-only", cwd=repo).splitlines()

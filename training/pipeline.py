@@ -48,7 +48,7 @@ from training.presets import (
 from training.progress import watch_stage
 from training.runner import StageError, child_env, run_logged, say
 from training.schedule import ScheduleError
-from training.stages import PIPELINE, Run, Stage, WorkerNodeDone
+from training.stages import PIPELINE, PUBLISH_REPORT, Run, Stage, WorkerNodeDone
 
 TRAINING_STAGES = ("sft",)  # the stage every node of a several-machine run takes part in
 
@@ -117,13 +117,11 @@ def plan_run(run: Run) -> Plan:
         record = _load_record(run.record_path(stage.name)) or {}
         inputs = _normalised(stage.inputs(run))
         same_inputs = record.get("inputs") == inputs
-        if stage.name == from_stage or record.get("status") != "done":
+        if stage.name == from_stage or record.get("status") != "done" or stage.always_run:
             # An interrupted stage continues from its partial outputs if nothing it depends on changed.
             resume = stage.name != from_stage and record.get("status") == "running" and same_inputs
             return Plan(reuse, stages[i:], resume)
         if not same_inputs:
-            if stage.rerun_on_change:
-                return Plan(reuse, stages[i:], False)
             old = record.get("inputs", {})
             changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(v)}" for k, v in inputs.items()
                                 if old.get(k) != v)
@@ -190,7 +188,8 @@ def _update_merged_meta(run: Run, seconds: dict[str, float]) -> None:
     meta_path = run.work / "merged" / convert_merge.META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        meta["stage_seconds"] = seconds
+        # Not publishing's own time: publishing the same model again must find nothing new to push.
+        meta["stage_seconds"] = {stage: wall for stage, wall in seconds.items() if stage != "publish"}
         convert_merge.write_meta(meta_path.parent, meta)
 
 
@@ -268,9 +267,11 @@ def summary(run: Run) -> str:
                      + f" (table: {run.work / 'eval.md'})")
     if (run.work / LOSS_PNG).is_file():
         lines.append(f"[pipeline] training curves: {run.work / LOSS_PNG}")
-    if run.cfg.publish:
-        dry = " (dry run)" if run.cfg.publish_dry_run else ""
-        lines.append(f"[pipeline] published to {redact(run.cfg.publish)}{dry}")
+    report = run.work / PUBLISH_REPORT
+    if run.cfg.publish and run.cfg.publish_dry_run:
+        lines.append(f"[pipeline] dry run: nothing pushed to {redact(run.cfg.publish)} (the plan is above)")
+    elif run.cfg.publish and report.is_file():
+        lines.append(f"[pipeline] {report.read_text(encoding='utf-8').strip().splitlines()[-1]}")
     return "\n".join(lines)
 
 

@@ -363,7 +363,7 @@ def push_git(
             run_git(["update-ref", "refs/heads/main", base], cwd=work)
         _stage(model_dir, files, card, work)
         attributes = [f"{pat} filter=lfs diff=lfs merge=lfs -text" for pat in LFS_PATTERNS]
-        attributes += [f"/{f.path} filter=lfs diff=lfs merge=lfs -text" for f in files
+        attributes += [f"/{_exact_pattern(f.path)} filter=lfs diff=lfs merge=lfs -text" for f in files
                        if f.lfs and not any(fnmatch.fnmatch(Path(f.path).name, p) for p in LFS_PATTERNS)]
         (work / ".gitattributes").write_text("\n".join(attributes) + "\n")
         run_git(["add", "--all"], cwd=work)
@@ -507,6 +507,12 @@ def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> s
             return None  # empty remote, or one without main yet
         raise PublishError(f"cannot read the remote {url}: {err}") from None
     return run_git(["rev-parse", "FETCH_HEAD"], cwd=work).stdout.strip()
+
+
+def _exact_pattern(path: str) -> str:
+    # A .gitattributes pattern matching only `path`: glob characters escaped, and whitespace (which ends the
+    # pattern) written as git-lfs track writes it.
+    return re.sub(r"\s", "[[:space:]]", re.sub(r"([\\*?\[])", r"\\\1", path))
 
 
 def _identity_config() -> dict[str, str]:

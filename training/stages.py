@@ -605,13 +605,19 @@ def publish_gate(eval_json: Path) -> str | None:
     return ", ".join(misses) or None
 
 
+PUBLISH_REPORT = "logs/publish.out"  # what training.publish printed: the commit, or the dry run's plan
+
+
 def stage_publish(run: Run, log: Path) -> dict[str, Path]:
-    """Publish WORK/merged with its eval table through training.publish, if the evaluation passes the gate."""
+    """Publish WORK/merged with its eval table through training.publish, if the evaluation passes the gate (a
+    dry run only says what the gate would do); say what training.publish reports."""
     assert run.cfg.publish is not None
     refused = publish_gate(run.results["evaluate"]["eval_json"])
-    if refused and not run.cfg.publish_anyway:
+    if refused and run.cfg.publish_dry_run and not run.cfg.publish_anyway:
+        say(f"  publish gate: {refused}; a real publish is refused (--publish-anyway overrides)")
+    elif refused and not run.cfg.publish_anyway:
         raise StageError(f"publish gate: {refused}; nothing was pushed (--publish-anyway overrides)")
-    if refused:
+    elif refused:
         say(f"  publish gate missed ({refused}); publishing anyway (--publish-anyway)")
     cmd = [sys.executable, "-m", "training.publish", "--model", str(run.results["merge"]["model_dir"]),
            "--eval-md", str(run.results["evaluate"]["eval_md"])]
@@ -619,8 +625,15 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
         cmd.append(f"--gate-missed={refused}")
     if run.cfg.publish_dry_run:
         cmd.append("--dry-run")
-    run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish})  # a URL token stays out of argv
-    return {}  # the target is in the stage's recorded inputs
+    report = run.work / PUBLISH_REPORT
+    # The target through the environment: a token in its URL stays out of argv.
+    run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish}, stdout=report)
+    text = report.read_text(encoding="utf-8").rstrip()
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    for line in text.splitlines():
+        say(f"  {line}")
+    return {"report": report}
 
 
 def precision_label(run: Run) -> str:
@@ -687,7 +700,8 @@ class Stage:
         outputs: work-dir paths it owns, removed before it reruns.
         plan: what it will do, known before it runs ({"summary": one line, ...}; printed by --dry-run and
             recorded with the stage).
-        rerun_on_change: rerun on changed inputs instead of refusing (for stages nothing depends on).
+        always_run: run it again even when done earlier with the same inputs (for a stage whose effect is
+            outside the work dir, a remote that may have moved on since, and that nothing depends on).
         downloads: the directory it downloads into, if any (its progress is shown as bytes and files).
     """
 
@@ -696,7 +710,7 @@ class Stage:
     inputs: Callable[[Run], dict[str, object]]
     outputs: tuple[str, ...]
     plan: Callable[[Run], dict[str, object]]
-    rerun_on_change: bool = False
+    always_run: bool = False
     downloads: Callable[[Run], Path | None] | None = None
 
 
@@ -718,6 +732,6 @@ PIPELINE = (
           ("eval.json", "eval.md", LOSS_PNG, EVAL_PNG, "eval.partial"), _plan_output("eval.json")),
     Stage("publish", stage_publish,
           lambda r: {"target": redact(r.cfg.publish or ""), "dry_run": r.cfg.publish_dry_run,
-                     "anyway": r.cfg.publish_anyway}, (), plan_publish, rerun_on_change=True),
+                     "anyway": r.cfg.publish_anyway}, (), plan_publish, always_run=True),
 )
 assert tuple(s.name for s in PIPELINE) == STAGES

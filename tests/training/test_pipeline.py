@@ -719,15 +719,53 @@ def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise
                            "0.250 > 0.1; nothing was pushed (--publish-anyway overrides)")
     refs = subprocess.run(["git", "-C", str(remote), "for-each-ref"], capture_output=True, text=True)
     assert refs.returncode == 0 and refs.stdout == ""
+    # A dry run pushes nothing, so the gate only says what it would do; the plan is on the terminal.
+    dry = run_sh(*args, "--publish", str(remote), "--publish-dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "publish gate: identity_accuracy 0.500 < 0.8" in dry.stdout
+    assert "a real publish is refused" in dry.stdout and "  DRY RUN: nothing is pushed." in dry.stdout
+    assert re.search(r"  LFS +[\d.]+ \w+  model.safetensors", dry.stdout)
+    last = dry.stdout.strip().splitlines()[-1]
+    assert last == f"[pipeline] dry run: nothing pushed to {remote} (the plan is above)"
     anyway = run_sh(*args, "--publish", str(remote), "--publish-anyway", "--publish-dry-run")
     assert anyway.returncode == 0, anyway.stdout + anyway.stderr
     assert "publish gate missed (identity_accuracy 0.500 < 0.8" in anyway.stdout
     assert "publishing anyway" in anyway.stdout
+    refs = subprocess.run(["git", "-C", str(remote), "for-each-ref"], capture_output=True, text=True)
+    assert refs.returncode == 0 and refs.stdout == ""
+
+    def remote_main() -> str:
+        return subprocess.run(["git", "-C", str(remote), "rev-parse", "main"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     pushed = run_sh(*args, "--publish", str(remote), "--publish-anyway")
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    first = remote_main()
+    last = pushed.stdout.strip().splitlines()[-1]
+    assert last == f"[pipeline] published to {remote.as_uri()}: commit {first}"
     card = subprocess.run(["git", "-C", str(remote), "show", "main:README.md"], capture_output=True,
                           text=True)
     assert "> **Below the training project's publish gate** (identity_accuracy 0.500 < 0.8" in card.stdout
+    # The same command again checks the remote: it has exactly this model, so nothing new is pushed...
+    again = run_sh(*args, "--publish", str(remote), "--publish-anyway")
+    assert again.returncode == 0 and "publish: done earlier" not in again.stdout, again.stdout + again.stderr
+    assert remote_main() == first and again.stdout.strip().endswith(f"commit {first}")
+    # ...and once someone else's commit has replaced it, publishing puts this model back on top.
+    git = ["git", "-C", str(remote)]
+    empty_tree = subprocess.run([*git, "hash-object", "-t", "tree", "-w", "--stdin"], input="", text=True,
+                                capture_output=True, check=True).stdout.strip()
+    other = subprocess.run([*git, "commit-tree", empty_tree, "-p", first, "-m", "someone else"],
+                           env={**os.environ, "GIT_AUTHOR_NAME": "x", "GIT_AUTHOR_EMAIL": "x@x",
+                                "GIT_COMMITTER_NAME": "x", "GIT_COMMITTER_EMAIL": "x@x"},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run([*git, "update-ref", "refs/heads/main", other], check=True)
+    back = run_sh(*args, "--publish", str(remote), "--publish-anyway")
+    assert back.returncode == 0, back.stdout + back.stderr
+    restored = remote_main()
+    assert restored not in (first, other) and back.stdout.strip().endswith(f"commit {restored}")
+    parent = subprocess.run([*git, "rev-parse", f"{restored}^"], capture_output=True, text=True, check=True)
+    assert parent.stdout.strip() == other  # on top of what was there: history kept, nothing forced
+    assert subprocess.run([*git, "diff", "--quiet", first, restored]).returncode == 0  # the same files
 
 
 def test_rehearse_of_the_4bit_preset_needs_cuda(tmp_path):

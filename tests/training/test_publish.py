@@ -16,6 +16,7 @@ from lfs_repo import build_tiny_model, git, lfs_files, make_bare_repo
 
 from infer_engine.model_source import RetryPolicy, resolve_model
 from training.publish import (
+    LFS_MIN_BYTES,
     CardInfo,
     PublishError,
     load_card_info,
@@ -220,6 +221,22 @@ def test_token_without_user_is_refused_before_any_git(work_dir: Path, secret_env
     proc = run_publish(["--model", str(work_dir / "merged"), "--target",
                         "https://code.openxlab.org.cn/ada/ada.git"], env)
     assert proc.returncode == 1 and "OPENXLAB_GIT_USER is not" in proc.stderr
+
+
+def test_a_big_file_with_spaces_or_glob_characters_in_its_name_goes_through_lfs(
+    work_dir: Path, secret_env: dict[str, str], tmp_path: Path
+) -> None:
+    names = ["vocab extra [v2].txt", "a*b?.txt"]
+    for name in names:  # over the size limit, and no LFS_PATTERNS name: only its own .gitattributes line
+        (work_dir / "merged" / name).write_bytes(os.urandom(64) * (LFS_MIN_BYTES // 64 + 1))
+    (work_dir / "merged" / "ab.txt").write_text("small, in git")  # "a*b?.txt" as a glob would take it
+    bare = make_bare_repo(tmp_path / "ada.git")
+    proc = run_publish(["--model", str(work_dir / "merged"), "--target", bare.as_uri()], secret_env)
+    assert proc.returncode == 0, proc.stderr
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", bare.as_uri(), str(clone)], check=True,
+                   env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
+    assert lfs_files(clone) == sorted(["model.safetensors", *names])
 
 
 def test_model_card_rendering() -> None:
