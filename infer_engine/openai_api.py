@@ -151,12 +151,14 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stops))
 
 
-def parse_chat_request(body: object, defaults: GenerationParams) -> ChatRequest:
+def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: str = "") -> ChatRequest:
     """Check a ``/v1/chat/completions`` body and turn it into a ``ChatRequest`` (raises ``APIError``).
 
     Args:
         body: the parsed JSON body.
         defaults: the sampling values of a field the request leaves out (the page's defaults).
+        system_prompt: the operator's default (``SYSTEM_PROMPT``), put first when the request sends no system
+            message, as the page does; blank: none.
     """
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -204,8 +206,11 @@ def parse_chat_request(body: object, defaults: GenerationParams) -> ChatRequest:
         params = replace(defaults, **values)
     except SettingsError as exc:
         raise field_error(exc, length_field) from None
+    messages = body["messages"]
+    if system_prompt.strip() and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     return ChatRequest(
-        messages=body["messages"],
+        messages=messages,
         params=params,
         stop=_stop_strings(body.get("stop")),
         stream=bool(stream),
@@ -535,7 +540,7 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
     async def chat_completions(request: Request) -> Response:
         try:
             check_key(request)
-            chat = parse_chat_request(await read_json(request), defaults)
+            chat = parse_chat_request(await read_json(request), defaults, settings.system_prompt)
             admission.enter()
         except APIError as exc:
             return exc.response()

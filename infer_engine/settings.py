@@ -187,7 +187,8 @@ class ServerSettings:
         host: interface to listen on.
         port: TCP port to listen on (1-65535).
         queue_size: most requests waiting in Gradio's queue before new ones are refused (1-10000).
-        system_prompt: default system prompt shown in the UI ("" = none, as the identity data was trained).
+        system_prompt: default system prompt: the page's, and the API's for a request without one ("" = none,
+            as the identity data was trained).
         api_keys: bearer keys the OpenAI-compatible API (``/v1``) accepts (none = open); kept out of reprs.
         compare_model_source: a second model (the base before tuning), in ``model_source``'s syntax, whose
             replies the page shows beside the served model's ("before / after"); empty = no comparison.

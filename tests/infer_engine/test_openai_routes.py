@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from recording_engine import RecordingEngine
 from starlette.requests import Request
 
 from infer_engine.engine import create_engine
@@ -104,3 +105,17 @@ def test_a_client_gone_before_its_body_came_is_a_plain_refusal() -> None:
     scope = {"type": "http", "method": "POST", "path": CHAT, "headers": [(b"content-length", b"1000")]}
     with pytest.raises(APIError, match="closed the connection before the whole body was sent"):
         asyncio.run(read_json(Request(scope, receive)))
+
+
+def test_the_operators_system_prompt_goes_first_unless_the_request_has_one(tiny_model_dir: Path) -> None:
+    # As on the page: SYSTEM_PROMPT is the default of a conversation without a system message.
+    engine = RecordingEngine(create_engine(tiny_model_dir, EngineSettings(backend="transformers")))
+    app = FastAPI(routes=openai_routes(engine, ServerSettings(system_prompt="Answer in one line."), "tiny"))
+    own = [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "hi"}]
+    with TestClient(app) as client:
+        for messages in (HI["messages"], own):
+            body = {"model": "m", "messages": messages, "max_tokens": 2, "temperature": 0}
+            assert client.post(CHAT, json=body).status_code == 200
+    assert [asked for asked, _ in engine.asked] == [
+        [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "hi"}], own]
+    engine.close()
