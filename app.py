@@ -108,9 +108,7 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     if source.strip().startswith("demo:"):  # SmolLM2, with or without the committed demo adapter
         shown = source.strip()
         return ModelInfo(name=display_name(shown.removeprefix("demo:")), source=f"built-in demo {shown}")
-    location = redact(source)
-    if source.startswith(("hf:", "openxlab:")):  # hf:owner/repo@rev -> owner/repo
-        location = location.split(":", 1)[1].split("@", 1)[0]
+    location = redact(parse_source(source).location)  # no @revision, no credentials
     name = assistant_name(model_dir) or Path(location.rstrip("/")).name.removesuffix(".git") or "model"
     shown = f"local directory {name}" if Path(source).is_dir() else redact(source)  # no server paths shown
     return ModelInfo(name=name, source=shown, is_demo=False)

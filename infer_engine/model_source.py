@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -191,7 +191,7 @@ class ModelSource:
         kind: "local", "git", "openxlab", "hf" or "demo".
         location: absolute directory path, git URL (an http(s) URL without its credentials), OWNER/REPO, or
             one of DEMO_KINDS.
-        revision: only for hf:OWNER/REPO@REVISION.
+        revision: the commit, tag or branch of hf:OWNER/REPO@REVISION or a git URL@REVISION.
         credentials: (user, token) split off an http(s) URL; they reach git through the credential helper.
     """
 
@@ -204,8 +204,10 @@ class ModelSource:
         return f"ModelSource({self.kind!r}, {str(self)!r})"
 
     def __str__(self) -> str:
-        if self.kind in ("local", "git"):
+        if self.kind == "local":
             return redact(self.location)
+        if self.kind == "git":
+            return redact(self.location) + (f"@{self.revision}" if self.revision else "")
         return f"{self.kind}:{self.location}" + (f"@{self.revision}" if self.revision else "")
 
     @property
@@ -245,6 +247,11 @@ def _parse_url(text: str, scheme: str) -> ModelSource:
     if re.search(r"\s", text):
         raise _reject(text, "URLs must not contain spaces")
     parts = urlsplit(text)
+    if "@" in parts.path:  # URL@REVISION pins a commit, tag or branch (a login's "@" comes before the path)
+        path, _, revision = parts.path.rpartition("@")
+        if not _REVISION.fullmatch(revision):
+            raise _reject(text, "expected URL@REVISION, the revision a commit id, tag or branch")
+        return replace(_parse_url(urlunsplit(parts._replace(path=path)), scheme), revision=revision)
     if parts.query or parts.fragment or "?" in text or "#" in text:
         raise _reject(text, "a git URL takes no query or fragment (?.../#...); give a token through "
                       f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} instead")
@@ -630,7 +637,7 @@ def resolve_model(
         info = {"source": str(src), "revision": revision, "fetched_at": fetched_at}
         (partial / SOURCE_INFO_FILE).write_text(json.dumps(info))
         _move_into_place(partial, target)
-    log.info("model %s: fetched into %s", src, target)
+    log.info("model %s: fetched into %s (revision %s)", src, target, revision or "unknown")
     return target
 
 
@@ -696,7 +703,17 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     no_smudge = {"filter.lfs.process": "", "filter.lfs.smudge": "", "filter.lfs.required": "false"}
     run_git(["clone", "--quiet", "--", src.location, str(dest)], remote=src.location, config=no_smudge,
             credentials=src.credentials)
-    _check_out_a_branch(src, dest, no_smudge)
+    if src.revision:  # a commit id or tag as it is, a branch as the clone names it (origin/BRANCH)
+        commits = [subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=dest,
+                                  capture_output=True, text=True).stdout.strip()
+                   for name in (src.revision, f"origin/{src.revision}")]
+        if not any(commits):
+            raise ModelSourceError(f"{src}: the repository has no revision {src.revision!r} (give a commit "
+                                   "id, tag or branch)")
+        run_git(["checkout", "--quiet", "--detach", next(c for c in commits if c), "--"], cwd=dest,
+                config=no_smudge)
+    else:
+        _check_out_a_branch(src, dest, no_smudge)
     if has_git_lfs():
         try:
             run_git(["lfs", "pull"], cwd=dest, remote=src.location, config=LFS_FILTER_CONFIG,

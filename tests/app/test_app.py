@@ -173,6 +173,7 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
     assert (remote.name, remote.is_demo) == ("ubub-1.8b", False)
     assert "s3cret" not in remote.source
     assert app.model_info("hf:me/ubub@v1", Path("/cache/y")).name == "ubub"
+    assert app.model_info("https://h.org/me/ubub-2.git@5d0c1e2", Path("/cache/z")).name == "ubub-2"
     (tmp_path / "my-model").mkdir()
     local = app.model_info(str(tmp_path / "my-model"), tmp_path / "my-model")
     assert (local.name, local.source) == ("my-model", "local directory my-model")

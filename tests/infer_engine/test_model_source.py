@@ -84,6 +84,8 @@ def cache_entries(cache: Path) -> list[str]:
     ("https://code.openxlab.org.cn/me/ubub.git", "git", "https://code.openxlab.org.cn/me/ubub.git", None),
     ("git@github.com:me/ubub.git", "git", "git@github.com:me/ubub.git", None),
     ("file:///srv/ubub.git", "git", "file:///srv/ubub.git", None),
+    ("file:///srv/ubub.git@5d0c1e2", "git", "file:///srv/ubub.git", "5d0c1e2"),
+    ("https://h.openxlab.org.cn/me/ubub.git@v1.0", "git", "https://h.openxlab.org.cn/me/ubub.git", "v1.0"),
     ("/srv/models/ubub.git", "git", "/srv/models/ubub.git", None),
     ("/srv/models/merged", "local", "/srv/models/merged", None),
 ])
@@ -91,7 +93,8 @@ def test_parse_source_kinds(text: str, kind: str, location: str, revision: str |
     assert parse_source(text) == ModelSource(kind, location, revision)
 
 
-@pytest.mark.parametrize("text", ["", " ", "hf:a", "hf:a/b@", "hf:a/b/c", "openxlab:", "openxlab:a/b@v1"])
+@pytest.mark.parametrize("text", ["", " ", "hf:a", "hf:a/b@", "hf:a/b/c", "openxlab:", "openxlab:a/b@v1",
+                                  "https://h.org/a.git@", "https://h.org/a.git@-x", "file:///a.git@v..1"])
 def test_parse_source_rejects_malformed(text: str) -> None:
     with pytest.raises(ModelSourceError):
         parse_source(text)
@@ -231,6 +234,29 @@ def test_bare_repo_path_and_cache_reuse_without_network(
     (first / "model.safetensors").unlink()  # a damaged cache is reported, not served
     with pytest.raises(ModelSourceError, match=r"missing weights .*the cached copy of .*--refresh"):
         resolve_model(str(remote), cache_dir=cache)
+
+
+def test_a_git_url_at_a_revision_serves_that_commit(tiny_model: Path, tmp_path: Path) -> None:
+    bare = make_bare_repo(tmp_path / "pinned.git")
+    work = tmp_path / "work"
+    push_model_dir(tiny_model, bare.as_uri(), work)
+    first = git("rev-parse", "main", cwd=bare).strip()
+    (work / "v2_notes.txt").write_text("version 2")  # a second publish
+    git("add", "--all", cwd=work)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "v2", cwd=work)
+    git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", "HEAD:refs/heads/v2-branch", cwd=work)
+    git("tag", "v1", first, cwd=work)
+    git("push", "--quiet", bare.as_uri(), "v1", cwd=work)
+    cache = tmp_path / "cache"
+    for revision, expected in ((first[:9], first), ("v1", first), ("v2-branch", None)):
+        path = resolve_model(f"{bare.as_uri()}@{revision}", cache_dir=cache, retry=FAST)
+        assert sha256(path / "model.safetensors") == sha256(tiny_model / "model.safetensors")  # LFS pulled
+        served = json.loads((path / SOURCE_INFO_FILE).read_text())["revision"]
+        assert served == (expected or git("rev-parse", "main", cwd=bare).strip())
+        assert (path / "v2_notes.txt").exists() is (expected is None)
+    with pytest.raises(ModelSourceError, match=r"has no revision 'nope' \(give a commit id, tag or branch\)"):
+        resolve_model(f"{bare.as_uri()}@nope", cache_dir=cache, retry=FAST)
+    assert len(cache_entries(cache)) == 3  # one entry per revision, no partial dir
 
 
 def test_remote_whose_head_names_an_unborn_branch_serves_its_main(tiny_model: Path, tmp_path: Path) -> None:
