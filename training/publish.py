@@ -458,7 +458,10 @@ def publish(
     if private:
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
     commit = push_git(model, dest.location, files, card, message, dest.credentials)
-    return f"published to {dest}: commit {commit}"
+    other = _other_default_branch(dest.location, dest.credentials)
+    note = (f"warning: the remote's default branch is {other}, so a plain clone (and app.py) gets {other}, "
+            f"not this model: serve {dest}@main, or make main the default branch\n") if other else ""
+    return f"{note}published to {dest}: commit {commit}"
 
 
 def _find_beside(model_dir: Path, filename: str) -> Path | None:
@@ -507,6 +510,13 @@ def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> s
             return None  # empty remote, or one without main yet
         raise PublishError(f"cannot read the remote {url}: {err}") from None
     return run_git(["rev-parse", "FETCH_HEAD"], cwd=work).stdout.strip()
+
+
+def _other_default_branch(url: str, credentials: tuple[str, str] | None) -> str | None:
+    # The branch the remote's HEAD names when it is not main and has commits (a clone checks it out).
+    heads = run_git(["ls-remote", "--symref", "--", url, "HEAD"], remote=url, credentials=credentials).stdout
+    named = re.match(r"ref: refs/heads/(\S+)\tHEAD\n[0-9a-f]+\tHEAD", heads)
+    return named[1] if named and named[1] != "main" else None
 
 
 def _exact_pattern(path: str) -> str:

@@ -109,7 +109,7 @@ def test_push_to_bare_repo_with_lfs_then_clone_back(
     proc = run_publish(args, secret_env)
     assert proc.returncode == 0, proc.stderr
     head = git("rev-parse", "main", cwd=bare).strip()
-    assert f"commit {head}" in proc.stdout
+    assert proc.stdout.strip() == f"published to {bare.as_uri()}: commit {head}"  # no warning: HEAD is main
     assert git("log", "--format=%s", "main", cwd=bare).split("\n")[0] == "Ada v1"
 
     # A plain clone (pointers only) shows which files git-lfs manages.
@@ -237,6 +237,30 @@ def test_a_big_file_with_spaces_or_glob_characters_in_its_name_goes_through_lfs(
     subprocess.run(["git", "clone", "--quiet", bare.as_uri(), str(clone)], check=True,
                    env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "1"})
     assert lfs_files(clone) == sorted(["model.safetensors", *names])
+
+
+def test_a_remote_whose_default_branch_is_another_is_warned_about(
+    work_dir: Path, secret_env: dict[str, str], tmp_path: Path
+) -> None:
+    unborn = tmp_path / "unborn.git"  # a plain `git init --bare`: HEAD master, no commits (app.py copes)
+    git("init", "--quiet", "--bare", "--initial-branch=master", str(unborn))
+    older = tmp_path / "older.git"  # master holds someone's commits: a clone gets those
+    git("init", "--quiet", "--bare", "--initial-branch=master", str(older))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "README.md").write_text("old")
+    git("init", "--quiet", cwd=plain)
+    git("add", "README.md", cwd=plain)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "old", cwd=plain)
+    git("push", "--quiet", older.as_uri(), "HEAD:refs/heads/master", cwd=plain)
+    for bare, warned in ((unborn, False), (older, True)):
+        proc = run_publish(["--model", str(work_dir / "merged"), "--target", bare.as_uri()], secret_env)
+        assert proc.returncode == 0, proc.stderr
+        *notes, last = proc.stdout.strip().splitlines()
+        assert last == f"published to {bare.as_uri()}: commit {git('rev-parse', 'main', cwd=bare).strip()}"
+        warning = ("warning: the remote's default branch is master, so a plain clone (and app.py) gets "
+                   f"master, not this model: serve {bare.as_uri()}@main, or make main the default branch")
+        assert notes == ([warning] if warned else [])
 
 
 def test_model_card_rendering() -> None:
