@@ -229,6 +229,8 @@ def field_error(exc: SettingsError, length_field: str) -> APIError:
     """
     field, _, rest = str(exc).partition(" ")
     name = length_field if field == "max_new_tokens" else field
+    if name == "temperature":  # the API also takes 0, for greedy decoding (the page has no such value)
+        rest = rest.replace("must be ", "must be 0 (greedy) or ", 1)
     return APIError(400, f"{name} {rest}" if name else str(exc), name)
 
 

@@ -107,7 +107,7 @@ def test_user_text_never_becomes_control_tokens(api: openai.OpenAI, served_model
 @pytest.mark.parametrize(
     ("bad", "param", "message"),
     [
-        ({"temperature": 5}, "temperature", "temperature must be between 0.01 and 2.0"),
+        ({"temperature": 5}, "temperature", r"temperature must be 0 \(greedy\) or between 0.01 and 2.0"),
         ({"top_p": 0}, "top_p", "top_p must be between"),
         ({"max_tokens": 4096}, "max_tokens", "max_tokens must be between 1 and 2048"),
         ({"max_completion_tokens": 1.5}, "max_completion_tokens", "must be an integer"),
