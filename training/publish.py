@@ -376,10 +376,10 @@ def push_git(
             run_git(["push", "--quiet", "--", url, "HEAD:refs/heads/main"], cwd=work, remote=url,
                     credentials=credentials)
         except GitError as err:
-            raise PublishError(
-                f"push to {url} failed (nothing was forced; if the remote changed meanwhile, publish again): "
-                f"{err}"
-            ) from None
+            moved = ("fetch first", "non-fast-forward", "cannot lock", "stale info")  # what a race looks like
+            raced = any(s in err.stderr for s in moved)
+            hint = "; the remote changed meanwhile: publish again" if raced else ""
+            raise PublishError(f"push to {url} failed (nothing was forced{hint}): {err}") from None
         return run_git(["rev-parse", "HEAD"], cwd=work).stdout.strip()
 
 

@@ -62,7 +62,8 @@ def failure_reason(log: Path, start: int = 0) -> str:
     # Under torchrun the launcher's own ChildFailedError comes last; a rank's exception says why.
     ranked = [line for line in errors if line.startswith("[rank")]
     reason = (ranked or errors or lines or ["(empty log)"])[-1]
-    return reason if len(reason) <= 300 else reason[:297] + "..."
+    # Cut in the middle: the start says what failed, the end (git's last lines, an exception's detail) why.
+    return reason if len(reason) <= 400 else f"{reason[:150]} … {reason[-247:]}"
 
 
 def run_logged(cmd: list[str], log: Path, env: Mapping[str, str], stdout: Path | None = None,

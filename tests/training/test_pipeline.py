@@ -410,6 +410,11 @@ def test_failure_reason_is_the_last_exception_line(tmp_path):
     log.write_text("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: device_ids [1]\n"
                    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
     assert failure_reason(log) == "[rank1]: ValueError: device_ids [1]"
+    long = "error: push to file:///srv/a.git failed: " + "remote: x | " * 60 + "(branch is checked out)"
+    log.write_text(long + "\n")
+    cut = failure_reason(log)
+    assert len(cut) <= 400 and cut.startswith("error: push to file:///srv/a.git failed: ")
+    assert cut.endswith(" | (branch is checked out)") and " … " in cut  # the cause is kept
 
 
 # ------------------------------------------------------------------------------------ real tiny-preset runs

@@ -168,8 +168,10 @@ def test_rejected_push_fails_clearly(work_dir: Path, tmp_path: Path) -> None:
     hook = bare / "hooks" / "pre-receive"
     hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
     hook.chmod(0o755)
-    with pytest.raises(PublishError, match=r"push to .*ada\.git failed \(nothing was forced.*protected"):
+    refused = r"push to .*ada\.git failed \(nothing was forced.*protected"
+    with pytest.raises(PublishError, match=refused) as caught:
         publish(work_dir / "merged", bare.as_uri())
+    assert "changed meanwhile" not in str(caught.value)  # a refusal, not a race: publishing again won't help
     assert git("for-each-ref", cwd=bare).strip() == ""
 
 
