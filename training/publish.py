@@ -368,7 +368,13 @@ def push_git(
         (work / ".gitattributes").write_text("\n".join(attributes) + "\n")
         run_git(["add", "--all"], cwd=work)
         if base and not run_git(["status", "--porcelain"], cwd=work).stdout.strip():
-            log.info("remote main already has exactly these files; nothing to push")
+            log.info("remote main already has exactly these files; nothing to push but LFS objects it lacks")
+            # A commit already there is not pushed again, so its pre-push hook cannot restore lost objects.
+            listed = run_git(["lfs", "ls-files", "--long"], cwd=work).stdout
+            oids = [line.split()[0] for line in listed.splitlines()]
+            if oids:
+                run_git(["lfs", "push", "--object-id", "--", url, *oids], cwd=work, remote=url,
+                        credentials=credentials)
             return base
         run_git(["commit", "--quiet", "-m", message], cwd=work, config=_identity_config())
         log.info("pushing to %s (LFS objects first; large weights take a while)", redact(url))

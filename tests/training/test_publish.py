@@ -158,9 +158,17 @@ def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_pat
     assert git("rev-parse", "main~1", cwd=bare).strip() == first  # fast-forward on the website's commit
     files = git("ls-tree", "--name-only", "main", cwd=bare).split()
     assert "notes.txt" not in files and {"README.md", "model.safetensors", ".gitattributes"} <= set(files)
-    # Publishing the same model again changes nothing.
+    # Publishing the same model again changes nothing...
     assert publish(work_dir / "merged", bare.as_uri()).endswith(head)
     assert git("rev-parse", "main", cwd=bare).strip() == head
+    # ...but gives the remote back weights it lost (its commit is there, so no pre-push hook would run).
+    def lfs_objects() -> list[Path]:
+        return sorted(p.relative_to(bare) for p in (bare / "lfs" / "objects").rglob("*") if p.is_file())
+
+    objects = lfs_objects()
+    shutil.rmtree(bare / "lfs" / "objects")
+    assert publish(work_dir / "merged", bare.as_uri()).endswith(head)
+    assert objects and lfs_objects() == objects and git("rev-parse", "main", cwd=bare).strip() == head
 
 
 def test_rejected_push_fails_clearly(work_dir: Path, tmp_path: Path) -> None:
