@@ -21,10 +21,11 @@ Model card inputs, all optional, looked up in the model dir and then in its pare
 
 Git targets: a fresh temporary repository gets the model files (hard links), the card and a ``.gitattributes``
 that sends ``*.safetensors *.bin *.model *.pth`` and any file over 10 MiB through LFS. If the remote ``main``
-already has history, the new commit is built on top of it (the tree is replaced; history is kept); the push is
-never forced, so a concurrent change or a hook that refuses the push ends in a clear error. The token reaches
-git only through a credential helper reading the environment (model_source.git_credential_config):
-it is never in argv, in ``.git/config`` or in any output (nor is a token given in the target URL).
+already has history, the new commit is built on top of it (the tree is replaced but for licence files; history
+is kept); the push is never forced, so a concurrent change or a hook that refuses the push ends in a clear
+error. The token reaches git only through a credential helper reading the environment
+(model_source.git_credential_config): it is never in argv, in ``.git/config`` or in any output (nor is a token
+given in the target URL).
 Nothing local is published: absolute paths of this machine in training_meta.json and eval.md become paths
 relative to the work dir, ``~/...`` or bare names, and credentials are redacted.
 """
@@ -63,6 +64,7 @@ from training.plots import linked_figures
 log = logging.getLogger(__name__)
 
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.model", "*.pth")
+LICENCE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([.-][\w.-]*)?")  # kept from the remote's tree
 LFS_MIN_BYTES = 10 * 1024 * 1024  # bigger files go through LFS whatever their name (hosts reject big blobs)
 META_FILE = "training_meta.json"
 EVAL_FILE = "eval.md"
@@ -366,6 +368,8 @@ def push_git(
         attributes += [f"/{_exact_pattern(f.path)} filter=lfs diff=lfs merge=lfs -text" for f in files
                        if f.lfs and not any(fnmatch.fnmatch(Path(f.path).name, p) for p in LFS_PATTERNS)]
         (work / ".gitattributes").write_text("\n".join(attributes) + "\n")
+        if base:
+            _keep_licence_files(work, base)
         run_git(["add", "--all"], cwd=work)
         if base and not run_git(["status", "--porcelain"], cwd=work).stdout.strip():
             log.info("remote main already has exactly these files; nothing to push but LFS objects it lacks")
@@ -505,6 +509,19 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
         except OSError:  # another filesystem
             shutil.copy2(source, dest / f.path)
     (dest / CARD_FILE).write_text(card, encoding="utf-8")
+
+
+def _keep_licence_files(work: Path, base: str) -> None:
+    # The new tree replaces the remote's, except for a licence its owner added (LICENSE, COPYING, NOTICE...):
+    # the model brings none, and losing one would change the terms the repo is shared under.
+    names = run_git(["ls-tree", "-z", "--name-only", base], cwd=work).stdout.split("\0")
+    kept = [name for name in names if LICENCE_FILE.fullmatch(name) and not (work / name).exists()]
+    if kept:
+        run_git(["checkout", base, "--", *kept], cwd=work)
+        log.info("kept the remote's %s", ", ".join(kept))
+    dropped = [name for name in names if name and not (work / name).exists()]
+    if dropped:
+        log.info("the model's files replace the remote's: %s go", ", ".join(dropped))
 
 
 def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> str | None:

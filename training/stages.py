@@ -616,7 +616,10 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
     if refused and run.cfg.publish_dry_run and not run.cfg.publish_anyway:
         say(f"  publish gate: {refused}; a real publish is refused (--publish-anyway overrides)")
     elif refused and not run.cfg.publish_anyway:
-        raise StageError(f"publish gate: {refused}; nothing was pushed (--publish-anyway overrides)")
+        why = f"publish gate: {refused}; nothing was pushed (--publish-anyway overrides)"
+        with log.open("a", encoding="utf-8") as fh:  # the failure line names this log: say it there too
+            fh.write(why + "\n")
+        raise StageError(why)
     elif refused:
         say(f"  publish gate missed ({refused}); publishing anyway (--publish-anyway)")
     cmd = [sys.executable, "-m", "training.publish", "--model", str(run.results["merge"]["model_dir"]),

@@ -722,6 +722,7 @@ def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("stage publish failed: publish gate: identity_accuracy 0.500 < 0.8, leakage_rate "
                            "0.250 > 0.1; nothing was pushed (--publish-anyway overrides)")
+    assert "publish gate: identity_accuracy 0.500 < 0.8" in (work / "logs" / "publish.log").read_text()
     refs = subprocess.run(["git", "-C", str(remote), "for-each-ref"], capture_output=True, text=True)
     assert refs.returncode == 0 and refs.stdout == ""
     # A dry run pushes nothing, so the gate only says what it would do; the plan is on the terminal.

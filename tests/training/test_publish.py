@@ -147,6 +147,7 @@ def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_pat
     git("init", "--quiet", "--initial-branch=main", str(seed))
     (seed / "README.md").write_text("created on the website\n")
     (seed / "notes.txt").write_text("old file\n")
+    (seed / "LICENSE").write_text("Apache-2.0, chosen on the website\n")
     git("add", "-A", cwd=seed)
     git("commit", "--quiet", "-m", "Initial commit", cwd=seed)
     git("push", "--quiet", bare.as_uri(), "HEAD:refs/heads/main", cwd=seed)
@@ -158,6 +159,7 @@ def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_pat
     assert git("rev-parse", "main~1", cwd=bare).strip() == first  # fast-forward on the website's commit
     files = git("ls-tree", "--name-only", "main", cwd=bare).split()
     assert "notes.txt" not in files and {"README.md", "model.safetensors", ".gitattributes"} <= set(files)
+    assert git("show", "main:LICENSE", cwd=bare) == "Apache-2.0, chosen on the website\n"  # the owner's terms
     # Publishing the same model again changes nothing...
     assert publish(work_dir / "merged", bare.as_uri()).endswith(head)
     assert git("rev-parse", "main", cwd=bare).strip() == head
