@@ -15,12 +15,10 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a Space or an offline box
@@ -42,6 +40,7 @@ from infer_engine.model_source import (  # noqa: E402
     read_json_object,
     redact,
     resolve_model,
+    stop_as_interrupt,
 )
 from infer_engine.openai_api import model_id, openai_routes  # noqa: E402
 from infer_engine.settings import (  # noqa: E402
@@ -108,10 +107,11 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
     if source.strip().startswith("demo:"):  # SmolLM2, with or without the committed demo adapter
         shown = source.strip()
         return ModelInfo(name=display_name(shown.removeprefix("demo:")), source=f"built-in demo {shown}")
-    location = redact(parse_source(source).location)  # no @revision, no credentials
-    name = assistant_name(model_dir) or Path(location.rstrip("/")).name.removesuffix(".git") or "model"
-    shown = f"local directory {name}" if Path(source).is_dir() else redact(source)  # no server paths shown
-    return ModelInfo(name=name, source=shown, is_demo=False)
+    src = parse_source(source)
+    where = Path(redact(src.location).rstrip("/")).name.removesuffix(".git") or "model"  # no @REV, no login
+    # A local directory by its name only: a path of the server tells who and where its operator is.
+    shown = f"local directory {where}" if src.kind == "local" else str(src)
+    return ModelInfo(name=assistant_name(model_dir) or where, source=shown, is_demo=False)
 
 
 def listen_problem(host: str, port: int) -> str | None:
@@ -151,26 +151,6 @@ def fetch_model(
     info = model_info(source, model_dir)
     check_remote_code(model_dir, trust_remote_code, "TRUST_REMOTE_CODE=1", info.name)
     return model_dir, info
-
-
-@contextlib.contextmanager
-def stop_as_interrupt() -> Iterator[Callable[[], int]]:
-    """While inside, SIGTERM (a Space or container stopping) interrupts as Ctrl-C does, so a download stops
-    with its git / git-lfs processes and its partial files are removed; yields the signal that came."""
-    came = [signal.SIGINT]
-
-    def interrupt(signum: int, frame: object) -> None:
-        came[0] = signal.Signals(signum)
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
-        yield lambda: int(came[0])
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield lambda: int(came[0])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,7 +224,8 @@ def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
             continue
         expected = "user" if not out or out[-1]["role"] != "user" else "assistant"
         if role != expected:
-            raise ChatInputError(f"{where}: expected a {expected} message, got {role} (turns must alternate)")
+            wanted = "an assistant" if expected == "assistant" else "a user"
+            raise ChatInputError(f"{where}: expected {wanted} message, got {role} (turns must alternate)")
         if role == "user" and not text.strip():
             raise ChatInputError(f"{where}: the user message is empty")
         out.append(message)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -39,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -91,7 +93,7 @@ _SCP_LIKE = re.compile(r"([^\s/@:]+(?::[^\s/]*)?)@([A-Za-z0-9][\w.-]*):(?!//)(\S
 # a URL's whole query and fragment; the userinfo of an scp-like address; every other "?key=value" or
 # "&key=value" value; Hugging Face tokens.
 _REDACT = (
-    (re.compile(r"(?<=://)[^\s'\"<>]*@"), "***@"),
+    (re.compile(r"(?<=://)(?:(?!\.git@)[^\s'\"<>])*@"), "***@"),  # not into a pinned "REPO.git@REVISION"
     (re.compile(r"(://[^\s'\"<>?#]*)[?#][^\s'\"<>]*"), r"\1?***"),
     (re.compile(r"(?<![^\s'\"(<=,;])[^\s/'\"]+@(?=[A-Za-z0-9][\w.-]*:(?!//|\d+\b))"), "***@"),
     (re.compile(r"(?<=[?&#;])([^\s=&#;'\"]+)=[^\s&#;'\"]*"), r"\1=***"),
@@ -247,11 +249,14 @@ def _parse_url(text: str, scheme: str) -> ModelSource:
     if re.search(r"\s", text):
         raise _reject(text, "URLs must not contain spaces")
     parts = urlsplit(text)
-    if "@" in parts.path:  # URL@REVISION pins a commit, tag or branch (a login's "@" comes before the path)
-        path, _, revision = parts.path.rpartition("@")
-        if not _REVISION.fullmatch(revision):
-            raise _reject(text, "expected URL@REVISION, the revision a commit id, tag or branch")
-        return replace(_parse_url(urlunsplit(parts._replace(path=path)), scheme), revision=revision)
+    pinned = re.fullmatch(r"(.*\.git)@([^@]*)", parts.path)  # REPO.git@REVISION: a commit id, tag or branch
+    if pinned:
+        if not _REVISION.fullmatch(pinned[2]):
+            raise _reject(text, "expected URL.git@REVISION, the revision a commit id, tag or branch")
+        try:
+            return replace(_parse_url(urlunsplit(parts._replace(path=pinned[1])), scheme), revision=pinned[2])
+        except ModelSourceError:
+            raise _reject(text, "not a valid git URL") from None  # said with the whole text, redacted
     if parts.query or parts.fragment or "?" in text or "#" in text:
         raise _reject(text, "a git URL takes no query or fragment (?.../#...); give a token through "
                       f"{GIT_USER_ENV}/{GIT_TOKEN_ENV} instead")
@@ -527,6 +532,39 @@ def git_config_env(settings: dict[str, str], env: Mapping[str, str] = os.environ
     return env
 
 
+def on_parent_death(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` giving the child ``sig`` when this process dies, even by SIGKILL (None off Linux).
+
+    Args:
+        sig: the signal the child gets.
+    """
+    if sys.platform != "linux":
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
+
+
+@contextlib.contextmanager
+def stop_as_interrupt() -> Iterator[Callable[[], int]]:
+    """While inside, SIGTERM (a Space or container stopping, a pipeline stopping its stage) interrupts as
+    Ctrl-C does, so a fetch or push stops with its git / git-lfs processes (``run_git``) and a partial
+    download is removed; yields a function giving the signal that came (SIGINT unless SIGTERM)."""
+    came = [signal.SIGINT]
+
+    def interrupt(signum: int, frame: object) -> None:
+        came[0] = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield lambda: int(came[0])
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield lambda: int(came[0])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_git(
     args: list[str],
     cwd: Path | None = None,
@@ -551,8 +589,10 @@ def run_git(
         full_env.update(git_credential_env(remote, credentials, full_env))
     # Its own process group, so that a stop (Ctrl-C, SIGTERM turned into an exception by the caller) ends git
     # and the git-lfs it started too; left alone they would go on writing into a removed partial dir.
+    # And SIGTERM if this process is killed outright: git then ends its git-lfs.
     with subprocess.Popen(["git", *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as git:
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          preexec_fn=on_parent_death(signal.SIGTERM)) as git:
         try:
             stdout, stderr = git.communicate()
         except BaseException:
@@ -564,14 +604,17 @@ def run_git(
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    # SIGTERM first (git-lfs removes its temporary files), then SIGKILL for whatever of the group is left.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    # SIGTERM first (git-lfs removes its temporary files), then SIGKILL for whatever of the group is left,
+    # even when a second Ctrl-C cuts the wait short.
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def has_git_lfs() -> bool:
@@ -704,9 +747,7 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     run_git(["clone", "--quiet", "--", src.location, str(dest)], remote=src.location, config=no_smudge,
             credentials=src.credentials)
     if src.revision:  # a commit id or tag as it is, a branch as the clone names it (origin/BRANCH)
-        commits = [subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=dest,
-                                  capture_output=True, text=True).stdout.strip()
-                   for name in (src.revision, f"origin/{src.revision}")]
+        commits = [_commit_of(dest, name) for name in (src.revision, f"origin/{src.revision}")]
         if not any(commits):
             raise ModelSourceError(f"{src}: the repository has no revision {src.revision!r} (give a commit "
                                    "id, tag or branch)")
@@ -730,6 +771,12 @@ def _fetch_git(src: ModelSource, dest: Path) -> str:
     return revision
 
 
+def _commit_of(repo: Path, name: str) -> str:
+    # The commit a revision names in ``repo``; "" when it names none (no such ref, or an unborn branch).
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=repo,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def _check_out_a_branch(src: ModelSource, dest: Path, config: dict[str, str]) -> None:
     """After a clone whose remote HEAD names a branch without commits (a bare repo made by an older
     ``git init --bare``, HEAD ``master``, that was pushed ``main``): check out ``main``, or the one branch.
@@ -739,8 +786,7 @@ def _check_out_a_branch(src: ModelSource, dest: Path, config: dict[str, str]) ->
         dest: the clone.
         config: the clone's git config (LFS smudge off).
     """
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=dest,
-                      capture_output=True).returncode == 0:
+    if _commit_of(dest, "HEAD"):
         return
     listed = run_git(["for-each-ref", "--format=%(refname:lstrip=3)", "refs/remotes/origin"], cwd=dest).stdout
     branches = [b for b in listed.split() if b != "HEAD"]
@@ -850,11 +896,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", action="store_true", help="fetch again even if cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        path = resolve_model(args.source or None, args.cache_dir, refresh=args.refresh)
-    except ModelSourceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    with stop_as_interrupt() as stopped:
+        try:
+            path = resolve_model(args.source or None, args.cache_dir, refresh=args.refresh)
+        except ModelSourceError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: git stopped, nothing half-fetched was kept
+            print("error: stopped; nothing was kept", file=sys.stderr)
+            return 128 + stopped()
     print(path)
     return 0
 

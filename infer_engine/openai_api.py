@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
+from infer_engine.chat_format import normalise_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
 from infer_engine.settings import MAX_REQUEST_BYTES, GenerationParams, ServerSettings, SettingsError
 
@@ -206,8 +207,11 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         params = replace(defaults, **values)
     except SettingsError as exc:
         raise field_error(exc, length_field) from None
-    messages = body["messages"]
-    if system_prompt.strip() and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+    try:  # checked as sent, so that an error names the message by the client's own count
+        messages = normalise_messages(body["messages"])
+    except ChatInputError as exc:
+        raise APIError(400, str(exc), "messages") from None
+    if system_prompt.strip() and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ChatRequest(
         messages=messages,

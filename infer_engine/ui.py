@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import queue
+import re
 import threading
 import time
 import uuid
@@ -409,6 +410,15 @@ def _one_or_all(values: list) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def markdown_text(text: str) -> str:
+    """``text`` shown as itself in Markdown: no link, image, emphasis or heading can be made of it.
+
+    Args:
+        text: e.g. a model's name or source.
+    """
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+
+
 def build_ui(
     engine: ChatEngine,
     settings: ServerSettings,
@@ -544,7 +554,7 @@ def build_ui(
             slots.release(session, token)
 
     with gr.Blocks(title=f"{model_info.name} chat") as demo:
-        gr.Markdown(f"# {model_info.name}")
+        gr.Markdown(f"# {markdown_text(model_info.name)}")  # a model's own metadata may name it
         if model_info.is_demo:
             gr.Markdown(
                 "**Demo mode:** this page serves the tiny built-in demo model, which knows only a few "
@@ -598,8 +608,10 @@ def build_ui(
             temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="Temperature")
             top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
             top_k = gr.Slider(1, 100, value=defaults.top_k, step=1, precision=0, label="Top-k")
-        compared = "" if compare is None else f"\n\nBase model (Before): `{compare.model_info.source}`"
-        gr.Markdown(f"{DISCLAIMER}\n\nModel: `{model_info.source}`{compared}", elem_id="disclaimer")
+        shown = f"{DISCLAIMER}\n\nModel: {markdown_text(model_info.source)}"
+        if compare is not None:
+            shown += f"\n\nBase model (Before): {markdown_text(compare.model_info.source)}"
+        gr.Markdown(shown, elem_id="disclaimer")
 
         options = [system_prompt, max_new_tokens, temperature, top_p, top_k]
         ui_only = {"queue": False, "api_visibility": "private"}

@@ -57,6 +57,7 @@ from infer_engine.model_source import (
     redact,
     remote_code_files,
     run_git,
+    stop_as_interrupt,
     validate_model_dir,
 )
 from training.plots import linked_figures
@@ -141,13 +142,13 @@ def parse_target(target: str) -> Target:
         raise PublishError(f"bad target: {err}") from None
     if src.kind == "hf" and src.revision is None:
         return Target("hf", src.location)
-    if src.kind == "git":
+    if src.kind == "git" and src.revision is None:
         # git-lfs's pre-push cannot upload to a bare path ("missing protocol"); it can to the same as file://.
         is_path = src.location.startswith("/")
         return Target("git", Path(src.location).as_uri() if is_path else src.location, src.credentials)
     raise PublishError(
         f"bad target {redact(target)!r}: expected a git remote URL (OpenXLab: "
-        "https://code.openxlab.org.cn/OWNER/REPO.git) or hf:OWNER/REPO (no @revision)"
+        "https://code.openxlab.org.cn/OWNER/REPO.git) or hf:OWNER/REPO, without @revision (it pushes to main)"
     )
 
 
@@ -184,8 +185,12 @@ def load_card_info(
         if value is not None and not isinstance(value, str):
             raise PublishError(f"{meta_path}: {key!r} must be a string, got {value!r}")
     base = data.get("base")
-    # The pipeline records its base's source already made public (no "local directory" twice).
+    # The pipeline records its base's source made public already ("local directory x", "built by ..."), which
+    # public_source would take for a path; an older or hand-written file may hold a token or a path.
     recorded = base.get("source") if isinstance(base, dict) and isinstance(base.get("source"), str) else None
+    if recorded and ("://" in recorded or recorded.startswith(("hf:", "openxlab:"))):
+        recorded = public_source(recorded)  # a URL without its credentials
+    recorded = public_text(recorded, model_dir.resolve().parent) if recorded else None
     nested = data.pop("settings", {})
     if not isinstance(nested, dict):
         raise PublishError(f"{meta_path}: 'settings' must be a JSON object")
@@ -386,7 +391,7 @@ def push_git(
             run_git(["push", "--quiet", "--", url, "HEAD:refs/heads/main"], cwd=work, remote=url,
                     credentials=credentials)
         except GitError as err:
-            moved = ("fetch first", "non-fast-forward", "cannot lock", "stale info")  # what a race looks like
+            moved = ("fetch first", "non-fast-forward", "cannot lock")  # what losing a race looks like
             raced = any(s in err.stderr for s in moved)
             hint = "; the remote changed meanwhile: publish again" if raced else ""
             raise PublishError(f"push to {url} failed (nothing was forced{hint}): {err}") from None
@@ -469,8 +474,9 @@ def publish(
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
     commit = push_git(model, dest.location, files, card, message, dest.credentials)
     other = _other_default_branch(dest.location, dest.credentials)
+    pin = f"serve {dest}@main, or " if "://" in dest.location else ""  # scp-like addresses take no @REVISION
     note = (f"warning: the remote's default branch is {other}, so a plain clone (and app.py) gets {other}, "
-            f"not this model: serve {dest}@main, or make main the default branch\n") if other else ""
+            f"not this model: {pin}make main the default branch\n") if other else ""
     return f"{note}published to {dest}: commit {commit}"
 
 
@@ -536,8 +542,14 @@ def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> s
 
 
 def _other_default_branch(url: str, credentials: tuple[str, str] | None) -> str | None:
-    # The branch the remote's HEAD names when it is not main and has commits (a clone checks it out).
-    heads = run_git(["ls-remote", "--symref", "--", url, "HEAD"], remote=url, credentials=credentials).stdout
+    # The branch the remote's HEAD names when it is not main and has commits (a clone checks it out). Asked
+    # after the push: a failure here is said, and the publish stands.
+    try:
+        heads = run_git(["ls-remote", "--symref", "--", url, "HEAD"], remote=url,
+                        credentials=credentials).stdout
+    except GitError as err:
+        log.warning("pushed; could not read the remote's default branch: %s", err)
+        return None
     named = re.match(r"ref: refs/heads/(\S+)\tHEAD\n[0-9a-f]+\tHEAD", heads)
     return named[1] if named and named[1] != "main" else None
 
@@ -573,12 +585,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.target:
         parser.error(f"give --target or set {TARGET_ENV}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta, args.name,
-                      args.base_model, args.private, args.gate_missed))
-    except (PublishError, ModelSourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    with stop_as_interrupt() as stopped:  # a stopped push stops git and git-lfs with it
+        try:
+            print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta,
+                          args.name, args.base_model, args.private, args.gate_missed))
+        except (PublishError, ModelSourceError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("error: stopped; the remote's main is as it was unless the push had ended", file=sys.stderr)
+            return 128 + stopped()
     return 0
 
 

@@ -4,17 +4,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shlex
 import signal
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from infer_engine.model_source import redact
+from infer_engine.model_source import on_parent_death, redact
 from training.presets import REPO_ROOT, RunConfig
 
 
@@ -38,12 +36,6 @@ def child_env(cfg: RunConfig) -> dict[str, str]:
     if cfg.spec.cpu_threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(cfg.spec.cpu_threads))
     return env
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a SIGKILLed pipeline must not leave a trainer writing into the work dir.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def failure_reason(log: Path, start: int = 0) -> str:
@@ -84,7 +76,8 @@ def run_logged(cmd: list[str], log: Path, env: Mapping[str, str], stdout: Path |
         out = stdout.open("w") if stdout else fh
         try:
             proc = subprocess.Popen(cmd, stdout=out, stderr=fh, env=dict(env), cwd=REPO_ROOT,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    # a SIGKILLed pipeline leaves no trainer writing into the work dir
+                                    preexec_fn=on_parent_death(signal.SIGKILL))
             try:
                 rc = proc.wait()
             finally:  # interrupted (SIGTERM/SIGINT): stop the child before leaving

@@ -631,10 +631,7 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
     report = run.work / PUBLISH_REPORT
     # The target through the environment: a token in its URL stays out of argv.
     run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish}, stdout=report)
-    text = report.read_text(encoding="utf-8").rstrip()
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-    for line in text.splitlines():
+    for line in report.read_text(encoding="utf-8").strip().splitlines():  # run_logged put it in the log too
         say(f"  {line}")
     return {"report": report}
 

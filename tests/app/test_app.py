@@ -173,7 +173,8 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
     assert (remote.name, remote.is_demo) == ("ubub-1.8b", False)
     assert "s3cret" not in remote.source
     assert app.model_info("hf:me/ubub@v1", Path("/cache/y")).name == "ubub"
-    assert app.model_info("https://h.org/me/ubub-2.git@5d0c1e2", Path("/cache/z")).name == "ubub-2"
+    pinned = app.model_info("https://h.org/me/ubub-2.git@5d0c1e2", Path("/cache/z"))
+    assert (pinned.name, pinned.source) == ("ubub-2", "https://h.org/me/ubub-2.git@5d0c1e2")
     (tmp_path / "my-model").mkdir()
     local = app.model_info(str(tmp_path / "my-model"), tmp_path / "my-model")
     assert (local.name, local.source) == ("my-model", "local directory my-model")
@@ -189,6 +190,7 @@ def test_a_model_this_project_trained_is_called_by_its_assistants_name(tmp_path:
             (merged / "training_meta.json").write_text(json.dumps(meta), encoding="utf-8")
         assert app.model_info(str(merged), merged).name == expected, meta
     (merged / "training_meta.json").write_text(json.dumps({"name": "Tavi Brennock"}), encoding="utf-8")
+    assert app.model_info(str(merged), merged).source == "local directory merged"  # where it is, by its name
     assert app.model_info("hf:me/ubub@v1", merged).name == "Tavi Brennock"
     assert model_id(app.model_info(str(merged), merged).name) == "tavi-brennock"
 

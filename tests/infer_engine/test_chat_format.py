@@ -120,7 +120,7 @@ def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stoppe
         (None, "must be a list"),
         ([user("a"), assistant("b")], "must end with a user message"),
         ([assistant("b"), user("a")], "expected a user message, got assistant"),
-        ([user("a"), user("b")], "expected a assistant message, got user"),
+        ([user("a"), user("b")], "expected an assistant message, got user"),
         ([user("a"), system("s")], "a system message may only come first"),
         ([{"role": "tool", "content": "x"}], "role must be one of system, user, assistant"),
         ([{"content": "x"}], "must be a dict with 'role' and 'content'"),

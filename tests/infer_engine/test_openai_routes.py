@@ -116,6 +116,10 @@ def test_the_operators_system_prompt_goes_first_unless_the_request_has_one(tiny_
         for messages in (HI["messages"], own):
             body = {"model": "m", "messages": messages, "max_tokens": 2, "temperature": 0}
             assert client.post(CHAT, json=body).status_code == 200
+        # An error names the message by the client's count, not counting the system prompt put first.
+        twice = {"model": "m", "messages": [{"role": "user", "content": c} for c in "ab"]}
+        refused = error(client.post(CHAT, json=twice), 400)
+        assert refused["message"].startswith("message 2: expected an assistant message, got user")
     assert [asked for asked, _ in engine.asked] == [
         [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "hi"}], own]
     engine.close()

@@ -39,7 +39,7 @@ HOSTILE_TARGETS = [
     ("ssh://-oProxyCommand=touch%20{mark}/r.git", "host name is not valid"),
     ("https://host/r.git?token=" + SECRET, "no query or fragment"),
     ("hf:ada/..", "expected hf:OWNER/REPO"),
-    ("hf:ada/ada@v1", "no @revision"),
+    ("hf:ada/ada@v1", "without @revision"),
     ("openxlab:ada/ada", "expected a git remote URL"),
     (f"https://ada:{SECRET}@127.0.0.1:9/ada.git", "cannot read the remote https://127.0.0.1:9/ada.git"),
 ]

@@ -196,7 +196,8 @@ def test_hf_target_without_hub_gives_clear_errors(work_dir: Path, secret_env: di
 
 @pytest.mark.parametrize(("target", "message"), [
     ("openxlab:ada/ada", "expected a git remote URL"),
-    ("hf:ada/ada@v1", "no @revision"),
+    ("hf:ada/ada@v1", "without @revision"),
+    ("https://code.openxlab.org.cn/ada/ada.git@dev", r"without @revision \(it pushes to main\)"),
     ("hf:ada", "bad target"),
 ])
 def test_bad_targets(work_dir: Path, target: str, message: str) -> None:
@@ -216,9 +217,12 @@ def test_incomplete_model_or_bad_meta_is_refused(work_dir: Path, tmp_path: Path)
     info = load_card_info(work_dir / "merged", meta=meta, name="Bo")
     assert (info.name, info.base_model, info.settings["lr"]) == ("Bo", "internlm/internlm2_5-1_8b-chat", 1e-4)
     # What the pipeline records is public already: said once, not as "local directory local directory x".
-    for recorded in ("local directory my_base", "built by training.make_tiny_base.cached_tiny_base"):
+    for recorded, shown in (("local directory my_base", "local directory my_base"),
+                            ("built by training.make_tiny_base.cached_tiny_base", None),
+                            ("https://u:secrettoken99@h.org/x.git", "https://h.org/x.git"),
+                            ("/home/alice/models/base", "base")):  # an older or hand-written file
         meta.write_text(json.dumps({"base": {"source": recorded}, "base_model": None}))
-        assert load_card_info(work_dir / "merged", meta=meta).base_model == recorded
+        assert load_card_info(work_dir / "merged", meta=meta).base_model == (shown or recorded)
     meta.write_text(json.dumps({"base": {"source": "built by x.y"}, "base_model": "Hf/Smol"}))
     assert load_card_info(work_dir / "merged", meta=meta).base_model == "Hf/Smol"
     assert load_card_info(work_dir / "merged", meta=meta, base_model="/home/me/base").base_model == (
