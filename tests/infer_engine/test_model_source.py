@@ -111,6 +111,15 @@ def test_credentials_are_redacted_everywhere(monkeypatch: pytest.MonkeyPatch) ->
     assert src.cache_key == parse_source("https://code.openxlab.org.cn/me/ubub.git").cache_key
     err = ModelSourceError("git clone https://bob:urlSECRET42@host/x.git failed; hf_envSECRET42")
     assert "SECRET42" not in str(err)
+    # A token holding "/" (not percent-encoded) is no URL login to urlsplit; the refusal still hides it, and
+    # a pinned URL's revision is no login to hide.
+    for text in ("https://bob:to/kenSECRET42@host/x.git", "https://bob:to/kenSECRET42@host/x.git@v1"):
+        with pytest.raises(ModelSourceError) as refused:
+            parse_source(text)
+        assert "SECRET42" not in str(refused.value)
+    pinned = parse_source("https://bob:urlSECRET42@host/x.git@v1")
+    assert str(pinned) == "https://host/x.git@v1" and pinned.credentials == ("bob", "urlSECRET42")
+    assert redact("fetch https://host/x.git@5d0c1e2 failed") == "fetch https://host/x.git@5d0c1e2 failed"
 
 
 def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.MonkeyPatch) -> None:
