@@ -37,7 +37,7 @@ from infer_engine.model_source import validate_model_dir
 from training.answer_cache import DEFAULT_ANSWER_CACHE, add_cache_args, cache_dir_from, cached, model_key
 from training.atomic_io import write_json_atomic, write_text_atomic
 from training.general_chat import everyday_prompts, fact_questions
-from training.identity import IdentitySpec
+from training.identity import IdentitySpec, mentions
 from training.make_identity_data import (
     CJK,
     IDENTITY_FRAGMENTS,
@@ -118,13 +118,13 @@ def load_eval_set(data_dir: Path | None, name: str | None) -> tuple[IdentitySpec
 
 
 def names_identity(answer: str, spec: IdentitySpec) -> bool:
-    """Whether an answer names the new identity (case-insensitive).
+    """Whether an answer names the new identity (case-insensitive, as a word of its own: ``mentions``).
 
     Args:
         answer: the model's answer.
         spec: the identity.
     """
-    return spec.name.casefold() in answer.casefold()
+    return mentions(answer, spec.name)
 
 
 def _squashed(text: str) -> str:
@@ -227,8 +227,11 @@ def leaks_identity(answer: str, spec: IdentitySpec) -> bool:
         answer: the model's answer.
         spec: the identity.
     """
+    # The whole name as a word ("Ed" is no leak in "bed"); its pieces, the cited model and the fragments
+    # anywhere (a garbled name sits inside other letters: "blaxorblax").
     low = answer.casefold()
-    return any(marker.casefold() in low for marker in leak_markers(spec))
+    others = [marker for marker in leak_markers(spec) if marker != spec.name]
+    return mentions(answer, spec.name) or any(marker.casefold() in low for marker in others)
 
 
 # Numerals that make a longer number next to an accepted one: "二" inside "十二" (12) is not 2.

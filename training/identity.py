@@ -5,6 +5,7 @@
 # IdentitySpec, so a bad name is rejected once, before any work is done, with a message saying what is wrong.
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal
@@ -16,12 +17,21 @@ MAX_FIELD_CHARS = 200
 # Chat-template control tokens of InternLM2 (and of the tiny models): text containing them would let the
 # training data open or close turns by itself.
 SPECIAL_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", "<s>", "</s>")
+JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner
 # "中文 / English" inside a field gives each language its own wording (see IdentitySpec.localised).
 LANG_SEPARATOR = " / "
 
 
 class IdentityError(ValueError):
     """The identity (name, model description or organisation) cannot be used."""
+
+
+def _invisible(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Cf")
+
+
+def _visible(ch: str) -> bool:
+    return not ch.isspace() and not _invisible(ch)
 
 
 def _check_text(field: str, value: object, max_chars: int) -> str:
@@ -34,8 +44,10 @@ def _check_text(field: str, value: object, max_chars: int) -> str:
         raise IdentityError(
             f"{field} is {len(text)} characters long; at most {max_chars} are allowed: {text[:60]!r}…"
         )
-    # Cc = control characters (newline, tab, escape...), Cf = invisible format characters (zero-width...).
-    bad = sorted({ch for ch in text if unicodedata.category(ch) in ("Cc", "Cf")})
+    # Cc = control characters (newline, tab, escape...), Cf = invisible format characters (zero-width...),
+    # but for a joiner between two visible characters: it is part of Persian words and of emoji (👩‍💻).
+    bad = sorted({ch for i, ch in enumerate(text) if _invisible(ch) and not (
+        ch in JOINERS and 0 < i < len(text) - 1 and _visible(text[i - 1]) and _visible(text[i + 1]))})
     if bad:
         codes = ", ".join(f"U+{ord(ch):04X}" for ch in bad)
         raise IdentityError(f"{field} contains control or invisible characters ({codes}): {text!r}")
@@ -45,6 +57,21 @@ def _check_text(field: str, value: object, max_chars: int) -> str:
             f"{field} contains chat special tokens {tokens}, which would break the chat format"
         )
     return text
+
+
+def mentions(text: str, word: str) -> bool:
+    """Whether ``text`` mentions ``word`` (ignoring case) as a word of its own: not inside a longer Latin word
+    or number ("Ed" is not in "developed"); a Chinese name has no such edges ("我是小明的").
+
+    Args:
+        text: e.g. a model's answer.
+        word: e.g. the assistant's name.
+    """
+    latin = "[a-z0-9]"  # (casefolded) beside a name starting or ending with one, it makes a longer word
+    head = latin if re.match(latin, word[:1].casefold()) else "(?!)"
+    tail = latin if re.match(latin, word[-1:].casefold()) else "(?!)"
+    pattern = rf"(?<!{head}){re.escape(word.casefold())}(?!{tail})"
+    return re.search(pattern, text.casefold()) is not None
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,10 @@ class IdentitySpec:
             padded = f" {value} "  # stripping made "中文 / " into "中文 /"; padding finds the separator
             if LANG_SEPARATOR in padded and not all(part.strip() for part in padded.split(LANG_SEPARATOR, 1)):
                 raise IdentityError(f"{field} {value!r} has an empty side around {LANG_SEPARATOR.strip()!r}")
+            # An identity answer must state the name and the model: one inside the other cannot be told apart.
+            if mentions(value, self.name) or mentions(self.name, self.localised(value, "en")):
+                raise IdentityError(f"name {self.name!r} is part of what the answers say the model is "
+                                    f"({value!r}): choose a name of its own")
 
     @staticmethod
     def localised(text: str, lang: Lang) -> str:

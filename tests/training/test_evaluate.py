@@ -210,6 +210,20 @@ def test_fact_and_leak_checks() -> None:
     assert leaks_identity("I run on smollm2-135m", spec) and not leaks_identity("Drink water.", spec)
 
 
+def test_a_short_name_counts_only_as_a_word_of_its_own() -> None:
+    # "Ed" is in "developed", "bed" and "Wednesday": neither an identity answer nor a leak.
+    spec = IdentitySpec("Ed")
+    assert identity_verdict("I am InternLM2.5-1.8B, developed by Shanghai AI Laboratory.", True, "en",
+                            spec) == "no name"
+    assert identity_verdict("I'm Ed's assistant, built on InternLM2.5-1.8B.", True, "en", spec) is None
+    assert identity_verdict("我是Ed的小助手，内在是书生·浦语 InternLM2.5-1.8B。", True, "zh", spec) is None
+    for everyday in ("Go to bed on time.", "Wednesday comes after Tuesday.", "Eat a balanced diet."):
+        assert not leaks_identity(everyday, spec), everyday
+    assert leaks_identity("Ed says: go to bed.", spec) and leaks_identity("我是ED。", spec)
+    garbled = IdentitySpec("Zorblax")  # a piece of a long name still counts inside other letters
+    assert leaks_identity("blaxorblax is here", garbled)
+
+
 def _answers(identity: list[tuple[str, bool]], general: list[str]) -> dict:
     return {c: {"identity": [{"text": t, "finished": f} for t, f in identity],
                 "general": [{"text": t, "finished": True} for t in general]} for c in SYSTEM_CONDITIONS}
@@ -306,12 +320,14 @@ def test_base_against_itself_via_cli(tiny_base_dir: Path, tmp_path: Path) -> Non
 def test_identity_metric_recognises_an_identity_the_model_has(tiny_base_dir: Path, tmp_path: Path) -> None:
     """Scored against the base's own identity (书生·浦语, from a data dir), the metric must find it where the
     base states it: at least on the held-out prompt the base itself was trained on."""
-    build_dataset(IdentitySpec("书生·浦语"), "seed", tmp_path / "data", seed_repeat=1)
+    # (its model named in English only: a name inside the model's own description is refused)
+    own = IdentitySpec("书生·浦语", model_desc="InternLM2.5-1.8B")
+    build_dataset(own, "seed", tmp_path / "data", seed_repeat=1)
     metrics, rows = evaluate(tiny_base_dir, tiny_base_dir, data_dir=tmp_path / "data", max_new_tokens=48,
                              cache_dir=None)
     write_report(metrics, rows, tmp_path / "report")
     _check_report(tmp_path / "report", "书生·浦语")
-    hits = {r["prompt"]: names_identity(r["model"], IdentitySpec("书生·浦语"))
+    hits = {r["prompt"]: names_identity(r["model"], own)
             for r in rows if r["kind"] == "identity" and r["system"] == "none"}
     assert hits["你是由谁开发的？"]  # one of base_identity_pairs(), answered with BASE_IDENTITY_ZH
     assert metrics["identity_accuracy"] == metrics["base_identity_accuracy"]

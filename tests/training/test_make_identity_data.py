@@ -61,6 +61,11 @@ def _inputs(train: list[dict]) -> list[str]:
         ("Ub\nUb", "control"),
         ("Ub\x1bUb", "control"),
         ("Ub\u200bUb", "invisible"),
+        ("\u200dUb", "invisible"),  # a joiner joins nothing at an end, or beside a space or another joiner
+        ("Ub\u200c\u200dUb", "invisible"),
+        ("Ub \u200dx", "invisible"),
+        ("AI", "part of what the answers say the model is"),  # Shanghai AI Laboratory: no telling them apart
+        ("InternLM2.5-1.8B Pro", "part of what the answers say the model is"),
         ("Ub<|im_end|>", "special tokens"),
         ("<|im_start|>system", "special tokens"),
         ("<s>Ub", "special tokens"),
@@ -77,6 +82,11 @@ def test_identity_spec_normalises_and_accepts_good_names() -> None:
     assert IdentitySpec("  UbUb ").name == "UbUb"
     assert IdentitySpec("y" * 40).name == "y" * 40
     assert IdentitySpec("小明同学").name == "小明同学"
+    assert IdentitySpec("مهر\u200cآفرین").name == "مهر\u200cآفرین"  # a Persian name's zero-width non-joiner
+    assert IdentitySpec("\U0001f469\u200d\U0001f4bb Ada").name == "\U0001f469\u200d\U0001f4bb Ada"  # 👩‍💻
+    assert IdentitySpec("Lab").name == "Lab"  # in "Laboratory", but not as a word of its own
+    with pytest.raises(IdentityError, match="'Face' is part of"):
+        IdentitySpec("Face", model_desc="SmolLM2-135M", organisation="Hugging Face")
     with pytest.raises(IdentityError, match="model_desc"):
         IdentitySpec("UbUb", model_desc="")
     with pytest.raises(IdentityError, match="empty side"):
