@@ -129,12 +129,13 @@ class ChatRequest:
 
 
 def model_id(name: str) -> str:
-    """The id ``/v1/models`` lists for a model display name: lower case, spaces and odd characters as ``-``.
+    """The id ``/v1/models`` lists for a model display name: lower case, letters of any script and digits
+    kept (小明 stays 小明), anything else as ``-``.
 
     Args:
         name: the model's display name (``ModelInfo.name``).
     """
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
+    return re.sub(r"[^\w.-]+", "-", name.lower()).strip("-") or "model"
 
 
 def _is_number(value: object) -> bool:

@@ -193,6 +193,7 @@ def test_a_model_this_project_trained_is_called_by_its_assistants_name(tmp_path:
     assert app.model_info(str(merged), merged).source == "local directory merged"  # where it is, by its name
     assert app.model_info("hf:me/ubub@v1", merged).name == "Tavi Brennock"
     assert model_id(app.model_info(str(merged), merged).name) == "tavi-brennock"
+    assert [model_id(name) for name in ("小明", "مساعد 🤖 Zoë", "a_b")] == ["小明", "مساعد-zoë", "a_b"]
 
 
 def test_a_port_already_taken_is_one_line_not_a_traceback() -> None:
