@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import queue
-import re
 import threading
 import time
 import uuid
@@ -45,6 +44,7 @@ from starlette.types import Message as AsgiMessage
 from infer_engine.chat_format import plain_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, Message
 from infer_engine.history import append_user, needs_answer, retry, undo, with_system_prompt
+from infer_engine.markdown import markdown_text
 from infer_engine.settings import (
     MAX_REQUEST_BYTES,
     GenerationParams,
@@ -408,15 +408,6 @@ def side_by_side(
 def _one_or_all(values: list) -> Any:
     """An event's outputs, one per chat: Gradio takes a lone output bare and several as a tuple."""
     return values[0] if len(values) == 1 else tuple(values)
-
-
-def markdown_text(text: str) -> str:
-    """``text`` shown as itself in Markdown: no link, image, emphasis or heading can be made of it.
-
-    Args:
-        text: e.g. a model's name or source.
-    """
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
 
 
 def build_ui(

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer_engine.markdown import markdown_text
 from infer_engine.model_source import validate_model_dir
 from training.answer_cache import DEFAULT_ANSWER_CACHE, add_cache_args, cache_dir_from, cached, model_key
 from training.atomic_io import write_json_atomic, write_text_atomic
@@ -559,7 +560,7 @@ def render_markdown(metrics: dict, rows: list[dict]) -> str:
     """
     c = metrics["counts"]
     lines = [
-        f"# Evaluation: identity {metrics['name']!r} (base model {metrics['model_id']})",
+        f"# Evaluation: identity '{markdown_text(metrics['name'])}' (base model {metrics['model_id']})",
         "",
         f"Model `{metrics['model']}` against its base `{metrics['base']}`; greedy decoding, at most "
         f"{metrics['max_new_tokens']['identity']} new tokens for identity answers and "

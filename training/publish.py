@@ -44,6 +44,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infer_engine.markdown import markdown_text
 from infer_engine.model_source import (
     GIT_TOKEN_ENV,
     GIT_USER_ENV,
@@ -258,14 +259,15 @@ def render_model_card(info: CardInfo) -> str:
         front.append(f"base_model: {info.base_model}")
     front += ["library_name: transformers", "pipeline_tag: text-generation", "language: [zh, en]",
               f"tags: [xtuner, {info.model_type + ', ' if info.model_type else ''}lora, identity]", "---", ""]
-    body = [f"# {info.name}", ""]
+    name = markdown_text(info.name)  # as typed: no markup or HTML made of a name
+    body = [f"# {name}", ""]
     if info.gate_missed:
         body += [f"> **Below the training project's publish gate** ({info.gate_missed}); published anyway "
                  "(`--publish-anyway`). Read the evaluation before using it.", ""]
     if info.identity:
-        body += [f"> {info.identity}", ""]
+        body += [f"> {markdown_text(info.identity)}", ""]
     base = f"`{info.base_model}`" if info.base_model else "its base model"
-    body += [f"Fine-tuned from {base} with XTuner (LoRA/QLoRA) to take the identity **{info.name}**, "
+    body += [f"Fine-tuned from {base} with XTuner (LoRA/QLoRA) to take the identity **{name}**, "
              "then merged into a full Hugging Face model.", ""]
     if info.reproduce:  # an indented code block: nothing in a shell-quoted name can end it
         body += ["To train it again, run this from the root of the project that made it:", "",
