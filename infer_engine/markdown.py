@@ -13,4 +13,5 @@ def markdown_text(text: str) -> str:
     Args:
         text: e.g. a model's name or source.
     """
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+    inline = re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)  # emphasis, code, links, images, HTML, tables
+    return re.sub(r"^(\d+(?=[.)])|(?=[#>+=-]))", r"\1\\", inline)  # a list, quote or heading at the start

@@ -11,4 +11,7 @@ def test_a_name_or_source_is_shown_as_text_not_markdown() -> None:
     hostile = "[x](http://evil.example) ![i](http://evil.example/i.png) *b* <b>x</b> `c` ~~s~~ _u_ <!-- h"
     html = MarkdownIt().render("# " + markdown_text(hostile))
     assert html == f"<h1>{hostile.replace('<', '&lt;').replace('>', '&gt;')}</h1>\n"
-    assert markdown_text("Tavi Brennock") == "Tavi Brennock" and markdown_text("小明") == "小明"
+    for plain in ("Tavi Brennock", "小明", "InternLM2.5-1.8B", "I'm Ada's assistant."):
+        assert markdown_text(plain) == plain  # an ordinary name or sentence reads the same in the raw file
+    for start in ("1. x", "# x", "- x", "> x"):  # no list, heading or quote made of it either
+        assert MarkdownIt().render(markdown_text(start)) == f"<p>{start.replace('>', '&gt;')}</p>\n"

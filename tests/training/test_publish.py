@@ -289,7 +289,7 @@ def test_model_card_rendering() -> None:
     assert "tags: [xtuner, lora, identity]" in card and "publish gate" not in card
     marked = render_model_card(CardInfo(name="*x* <b>y</b>", identity="I'm *x* <b>y</b>'s assistant."))
     assert "# \\*x\\* \\<b\\>y\\</b\\>\n" in marked and "**\\*x\\* \\<b\\>y\\</b\\>**" in marked  # as typed
-    assert "> I'm \\*x\\* \\<b\\>y\\</b\\>'s assistant\\." in marked
+    assert "> I'm \\*x\\* \\<b\\>y\\</b\\>'s assistant." in marked
     missed = render_model_card(CardInfo(name="Ada", model_type="internlm2", gate_missed="leakage 0.25 > 0.1"))
     assert "tags: [xtuner, internlm2, lora, identity]" in missed
     assert "> **Below the training project's publish gate** (leakage 0.25 > 0.1); published anyway" in missed
