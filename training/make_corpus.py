@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import re
 import sys
 import unicodedata
@@ -20,6 +21,7 @@ from training.atomic_io import write_json_atomic
 SUFFIXES = (".txt", ".md")
 CHUNK_CHARS = 2000
 MIN_CHUNK_CHARS = 100
+MAX_CONTROL_SHARE = 0.05  # more control characters than this (NULs of an archive, a binary): not text
 
 _DROP = "\x00"  # marks removed syntax lines; clean_text has already taken control characters out
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---$", re.S | re.M)
@@ -162,6 +164,18 @@ def corpus_files(corpus_dir: Path) -> list[Path]:
     return [path for path in visible_files(corpus_dir) if path.suffix.lower() in SUFFIXES]
 
 
+def decode_text(raw: bytes) -> str:
+    """A text file's content: UTF-16 when it starts with a UTF-16 byte order mark (Windows Notepad's
+    "Unicode"), else UTF-8 with or without one (raises UnicodeDecodeError).
+
+    Args:
+        raw: the file's bytes.
+    """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusReport:
     """Read, clean and chunk every .txt/.md file under corpus_dir.
 
@@ -183,7 +197,7 @@ def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusRepo
             report.skipped.append((path, f"unreadable: {err.strerror or err}"))
             continue
         try:
-            text = raw.decode("utf-8-sig")
+            text = decode_text(raw)
         except UnicodeDecodeError as err:
             report.skipped.append(
                 (
@@ -192,6 +206,10 @@ def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusRepo
                     f"e.g. iconv -f GB18030 -t UTF-8",
                 )
             )
+            continue
+        controls = sum(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
+        if controls > MAX_CONTROL_SHARE * len(text):
+            report.skipped.append((path, f"not text ({controls / len(text):.0%} control characters)"))
             continue
         cleaned = clean_text(text, markdown=path.suffix.lower() == ".md")
         if not cleaned:
@@ -218,10 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     except CorpusError as err:
         print(f"make_corpus: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    # On stdout with the summary: the pipeline shows them (a run must not train on less text unseen).
     for path, why in report.skipped:
-        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+        print(f"warning: skipped {path}: {why}")
     if report.ignored:
-        print(f"warning: ignored {len(report.ignored)} file(s) without a .txt/.md suffix", file=sys.stderr)
+        print(f"warning: ignored {len(report.ignored)} file(s) without a .txt/.md suffix")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, [{"text": chunk} for chunk in report.chunks])
     chars = sum(len(c) for c in report.chunks)

@@ -317,9 +317,12 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
     corpus_json = d / "corpus.json"
     if not corpus_json.is_file():
         d.mkdir(parents=True, exist_ok=True)
+        report = d / "corpus.out"
         run_logged([sys.executable, "-m", "training.make_corpus", "--corpus", str(run.cfg.corpus),
-                    "--out", str(corpus_json)], log, run.env)
+                    "--out", str(corpus_json)], log, run.env, stdout=report)
         _require_files(d, ("corpus.json",), "make_corpus")
+        for line in report.read_text(encoding="utf-8").strip().splitlines():  # what was read, and skipped
+            say(f"  {line}")
     overrides: dict[str, object] = {"pretrained_model_name_or_path": str(run.base_dir()),
                                     "data_path": str(corpus_json),
                                     "trust_remote_code": run.cfg.remote_code_allowed}

@@ -113,6 +113,8 @@ def corpus(tmp_path: Path) -> Path:
     (root / "blank.md").write_text(" \n\t\n", encoding="utf-8")
     (root / "only_syntax.md").write_text("---\n***\n```\n```\n", encoding="utf-8")
     (root / "gbk.txt").write_bytes("中文内容".encode("gbk"))
+    (root / "notepad.txt").write_bytes("记事本的文字。".encode("utf-16"))  # Windows Notepad's "Unicode"
+    (root / "archive.txt").write_bytes(b"notes.txt\x00\x00\x00\x000000644\x00" * 40)  # a tar, valid UTF-8
     (root / "image.png").write_bytes(b"\x89PNG")
     (root / ".hidden.txt").write_text("secret", encoding="utf-8")
     return root
@@ -120,13 +122,14 @@ def corpus(tmp_path: Path) -> Path:
 
 def test_build_corpus_reports_empty_and_bad_files(corpus: Path) -> None:
     report = build_corpus(corpus, chunk_chars=500)
-    assert report.chunks == ["第一篇文章。\n\n第二段内容。", "Title\n\nSome bold notes."]
-    assert [p.name for p in report.used] == ["a.txt", "b.md"]
+    assert report.chunks == ["第一篇文章。\n\n第二段内容。", "记事本的文字。", "Title\n\nSome bold notes."]
+    assert [p.name for p in report.used] == ["a.txt", "notepad.txt", "b.md"]
     skipped = {p.name: why for p, why in report.skipped}
     assert skipped["empty.txt"] == "empty file"
     assert skipped["blank.md"] == "empty file"
     assert skipped["only_syntax.md"] == "empty after cleaning"
     assert skipped["gbk.txt"].startswith("not UTF-8")
+    assert skipped["archive.txt"] == "not text (24% control characters)"
     assert [p.name for p in report.ignored] == ["image.png"]
 
 
@@ -136,7 +139,8 @@ def test_corpus_files_are_the_files_build_corpus_reads(corpus: Path) -> None:
     (corpus / "UPPER.TXT").write_text("Upper-case suffixes count too.", encoding="utf-8")
     files = corpus_files(corpus)
     assert [p.relative_to(corpus).as_posix() for p in files] == [
-        "UPPER.TXT", "a.txt", "blank.md", "empty.txt", "gbk.txt", "only_syntax.md", "sub/b.md"]
+        "UPPER.TXT", "a.txt", "archive.txt", "blank.md", "empty.txt", "gbk.txt", "notepad.txt",
+        "only_syntax.md", "sub/b.md"]
     report = build_corpus(corpus, chunk_chars=500)
     assert sorted(report.used + [p for p, _ in report.skipped]) == files
     assert [p.name for p in report.ignored] == ["image.png"]
@@ -181,10 +185,12 @@ def test_cli_writes_text_rows_and_warns(corpus: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text(encoding="utf-8")) == [
         {"text": "第一篇文章。\n\n第二段内容。"},
+        {"text": "记事本的文字。"},
         {"text": "Title\n\nSome bold notes."},
     ]
-    assert "gbk.txt: not UTF-8" in proc.stderr and "empty.txt: empty file" in proc.stderr
-    assert "2 chunks" in proc.stdout and "4 skipped" in proc.stdout
+    # All on stdout, which the pipeline shows: what was read and what was not.
+    assert "gbk.txt: not UTF-8" in proc.stdout and "empty.txt: empty file" in proc.stdout
+    assert "3 chunks" in proc.stdout and "5 skipped" in proc.stdout
 
 
 def test_cli_fails_clearly_on_an_empty_corpus(tmp_path: Path) -> None:

@@ -619,7 +619,8 @@ def test_corpus_adds_continued_pretraining_whose_merge_is_the_sft_base(tiny_run,
         assert f"[pipeline] {stage}: done in" in proc.stdout
     pretrained = work / "pretrain" / "merged"
     assert json.loads((pretrained / "training_meta.json").read_text())["stage"] == "pretrain"
-    assert "empty.txt" in (work / "logs" / "pretrain.log").read_text()  # reported, not fatal
+    assert f"  warning: skipped {corpus / 'empty.txt'}: empty file" in proc.stdout  # said, not fatal
+    assert re.search(r"^  \d+ chunks \(\d+ characters\) from 2 file\(s\) .*; 1 skipped$", proc.stdout, re.M)
     rendered = (work / "sft" / "sft_config.py").read_text()
     assert f"pretrained_model_name_or_path = {str(pretrained)!r}" in rendered
     meta = json.loads((work / "merged" / "training_meta.json").read_text())
