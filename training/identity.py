@@ -42,7 +42,8 @@ def _check_text(field: str, value: object, max_chars: int) -> str:
         raise IdentityError(f"{field} is empty: give a non-blank {field}")
     if len(text) > max_chars:
         raise IdentityError(
-            f"{field} is {len(text)} characters long; at most {max_chars} are allowed: {text[:60]!r}…"
+            f"{field} is {len(text)} characters long; at most {max_chars} are allowed: "
+            + (repr(text) if len(text) <= 60 else f"{text[:60]!r}…")
         )
     # Cc = control characters (newline, tab, escape...), Cf = invisible format characters (zero-width...),
     # but for a joiner between two visible characters: it is part of Persian words and of emoji (👩‍💻).

@@ -30,6 +30,8 @@ IDENTITY_PROMPTS = ("请介绍一下你自己", "Who are you?")
 GENERAL_PROMPTS_IN_HOOK = 2
 # Literal config settings about the runner rather than the training, left out of training_meta.json.
 RUNTIME_SETTINGS = ("visualizer", "log_level", "load_from", "resume")
+# ... and the identity contrast's lists, from the data (data/meta.json): dozens of sentences, no card row.
+DATA_SETTINGS = ("identity_answers", "identity_markers")
 DEEPSPEED = ("zero2", "zero3")
 # The publish gate (README, "Train your own assistant"): eval.json must show at least this held-out identity
 # accuracy and at most this leakage before --publish pushes anything (--publish-anyway overrides).
@@ -270,7 +272,8 @@ class RunConfig:
         if self.corpus is not None:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():
-                raise RunConfigError(f"--corpus {self.corpus}: no such directory")
+                what = "a file, not a directory of .txt/.md files" if corpus.exists() else "no such directory"
+                raise RunConfigError(f"--corpus {self.corpus}: {what}")
             if not corpus_files(corpus):
                 raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
                                      "left out) to pre-train on")

@@ -33,6 +33,7 @@ from training.presets import (
     BASE_CACHE,
     BUILD_PREFIX,
     DATA_FILES,
+    DATA_SETTINGS,
     GENERAL_PROMPTS_IN_HOOK,
     IDENTITY_PROMPTS,
     PUBLISH_MAX_LEAKAGE_RATE,
@@ -287,7 +288,7 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         "base_model": base_model_id(cfg),
         "corpus": cfg.corpus.name if cfg.corpus else None,
         "config": config.name,
-        "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
+        "settings": {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS + DATA_SETTINGS},
         "lora": {k: sorted(v) if isinstance(v, list) else v for k, v in lora.items()
                  if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")},
         # lora_alpha above is what the adapter applies: the trained one (settings) times this share

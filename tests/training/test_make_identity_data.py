@@ -85,6 +85,9 @@ def test_identity_spec_normalises_and_accepts_good_names() -> None:
     assert IdentitySpec("مهر\u200cآفرین").name == "مهر\u200cآفرین"  # a Persian name's zero-width non-joiner
     assert IdentitySpec("\U0001f469\u200d\U0001f4bb Ada").name == "\U0001f469\u200d\U0001f4bb Ada"  # 👩‍💻
     assert IdentitySpec("Lab").name == "Lab"  # in "Laboratory", but not as a word of its own
+    with pytest.raises(IdentityError) as too_long:
+        IdentitySpec("x" * 41)
+    assert str(too_long.value).endswith(f"'{'x' * 41}'")  # shown whole: no "…" after it
     with pytest.raises(IdentityError, match="'Face' is part of"):
         IdentitySpec("Face", model_desc="SmolLM2-135M", organisation="Hugging Face")
     with pytest.raises(IdentityError, match="model_desc"):

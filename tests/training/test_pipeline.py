@@ -104,13 +104,14 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
     ("kwargs", "message"),
     [
         (dict(name="   "), "--name: name is empty"),
-        (dict(name="x" * 41), "--name: name is 41 characters long; at most 40 are allowed"),
+        (dict(name="x" * 41), f"--name: name is 41 characters long; at most 40 are allowed: '{'x' * 41}'"),
         (dict(name="a\nb"), "--name: name contains control or invisible characters"),
         (dict(name="a<|im_end|>"), "--name: name contains chat special tokens"),
         (dict(name="x", preset="llama"), "unknown preset 'llama'"),
         (dict(name="x", recipe="copy"), "unknown recipe 'copy'"),
         (dict(name="x", from_stage="train"), "unknown stage 'train'"),
         (dict(name="x", corpus=Path("/no/such/corpus")), "--corpus /no/such/corpus: no such directory"),
+        (dict(name="x", corpus=Path(__file__)), f"--corpus {__file__}: a file, not a directory of"),
         (dict(name="x", base="/no/such/base"), "--base /no/such/base: no such directory"),
         (dict(name="x", base=__file__), f"--base {__file__}: no such directory"),
         (dict(name="x", publish_dry_run=True), "--publish-dry-run needs --publish"),
@@ -481,6 +482,7 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
         assert str(tiny_run["base"].parent) not in text and str(work) not in text
     assert json.loads((merged / "config.json").read_text())["_name_or_path"] == meta["base"]["source"]
     assert meta["settings"]["max_iters"] == SFT_ITERS and meta["settings"]["seed"] == 42
+    assert "identity_answers" not in meta["settings"]  # the data's dozens of sentences: no row of the card
     lora = meta["lora"]
     assert (lora["r"], lora["lora_alpha"], lora["modules_to_save"]) == (64, 16, ["lm_head"])
     assert meta["adapter_scale"] == 1.0  # the tiny preset keeps all of its trained change
