@@ -599,10 +599,10 @@ def build_ui(
             temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="Temperature")
             top_p = gr.Slider(0.01, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
             top_k = gr.Slider(1, 100, value=defaults.top_k, step=1, precision=0, label="Top-k")
-        shown = f"{DISCLAIMER}\n\nModel: {markdown_text(model_info.source)}"
+        about = f"{DISCLAIMER}\n\nModel: {markdown_text(model_info.source)}"
         if compare is not None:
-            shown += f"\n\nBase model (Before): {markdown_text(compare.model_info.source)}"
-        gr.Markdown(shown, elem_id="disclaimer")
+            about += f"\n\nBase model (Before): {markdown_text(compare.model_info.source)}"
+        gr.Markdown(about, elem_id="disclaimer")
 
         options = [system_prompt, max_new_tokens, temperature, top_p, top_k]
         ui_only = {"queue": False, "api_visibility": "private"}
