@@ -541,7 +541,8 @@ def on_parent_death(sig: signal.Signals) -> Callable[[], None] | None:
     if sys.platform != "linux":
         return None
     pr_set_pdeathsig = 1
-    return lambda: ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+    return lambda: prctl(pr_set_pdeathsig, sig)
 
 
 @contextlib.contextmanager

@@ -71,6 +71,14 @@ def offline_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return dict(os.environ)
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for a parent that does not reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def cache_entries(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
 
@@ -366,10 +374,25 @@ def test_app_stopped_mid_download_stops_git_lfs_and_keeps_nothing(remote: Path, 
     assert "Traceback" not in stderr
     pid = int(agent_pid.read_text())
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # gone, not orphaned
+    while running(pid) and time.monotonic() < deadline:  # gone, not orphaned
         time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()
+    assert not running(pid)
     assert cache_entries(cache) == []  # neither the model nor a partial dir
+
+
+def test_a_git_started_here_ends_when_this_process_is_killed_outright() -> None:
+    # run_git's preexec: SIGKILL leaves no handler to stop git, so the kernel tells it (PR_SET_PDEATHSIG).
+    code = ("import signal, subprocess; from infer_engine.model_source import on_parent_death; "
+            "child = subprocess.Popen(['sleep', '60'], preexec_fn=on_parent_death(signal.SIGTERM)); "
+            "print(child.pid, flush=True); child.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child)
 
 
 def test_transient_http_failure_is_retried_then_succeeds(tiny_model: Path, tmp_path: Path) -> None:
