@@ -270,8 +270,9 @@ def summary(run: Run) -> str:
     report = run.work / PUBLISH_REPORT
     if run.cfg.publish and run.cfg.publish_dry_run:
         lines.append(f"[pipeline] dry run: nothing pushed to {redact(run.cfg.publish)} (the plan is above)")
-    elif run.cfg.publish and report.is_file() and report.read_text(encoding="utf-8").strip():
-        lines.append(f"[pipeline] {report.read_text(encoding='utf-8').strip().splitlines()[-1]}")
+    elif run.cfg.publish and report.is_file():
+        said = report.read_text(encoding="utf-8").strip().splitlines()
+        lines += [f"[pipeline] {said[-1]}"] if said else []
     return "\n".join(lines)
 
 

@@ -97,6 +97,20 @@ class Run:
         return self.base_dir()
 
 
+def run_reported(cmd: list[str], log: Path, env: dict[str, str], report: Path) -> None:
+    """``run_logged`` a tool whose printed report the user must see: kept in ``report``, the log, and said.
+
+    Args:
+        cmd: the argv.
+        log: the stage log.
+        env: the child's environment.
+        report: where its stdout is kept.
+    """
+    run_logged(cmd, log, env, stdout=report)
+    for line in report.read_text(encoding="utf-8").strip().splitlines():
+        say(f"  {line}")
+
+
 def _require_files(directory: Path, names: tuple[str, ...], tool: str) -> None:
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
@@ -318,12 +332,10 @@ def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
     corpus_json = d / "corpus.json"
     if not corpus_json.is_file():
         d.mkdir(parents=True, exist_ok=True)
-        report = d / "corpus.out"
-        run_logged([sys.executable, "-m", "training.make_corpus", "--corpus", str(run.cfg.corpus),
-                    "--out", str(corpus_json)], log, run.env, stdout=report)
+        # what was read, and what was skipped
+        run_reported([sys.executable, "-m", "training.make_corpus", "--corpus", str(run.cfg.corpus),
+                      "--out", str(corpus_json)], log, run.env, d / "corpus.out")
         _require_files(d, ("corpus.json",), "make_corpus")
-        for line in report.read_text(encoding="utf-8").strip().splitlines():  # what was read, and skipped
-            say(f"  {line}")
     overrides: dict[str, object] = {"pretrained_model_name_or_path": str(run.base_dir()),
                                     "data_path": str(corpus_json),
                                     "trust_remote_code": run.cfg.remote_code_allowed}
@@ -634,9 +646,7 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
         cmd.append("--dry-run")
     report = run.work / PUBLISH_REPORT
     # The target through the environment: a token in its URL stays out of argv.
-    run_logged(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish}, stdout=report)
-    for line in report.read_text(encoding="utf-8").strip().splitlines():  # run_logged put it in the log too
-        say(f"  {line}")
+    run_reported(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish}, report)
     return {"report": report}
 
 
