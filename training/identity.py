@@ -37,7 +37,9 @@ def _visible(ch: str) -> bool:
 def _check_text(field: str, value: object, max_chars: int) -> str:
     if not isinstance(value, str):
         raise IdentityError(f"{field} must be text, got {type(value).__name__}")
-    text = value.strip()
+    # NFC: "José" typed with a combining accent (macOS file names, some keyboards) is the same name as the
+    # precomposed one, in the data, the evaluation and the work dir.
+    text = unicodedata.normalize("NFC", value).strip()
     if not text:
         raise IdentityError(f"{field} is empty: give a non-blank {field}")
     if len(text) > max_chars:
@@ -71,8 +73,8 @@ def mentions(text: str, word: str) -> bool:
     latin = "[a-z0-9]"  # (casefolded) beside a name starting or ending with one, it makes a longer word
     head = latin if re.match(latin, word[:1].casefold()) else "(?!)"
     tail = latin if re.match(latin, word[-1:].casefold()) else "(?!)"
-    pattern = rf"(?<!{head}){re.escape(word.casefold())}(?!{tail})"
-    return re.search(pattern, text.casefold()) is not None
+    pattern = rf"(?<!{head}){re.escape(unicodedata.normalize('NFC', word).casefold())}(?!{tail})"
+    return re.search(pattern, unicodedata.normalize("NFC", text).casefold()) is not None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from training.general_chat import checkable_pairs, everyday_prompts, fact_questions, is_right, replay_prompts
 from training.generate import Generation, generate, load_chat_model
-from training.identity import IdentityError, IdentitySpec
+from training.identity import IdentityError, IdentitySpec, mentions
 from training.make_identity_data import (
     ANSWER_TEMPLATES,
     SEED_REPEAT,
@@ -84,6 +84,8 @@ def test_identity_spec_normalises_and_accepts_good_names() -> None:
     assert IdentitySpec("小明同学").name == "小明同学"
     assert IdentitySpec("مهر\u200cآفرین").name == "مهر\u200cآفرین"  # a Persian name's zero-width non-joiner
     assert IdentitySpec("\U0001f469\u200d\U0001f4bb Ada").name == "\U0001f469\u200d\U0001f4bb Ada"  # 👩‍💻
+    assert IdentitySpec("Jose\u0301").name == "Jos\u00e9"  # a combining accent: the same name as precomposed
+    assert mentions("I'm Jose\u0301's assistant", "Jos\u00e9") and mentions("Jos\u00e9 here", "Jose\u0301")
     assert IdentitySpec("Lab").name == "Lab"  # in "Laboratory", but not as a word of its own
     with pytest.raises(IdentityError) as too_long:
         IdentitySpec("x" * 41)
