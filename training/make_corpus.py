@@ -24,7 +24,8 @@ MIN_CHUNK_CHARS = 100
 MAX_CONTROL_SHARE = 0.05  # more control characters than this (NULs of an archive, a binary): not text
 
 _DROP = "\x00"  # marks removed syntax lines; clean_text has already taken control characters out
-_FRONT_MATTER = re.compile(r"\A---\n.*?\n---$", re.S | re.M)
+# YAML (Jekyll, most static sites) or TOML (Hugo) front matter: metadata, not the author's text.
+_FRONT_MATTER = re.compile(r"\A(---|\+\+\+)\n.*?\n\1$", re.S | re.M)
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 # Line patterns use [ \t] rather than \s, which would run across newlines and eat the blank line before.
 _FENCE = re.compile(r"^[ \t]*(```|~~~).*$", re.M)

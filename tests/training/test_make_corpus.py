@@ -71,6 +71,8 @@ def test_clean_markdown_keeps_the_text_and_drops_the_syntax() -> None:
         "- a list item with strong text",
     ]
     assert "title" not in clean_markdown(md)
+    hugo = "+++\ntitle = 'Notes'\ndate = 2024-01-01\n+++\nBody text.\n\n+++ not front matter\n"
+    assert clean_markdown(hugo) == "Body text.\n\n+++ not front matter\n"
 
 
 def test_txt_files_keep_markdown_like_characters() -> None:
