@@ -547,9 +547,10 @@ def on_parent_death(sig: signal.Signals) -> Callable[[], None] | None:
 
 @contextlib.contextmanager
 def stop_as_interrupt() -> Iterator[Callable[[], int]]:
-    """While inside, SIGTERM (a Space or container stopping, a pipeline stopping its stage) interrupts as
-    Ctrl-C does, so a fetch or push stops with its git / git-lfs processes (``run_git``) and a partial
-    download is removed; yields a function giving the signal that came (SIGINT unless SIGTERM)."""
+    """While inside, SIGTERM (a Space or container stopping, a pipeline stopping its stage) and SIGHUP (the
+    terminal closed, ssh dropped) interrupt as Ctrl-C does, so a fetch or push stops with its git / git-lfs
+    processes (``run_git``) and a partial download is removed; yields a function giving the signal that came
+    (SIGINT unless another)."""
     came = [signal.SIGINT]
 
     def interrupt(signum: int, frame: object) -> None:
@@ -559,11 +560,26 @@ def stop_as_interrupt() -> Iterator[Callable[[], int]]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
         yield lambda: int(came[0])
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = interrupt_on_stop_signals(interrupt)
     try:
         yield lambda: int(came[0])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupt_on_stop_signals(handler: Callable[[int, object], None]) -> dict[signal.Signals, object]:
+    """Install ``handler`` for SIGTERM and SIGHUP, except a signal that is ignored (``nohup`` sets SIGHUP so:
+    it must keep working); return the handlers it replaced.
+
+    Args:
+        handler: a signal handler, e.g. one that raises KeyboardInterrupt or exits.
+    """
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
 
 
 def run_git(

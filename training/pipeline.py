@@ -23,7 +23,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from infer_engine.model_source import redact
+from infer_engine.model_source import interrupt_on_stop_signals, redact
 from training import convert_merge, launcher, rehearse
 from training.config_render import ConfigRenderError
 from training.plots import LOSS_PNG
@@ -399,8 +398,9 @@ def _given_path(text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM unwinds like Ctrl-C, so the running child is stopped and the stage stays resumable.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C, so the running child is stopped and the
+    # stage stays resumable.
+    interrupt_on_stop_signals(lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = parse_args(argv)
         run = run_pipeline(cfg)

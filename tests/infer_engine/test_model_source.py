@@ -33,6 +33,7 @@ from infer_engine.model_source import (
     ModelSourceError,
     RetryPolicy,
     git_credential_env,
+    interrupt_on_stop_signals,
     parse_source,
     read_json_object,
     redact,
@@ -347,10 +348,26 @@ def test_killed_download_leaves_no_complete_looking_dir(remote: Path, tmp_path: 
     assert (path / "model.safetensors").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_leave_an_ignored_hangup_ignored() -> None:
+    # Under nohup SIGHUP is ignored: closing the terminal must not stop that run.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        replaced = interrupt_on_stop_signals(lambda signum, frame: None)
+        assert set(replaced) == {signal.SIGTERM}
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert set(interrupt_on_stop_signals(lambda signum, frame: None)) == {signal.SIGTERM, signal.SIGHUP}
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_app_stopped_mid_download_stops_git_lfs_and_keeps_nothing(remote: Path, tmp_path: Path, sig) -> None:
-    # As a Space stopping (SIGTERM to the app alone) or Ctrl-C (SIGINT; git runs in its own process group, so
-    # the terminal's signal reaches only the app): git, git-lfs and its transfer agent must go with the app.
+    # As a Space stopping (SIGTERM to the app alone), Ctrl-C (SIGINT) or the terminal closed (SIGHUP; git runs
+    # in its own process group, so the terminal's signal reaches only the app): git, git-lfs and its transfer
+    # agent must go with the app.
     agent_pid = tmp_path / "agent.pid"
     agent = tmp_path / "hang.sh"
     agent.write_text(f"#!/bin/sh\necho $$ > {agent_pid}\nexec sleep 120\n")

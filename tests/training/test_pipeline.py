@@ -654,7 +654,7 @@ def _sigint_as_in_a_terminal() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp_path, sig):
     work, args = copy_run(tiny_run, tmp_path)
     args += ["--max-iters", "40", "--save-every", "10"]
@@ -669,13 +669,12 @@ def test_killed_during_sft_resumes_without_redoing_finished_stages(tiny_run, tmp
         time.sleep(0.2)
     trainers = _children(proc.pid)  # run.sh execs the pipeline, whose child is xtuner's trainer
     assert trainers
-    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground process group
+    if sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C, or the terminal closed: the whole process group
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 128 + signal.SIGTERM,
-                               signal.SIGINT: 128 + signal.SIGINT}[sig]
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
     if sig != signal.SIGKILL:
         assert "[pipeline] sft: interrupted; rerun the same command without --from to resume" in output
         assert "Traceback" not in output  # that one line, nothing more
