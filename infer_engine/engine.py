@@ -141,6 +141,11 @@ class ChatEngine(Protocol):
         conversation and ``SettingsError`` when ``params`` is not a ``GenerationParams``."""
         ...
 
+    def fit_prompt(self, messages: Sequence[Message], params: GenerationParams) -> TrimmedPrompt:
+        """Check and trim ``messages`` as ``stream_chat`` will, starting nothing: the page refuses a question
+        that cannot be answered before it enters the chat. Raises as ``stream_chat``."""
+        ...
+
     def abort(self, session_id: str) -> None:
         """Stop the reply now being generated for ``session_id``, if any."""
         ...

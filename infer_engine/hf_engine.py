@@ -39,7 +39,7 @@ import torch
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from infer_engine.chat_format import Message, stop_token_ids
+from infer_engine.chat_format import Message, TrimmedPrompt, stop_token_ids
 from infer_engine.engine import ChatStream, GenerationError, Update, prepare_prompt
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
@@ -284,6 +284,15 @@ class TransformersEngine:
 
     # ---- the interface the app uses ------------------------------------------------------------------------
 
+    def fit_prompt(self, messages: Sequence[Message], params: GenerationParams) -> TrimmedPrompt:
+        """Check and trim ``messages`` as ``stream_chat`` will (raises ``ChatInputError``), starting nothing.
+
+        Args:
+            messages: the conversation; the last message is the user's.
+            params: sampling values for the reply (its ``max_new_tokens`` is kept free for it).
+        """
+        return prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
+
     def stream_chat(
         self, messages: Sequence[Message], params: GenerationParams, session_id: str
     ) -> ChatStream:
@@ -294,7 +303,7 @@ class TransformersEngine:
             params: sampling values for this reply.
             session_id: the page asking; a new reply for the same page aborts the one still running.
         """
-        prompt = prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
+        prompt = self.fit_prompt(messages, params)
         return self._start(prompt.input_ids, params, session_id, prompt.dropped_messages)
 
     def abort(self, session_id: str) -> None:

@@ -34,7 +34,7 @@ from loguru import logger
 from transformers import AutoTokenizer
 from transformers import GenerationConfig as HFGenerationConfig
 
-from infer_engine.chat_format import Message, stop_token_ids
+from infer_engine.chat_format import Message, TrimmedPrompt, stop_token_ids
 from infer_engine.engine import ChatStream, GenerationError, Update, lmdeploy_unavailable, prepare_prompt
 from infer_engine.settings import EngineSettings, GenerationParams, SettingsError
 
@@ -221,6 +221,15 @@ class LMDeployEngine:
         self._closed = False
         logger.info("LMDeploy engine: {}, stop ids {}", self.pipe.backend_config, self.stop_ids)
 
+    def fit_prompt(self, messages: Sequence[Message], params: GenerationParams) -> TrimmedPrompt:
+        """Check and trim ``messages`` as ``stream_chat`` will (raises ``ChatInputError``), starting nothing.
+
+        Args:
+            messages: the conversation; the last message is the user's.
+            params: sampling values for the reply (its ``max_new_tokens`` is kept free for it).
+        """
+        return prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
+
     def stream_chat(
         self, messages: Sequence[Message], params: GenerationParams, session_id: str
     ) -> ChatStream:
@@ -231,7 +240,7 @@ class LMDeployEngine:
             params: sampling values for this reply.
             session_id: the page asking; a new reply for the same page aborts the one still running.
         """
-        prompt = prepare_prompt(self.tokenizer, messages, params, self.settings.session_len)
+        prompt = self.fit_prompt(messages, params)
         gen_config = generation_config(params, self.stop_ids)
         outputs: queue.Queue = queue.Queue()
         engine, ids = self.pipe.async_engine, prompt.input_ids

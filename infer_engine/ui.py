@@ -438,10 +438,21 @@ def build_ui(
     if compare is not None:  # the compare chat first: it is shown on the left
         panels.insert(0, _Panel(compare.engine, ReplySlots(), "compare"))
 
-    def add_question(*chats_and_text: Any) -> tuple[Any, ...]:
-        *chats, text = chats_and_text
+    def add_question(*values: Any) -> tuple[Any, ...]:
+        *chats, text, system_prompt, max_new_tokens = values
         with shown_to_user("add the question"):
-            return (*(append_user(plain_messages(chat), text) for chat in chats), "")
+            try:
+                asked = [append_user(plain_messages(chat), text) for chat in chats]
+                params = GenerationParams(max_new_tokens=max_new_tokens)
+                for panel, history in zip(panels, asked, strict=True):  # too long for a model: refused now
+                    panel.engine.fit_prompt(with_system_prompt(history, system_prompt), params)
+            except (ChatInputError, SettingsError) as exc:
+                # A warning, not an error: Gradio covers an error's outputs (the chats, the text box) with
+                # an "Error" panel. Nothing changes: the text stays in the box to be trimmed, and the answer
+                # step that follows finds no question to answer.
+                gr.Warning(str(exc), title="Cannot answer")
+                return tuple(gr.skip() for _ in [*chats, text])
+            return (*asked, "")
 
     def drop_answer(*chats: list) -> Any:
         with shown_to_user("retry"):
@@ -459,7 +470,8 @@ def build_ui(
     def undo_turn(*chats: list) -> tuple[Any, ...]:
         with shown_to_user("undo the last turn"):
             undone = [undo(plain_messages(chat)) for chat in chats]
-            return (*(history for history, _ in undone), undone[-1][1])  # the question goes back
+            # The question goes back to the box; a notice of dropped turns no longer fits the shorter chat.
+            return (*(box for history, _ in undone for box in (history, "")), undone[-1][1])
 
     def answerer(panel: _Panel) -> Callable[..., Iterator[tuple[list[Message], str]]]:
         """The page's answer event for the chat of ``panel``."""
@@ -524,7 +536,10 @@ def build_ui(
                 top_k=top_k,
                 do_sample=do_sample,
             )
-            conversation = with_system_prompt(append_user(plain_messages(history), message), system_prompt)
+            asked = append_user(plain_messages(history), message)
+            if system_prompt == settings.system_prompt and any(m["role"] == "system" for m in asked):
+                system_prompt = ""  # the server's default yields to the caller's own, as on /v1
+            conversation = with_system_prompt(asked, system_prompt)
         session = page_session(request, "api")
         token = slots.claim(session)
         try:
@@ -609,10 +624,11 @@ def build_ui(
         generation = {"concurrency_limit": engine.max_concurrency, "concurrency_id": GENERATION_POOL}
         ask = [textbox.submit, send.click]
         redo = [retry_button.click, *(chatbot.retry for chatbot in chatbots)]
-        # Queued, though they wait for nothing (no concurrency limit): Gradio 6 shows a gr.Error raised in an
-        # unqueued event nowhere, and these are the steps that refuse what the user typed.
+        # Queued, though they wait for nothing (no concurrency limit): Gradio 6 shows a gr.Error or gr.Warning
+        # raised in an unqueued event nowhere, and these are the steps that refuse what the user typed.
         checks = {"queue": True, "concurrency_limit": None, "api_visibility": "private"}
-        asked = gr.on(ask, add_question, [*chatbots, textbox], [*chatbots, textbox], **checks)
+        question = [*chatbots, textbox, system_prompt, max_new_tokens]
+        asked = gr.on(ask, add_question, question, [*chatbots, textbox], **checks)
         retried = gr.on(redo, drop_answer, chatbots, chatbots, **checks)
         answers = [answerer(panel) for panel in panels]
 
@@ -652,7 +668,7 @@ def build_ui(
         remove = [undo_button.click, *(chatbot.undo for chatbot in chatbots)]
         wipe = [clear.click, *(chatbot.clear for chatbot in chatbots)]
         gr.on(remove, stop_reply, cancels=replies, **ui_only).then(
-            undo_turn, chatbots, [*chatbots, textbox], **ui_only
+            undo_turn, chatbots, [*outputs, textbox], **ui_only
         )
         gr.on(wipe, stop_reply, cancels=replies, **ui_only).then(
             lambda: ([], "") * len(chats), None, [box for chat in chats for box in chat], **ui_only

@@ -328,6 +328,15 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     expect(page.get_by_text(f"the message is too long ({MAX_MESSAGE_CHARS + 1} characters)")).to_be_visible()
     assert textbox.input_value() == too_long
     assert messages(page, "user") == messages(page, "bot") == []
+    # So is one within the characters but over the tokens the session leaves for the prompt; and a refusal
+    # covers neither the chat nor the box with an "Error" panel: both stay in view, the box usable.
+    too_many_tokens = "长" * (MAX_MESSAGE_CHARS - 1)
+    send(page, too_many_tokens)
+    expect(page.get_by_text("prompt tokens, but only")).to_be_visible()
+    assert textbox.input_value() == too_many_tokens
+    assert messages(page, "user") == messages(page, "bot") == []
+    expect(page.locator("#chatbot .error, #msg .error")).to_have_count(0)
+    textbox.fill("", timeout=5000)  # fails while anything lies over the box
     assert errors == []
 
 

@@ -24,6 +24,9 @@ class RecordingEngine:
         self.asked.append((list(messages), params))
         return self.engine.stream_chat(messages, params, session_id)
 
+    def fit_prompt(self, messages: Any, params: GenerationParams) -> Any:
+        return self.engine.fit_prompt(messages, params)
+
     def abort(self, session_id: str) -> None:
         self.engine.abort(session_id)
 

@@ -95,6 +95,32 @@ def test_the_page_shows_the_dropped_turns_notice(engine: ChatEngine) -> None:
     assert notice == ""  # nothing dropped, no notice
 
 
+def page_event(demo: gr.Blocks, name: str) -> Callable[..., tuple]:
+    """The page's event function called ``name`` (e.g. ``add_question``, ``undo_turn``)."""
+    return next(fn.fn for fn in demo.fns.values() if fn.name == name)
+
+
+def test_a_question_too_long_for_the_session_is_refused_before_it_enters_the_chat(engine: ChatEngine) -> None:
+    # As a paste over the character limit: the chat and the box stay as they were (the text to be trimmed),
+    # said in a warning, which Gradio shows without covering the chat and the box with an "Error" panel.
+    add_question = page_event(build_ui(engine, ServerSettings(), INFO), "add_question")
+    chat = [*QUESTION, {"role": "assistant", "content": "我是小助手。"}]
+    long_text = "请介绍一下你自己，越详细越好。" * 40  # 600 characters, far more than 256 tokens
+    with pytest.warns(UserWarning, match=r"the message is too long: it needs \d+ prompt tokens"):
+        refused = add_question(chat, long_text, "", 48)
+    assert refused == (gr.skip(), gr.skip())
+    with pytest.warns(UserWarning, match="max_new_tokens must be"):
+        assert add_question(chat, "hi", "", 0) == (gr.skip(), gr.skip())
+    asked = add_question(chat, "你好", "", 48)
+    assert asked == ([*chat, {"role": "user", "content": "你好"}], "")
+
+
+def test_undo_clears_the_dropped_turns_notice(engine: ChatEngine) -> None:
+    undo_turn = page_event(build_ui(engine, ServerSettings(), INFO), "undo_turn")
+    chat = [*QUESTION, {"role": "assistant", "content": "我是小助手。"}]
+    assert undo_turn(chat) == ([], "", QUESTION[0]["content"])
+
+
 def test_the_page_sends_its_options_and_system_prompt_to_the_engine(engine: ChatEngine) -> None:
     recording = RecordingEngine(engine)
     answer, _ = page_handlers(build_ui(recording, ServerSettings(), INFO))
@@ -116,11 +142,15 @@ def test_system_prompt_setting_is_the_default_of_the_page_and_the_api(
     list(chat("你是谁？", max_new_tokens=4, do_sample=False))
     list(chat("你是谁？", system_prompt="You are Amy.", max_new_tokens=4, do_sample=False))
     list(chat("你是谁？", system_prompt="", max_new_tokens=4, do_sample=False))
+    # A history with its own system message keeps it: the default is for calls that send none, as on /v1.
+    cat = [{"role": "system", "content": "You are a cat."}]
+    list(chat("你是谁？", cat, max_new_tokens=4, do_sample=False))
     sent = [messages[0] for messages, _ in recording.asked]
     assert sent == [
         {"role": "system", "content": "You are Zed."},
         {"role": "system", "content": "You are Amy."},
         {"role": "user", "content": "你是谁？"},  # blank: no system message
+        {"role": "system", "content": "You are a cat."},
     ]
 
 
