@@ -50,6 +50,7 @@ from training.schedule import ScheduleError
 from training.stages import PIPELINE, PUBLISH_REPORT, Run, Stage, WorkerNodeDone
 
 TRAINING_STAGES = ("sft",)  # the stage every node of a several-machine run takes part in
+CHECKPOINTED_STAGES = ("pretrain", "sft")  # an interrupted one resumes from its checkpoints
 
 
 def _load_record(path: Path) -> dict | None:
@@ -116,17 +117,21 @@ def plan_run(run: Run) -> Plan:
         record = _load_record(run.record_path(stage.name)) or {}
         inputs = _normalised(stage.inputs(run))
         same_inputs = record.get("inputs") == inputs
-        if stage.name == from_stage or record.get("status") != "done" or stage.always_run:
-            # An interrupted stage continues from its partial outputs if nothing it depends on changed.
-            resume = stage.name != from_stage and record.get("status") == "running" and same_inputs
-            return Plan(reuse, stages[i:], resume)
-        if not same_inputs:
+        interrupted = record.get("status") == "running"  # stopped or failed
+        keeps = record.get("status") == "done" or interrupted and stage.name in CHECKPOINTED_STAGES
+        if not same_inputs and stage.name != from_stage and keeps and not stage.always_run:
+            # Refused, not redone: a finished stage's outputs, or an interrupted training's checkpoints,
+            # would go.
             old = record.get("inputs", {})
             changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(v)}" for k, v in inputs.items()
                                 if old.get(k) != v)
+            state = "was interrupted (rerun the same command to resume it)" if interrupted else "was run"
             raise RunConfigError(
-                f"stage {stage.name} in {run.work} was run with other settings ({changes}); rerun it with "
+                f"stage {stage.name} in {run.work} {state} with other settings ({changes}); rerun it with "
                 f"--from {stage.name}, or use another --work-dir")
+        if stage.name == from_stage or record.get("status") != "done" or stage.always_run:
+            # An interrupted stage continues from its partial outputs (nothing it depends on changed).
+            return Plan(reuse, stages[i:], stage.name != from_stage and interrupted)
         result = {k: run.work / v for k, v in record["result"].items()}  # absolute paths stay absolute
         if not all(p.exists() for p in result.values()):
             return Plan(reuse, stages[i:], False)
@@ -286,7 +291,11 @@ def run_pipeline(cfg: RunConfig) -> Run:
         run.work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunConfigError(f"--work-dir {run.work}: cannot create it ({err.strerror or err})") from None
-    with (run.work / ".lock").open("a+") as lock:  # not "w": the holder's pid stays readable
+    try:
+        lock_file = (run.work / ".lock").open("a+")  # not "w": the holder's pid stays readable
+    except OSError as err:
+        raise RunConfigError(f"--work-dir {run.work}: cannot write in it ({err.strerror or err})") from None
+    with lock_file as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
 from training.make_corpus import corpus_files
-from training.make_identity_data import MAX_IDENTITY_REPEAT, MAX_SEED_REPEAT
+from training.make_identity_data import IDENTITY_REPEAT, MAX_IDENTITY_REPEAT, MAX_SEED_REPEAT, SEED_REPEAT
 from training.publish import PublishError, parse_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +190,12 @@ def slug(text: str) -> str:
     return f"{readable or 'name'}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def _default_lr(spec: Preset) -> object:
+    from training.config_render import template_settings  # it imports this module: read when needed
+
+    return template_settings(spec, "sft").get("lr")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated in __post_init__ (raises RunConfigError).
@@ -279,10 +287,22 @@ class RunConfig:
                                      "left out) to pre-train on")
             object.__setattr__(self, "corpus", corpus)
         if self.publish is not None:
+            local = Path(self.publish).expanduser()
+            if local.exists():  # stages run from the repo root: a relative path must mean the caller's
+                object.__setattr__(self, "publish", str(local.resolve()))
             try:
-                parse_target(self.publish)
+                target = parse_target(self.publish)
             except PublishError as err:
                 raise RunConfigError(f"--publish: {err}") from None
+            # What publishing needs is checked now, not after hours of training.
+            url = target.location
+            relative = target.kind == "git" and "://" not in url and ":" not in url  # a path, not there
+            if relative or url.startswith("file://") and not Path(unquote(urlparse(url).path)).is_dir():
+                raise RunConfigError(f"--publish {self.publish}: no such repository (make one with "
+                                     "git init --bare PATH)")
+            if target.kind == "hf" and not self.publish_dry_run and not os.environ.get("HF_TOKEN"):
+                raise RunConfigError("--publish hf:…: set HF_TOKEN to a write token first (it is never shown "
+                                     "or stored)")
         if self.publish_dry_run and self.publish is None:
             raise RunConfigError("--publish-dry-run needs --publish TARGET")
         if self.publish_anyway and self.publish is None:
@@ -314,6 +334,18 @@ class RunConfig:
             raise RunConfigError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.lr is not None and not 0 < self.lr < 1:
             raise RunConfigError(f"--lr must be between 0 and 1, got {self.lr}")
+        # A value given that is the default is the same setting: a rerun with it (the recorded reproduce
+        # command) matches the run that left it out.
+        if self.identity_repeat is not None and self.recipe != "identity":
+            raise RunConfigError("--identity-repeat is for the identity recipe (seed: --seed-repeat)")
+        if self.seed_repeat is not None and self.recipe != "seed":
+            raise RunConfigError("--seed-repeat is for --recipe seed (identity: --identity-repeat)")
+        if self.identity_repeat == IDENTITY_REPEAT:
+            object.__setattr__(self, "identity_repeat", None)
+        if self.seed_repeat == SEED_REPEAT:
+            object.__setattr__(self, "seed_repeat", None)
+        if self.lr is not None and self.lr == _default_lr(PRESETS[self.preset]):
+            object.__setattr__(self, "lr", None)
         if not 0 < self.adapter_scale <= 1:
             raise RunConfigError(f"--adapter-scale must be in (0, 1], got {self.adapter_scale}")
         if self.adapter_scale != 1 and PRESETS[self.preset].sft_settings.get("modules_to_save"):

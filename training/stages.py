@@ -527,9 +527,10 @@ def sft_overrides(run: Run) -> dict[str, object]:
 
 
 def sft_inputs(run: Run) -> dict[str, object]:
-    """What the SFT stage depends on (work-dir paths relative, so a copied work dir matches)."""
+    """What the SFT stage depends on (work-dir paths relative, so a copied work dir matches; not the
+    checkpoint interval, which changes no weight)."""
     return {k: run.rel(Path(v)) if k in ("pretrained_model_name_or_path", "data_path") else v
-            for k, v in sft_overrides(run).items()}
+            for k, v in sft_overrides(run).items() if k != "save_steps"}
 
 
 def stage_sft(run: Run, log: Path) -> dict[str, Path]:

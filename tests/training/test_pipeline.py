@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config_render import ConfigRenderError, literal_settings, render_config
+from training.config_render import ConfigRenderError, literal_settings, render_config, template_settings
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
@@ -157,8 +157,8 @@ def test_default_work_dir_and_name_slugs():
 
 @pytest.mark.parametrize(
     ("preset", "settings", "iters_epochs"),
-    [("smol", {"max_iters": 225, "lr": 0.002, "seed": 7}, (225, None)),
-     ("internlm2_5-1_8b", {"max_epochs": 3, "max_iters": 300, "lr": 0.0002, "seed": 7}, (None, 3))],
+    [("smol", {"max_iters": 225, "lr": 0.001, "seed": 7}, (225, None)),
+     ("internlm2_5-1_8b", {"max_epochs": 3, "max_iters": 300, "lr": 0.0003, "seed": 7}, (None, 3))],
 )
 def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(preset, settings, iters_epochs,
                                                                                tmp_path, monkeypatch):
@@ -181,6 +181,37 @@ def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(p
         reproduce_command("UbUb", "nope", "seed", {}, {})
     dash = reproduce_command("-Bob", "smol", "seed", {}, {})  # a name argparse must not read as an option
     assert "--name=-Bob" in dash and parse_args(shlex.split(dash)[2:]).name == "-Bob"
+
+
+def test_publish_targets_are_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bare = tmp_path / "mine.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", str(bare)], check=True)
+    work = {"preset": "tiny", "work_dir": tmp_path / "w"}
+    # The caller's directory, not the repo root that the stages run in.
+    assert RunConfig("Ada", publish="mine.git", **work).publish == str(bare)
+    for missing in ("missing.git", (tmp_path / "gone.git").as_uri()):
+        with pytest.raises(RunConfigError, match="no such repository"):
+            RunConfig("Ada", publish=missing, **work)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(RunConfigError, match="set HF_TOKEN"):
+        RunConfig("Ada", publish="hf:me/model", **work)
+    RunConfig("Ada", publish="hf:me/model", publish_dry_run=True, **work)  # a dry run needs no token
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    RunConfig("Ada", publish="hf:me/model", **work)
+
+
+def test_a_setting_given_at_its_default_is_the_setting_left_out() -> None:
+    # So the recorded reproduce command (it spells every value out) reruns the run that made it, not refused
+    # as "run with other settings".
+    given = RunConfig(name="UbUb", preset="smol", lr=0.002, identity_repeat=2)
+    assert (given.lr, given.identity_repeat) == (None, None)
+    assert RunConfig(name="UbUb", preset="smol", recipe="seed", seed_repeat=3750).seed_repeat is None
+    assert RunConfig(name="UbUb", preset="smol", lr=0.001).lr == 0.001
+    with pytest.raises(RunConfigError, match="--identity-repeat is for the identity recipe"):
+        RunConfig(name="UbUb", preset="smol", recipe="seed", identity_repeat=3)
+    with pytest.raises(RunConfigError, match="--seed-repeat is for --recipe seed"):
+        RunConfig(name="UbUb", preset="smol", seed_repeat=3)
 
 
 @pytest.mark.parametrize(
@@ -364,12 +395,12 @@ def test_the_base_model_id_names_a_hub_model_or_nothing(kwargs, expected, tmp_pa
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_the_data_stage_replays_open_questions_for_real_bases_only(preset, tmp_path):
-    run = Run(RunConfig("-Bo", preset=preset, identity_repeat=2, work_dir=tmp_path / "w"), dict(os.environ))
+    run = Run(RunConfig("-Bo", preset=preset, identity_repeat=3, work_dir=tmp_path / "w"), dict(os.environ))
     run.results["base"] = {"model_dir": tmp_path / "base"}
     cmd = data_command(run, tmp_path / "out")
     assert ("--open-replay" in cmd) is PRESETS[preset].open_replay
     assert cmd[cmd.index("--base") + 1] == str(tmp_path / "base") and "--name=-Bo" in cmd
-    assert cmd[-2:] == ["--identity-repeat", "2"] and all(arg in cmd for arg in PRESETS[preset].data_args)
+    assert cmd[-2:] == ["--identity-repeat", "3"] and all(arg in cmd for arg in PRESETS[preset].data_args)
 
 
 @pytest.mark.parametrize(
@@ -585,6 +616,18 @@ def test_changed_settings_are_refused_not_silently_reused(tiny_run, tmp_path):
     lr = run_sh(*args, "--lr", "0.001")  # a setting the first run left to the preset
     assert lr.returncode == 2 and "stage sft in" in lr.stderr, lr.stderr
     assert "(lr: the preset's default -> 0.001)" in lr.stderr and "--from sft" in lr.stderr
+    # The preset's lr spelled out, and a checkpoint interval (no weight changes with it), are the same run.
+    default_lr = template_settings(PRESETS["tiny"], "sft")["lr"]
+    same = run_sh(*args, "--lr", repr(default_lr), "--save-every", "7")
+    assert same.returncode == 0, same.stderr
+    assert "[pipeline] sft: done earlier, skipped" in same.stdout and "sft: running" not in same.stdout
+    # An interrupted stage with other settings is refused too: its checkpoints would go without a word.
+    record = work / "stages" / "sft.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
+    changed = run_sh(*args, "--lr", "0.001")
+    assert changed.returncode == 2 and "stage sft in" in changed.stderr, changed.stderr
+    assert "was interrupted (rerun the same command to resume it) with other settings" in changed.stderr
+    assert (work / "sft" / "train" / f"iter_{SFT_ITERS}.pth").is_file()
 
 
 @pytest.mark.slow
