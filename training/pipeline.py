@@ -89,11 +89,14 @@ class Plan:
         reuse: finished stages whose results are reused.
         todo: stages to run, in order.
         resume: the first stage to run may continue from its own partial outputs (same inputs, no --from).
+        refill: ``todo`` is one finished stage whose cached result outside the work dir is gone (a cache
+            cleared to free disk): run it, then plan again, so that what was built on it is reused.
     """
 
     reuse: list[Stage]
     todo: list[Stage]
     resume: bool
+    refill: bool = False
 
 
 def _shown(value: object) -> str:
@@ -134,7 +137,8 @@ def plan_run(run: Run) -> Plan:
             return Plan(reuse, stages[i:], stage.name != from_stage and interrupted)
         result = {k: run.work / v for k, v in record["result"].items()}  # absolute paths stay absolute
         if not all(p.exists() for p in result.values()):
-            return Plan(reuse, stages[i:], False)
+            cached = not any(p.is_relative_to(run.work) for p in result.values())
+            return Plan(reuse, [stage] if cached else stages[i:], False, refill=cached)
         run.results[stage.name] = result
         reuse.append(stage)
     return Plan(reuse, [], False)
@@ -312,6 +316,13 @@ def run_pipeline(cfg: RunConfig) -> Run:
             return run
         check_device(cfg, plan.todo)
         say(f"[pipeline] {cfg.name} / {cfg.preset} / {cfg.recipe} in {run.work}")
+        refilled: set[str] = set()
+        while plan.refill and plan.todo[0].name not in refilled:
+            refilled.add(plan.todo[0].name)
+            say(f"[pipeline] {plan.todo[0].name}: its cached result is gone; making it again")
+            execute(run, plan)
+            plan = plan_run(run)
+            check_device(cfg, plan.todo)
         execute(run, plan)
         if cfg.rehearse:
             say(rehearse_report(run))

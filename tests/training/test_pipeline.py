@@ -21,7 +21,7 @@ from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
 from training.make_identity_data import identity_pairs, identity_questions, training_replay_prompts
-from training.pipeline import parse_args
+from training.pipeline import _normalised, _write_record, parse_args, plan_run
 from training.presets import (
     PRESETS,
     PUBLISH_MAX_LEAKAGE_RATE,
@@ -199,6 +199,21 @@ def test_publish_targets_are_checked_before_any_work(tmp_path: Path, monkeypatch
     RunConfig("Ada", publish="hf:me/model", publish_dry_run=True, **work)  # a dry run needs no token
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     RunConfig("Ada", publish="hf:me/model", **work)
+
+
+def test_a_cleared_cache_is_made_again_alone_and_what_was_built_on_it_stays(tmp_path: Path) -> None:
+    # A user who cleared a model cache to free disk reruns: the base is fetched again, and the training done
+    # on it is reused once its inputs match again (not deleted and redone, hours on a GPU).
+    run = Run(RunConfig("Ada", preset="tiny", work_dir=tmp_path / "w"), dict(os.environ))
+    run.work.mkdir()
+    base = PIPELINE[0]
+    for result, todo, refill in ((str(tmp_path / "cache" / "gone"), ["base"], True),
+                                 ("base_copy", [s.name for s in PIPELINE if run.cfg.stage_enabled(s.name)],
+                                  False)):  # an output inside the work dir is gone: from there on
+        record = {"status": "done", "inputs": _normalised(base.inputs(run)), "result": {"model_dir": result}}
+        _write_record(run.record_path("base"), record)
+        plan = plan_run(run)
+        assert ([s.name for s in plan.todo], plan.refill) == (todo, refill)
 
 
 def test_a_setting_given_at_its_default_is_the_setting_left_out() -> None:
