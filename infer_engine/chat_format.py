@@ -59,6 +59,10 @@ class ChatInputError(ValueError):
     """The conversation cannot be answered as given (empty, malformed, or too long even alone)."""
 
 
+class PromptTooLongError(ChatInputError):
+    """Even the last message (with the system prompt) leaves no room for the reply in the session."""
+
+
 @dataclass(frozen=True)
 class TrimmedPrompt:
     """A conversation that fits the session, as prompt ids.
@@ -412,7 +416,7 @@ def trim_messages(
         if low < high:
             best = encode_without(high)  # the fewest messages: fewer messages never means more tokens
         if len(best) > budget:
-            raise ChatInputError(
+            raise PromptTooLongError(
                 f"the message is too long: it needs {len(best)} prompt tokens, but only {budget} fit "
                 f"(session length {session_len} minus {max_new_tokens} tokens for the reply). "
                 "Shorten the message or the system prompt, or lower 'max new tokens'."

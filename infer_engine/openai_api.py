@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from infer_engine.chat_format import normalise_messages
+from infer_engine.chat_format import PromptTooLongError, normalise_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
 from infer_engine.settings import MAX_REQUEST_BYTES, GenerationParams, ServerSettings, SettingsError
 
@@ -126,6 +126,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     length_field: str = "max_tokens"  # the field that set params.max_new_tokens, as its errors name it
+    length_given: bool = False  # the client set the reply's length; else it may use what the prompt leaves
 
 
 def model_id(name: str) -> str:
@@ -221,7 +222,24 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         stream=bool(stream),
         include_usage=bool(options and options.get("include_usage")),
         length_field=length_field,
+        length_given=bool(limits),
     )
+
+
+def reply_params(engine: ChatEngine, chat: ChatRequest) -> GenerationParams:
+    """``chat.params``; when the client set no length, the reply may have what the session leaves after
+    the prompt, up to the default length (as OpenAI's: a long prompt is not refused, nor trimmed, only to
+    keep the default free for the reply).
+
+    Args:
+        engine: the engine that will answer (its tokenizer and session length).
+        chat: the validated request.
+    """
+    if chat.length_given:
+        return chat.params
+    prompt = engine.fit_prompt(chat.messages, replace(chat.params, max_new_tokens=1))
+    left = engine.settings.session_len - len(prompt.input_ids)
+    return replace(chat.params, max_new_tokens=max(1, min(chat.params.max_new_tokens, left)))
 
 
 def field_error(exc: SettingsError, length_field: str) -> APIError:
@@ -358,7 +376,7 @@ class Reply:
 
     def _pump(self, chat: ChatRequest) -> None:
         try:
-            stream = self.engine.stream_chat(chat.messages, chat.params, self.session_id)
+            stream = self.engine.stream_chat(chat.messages, reply_params(self.engine, chat), self.session_id)
         except Exception as exc:  # ChatInputError and friends: answered as an HTTP error by the loop
             self._put(exc, last=True)
             return
@@ -557,6 +575,10 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
         except SettingsError as exc:  # max_tokens over what the session leaves for a reply
             admission.leave()
             return field_error(exc, chat.length_field).response()
+        except PromptTooLongError as exc:  # clients that trim their history on this code do so
+            admission.leave()
+            text = str(exc).replace("'max new tokens'", chat.length_field)
+            return APIError(400, text, "messages", "context_length_exceeded").response()
         except ChatInputError as exc:
             admission.leave()
             return APIError(400, str(exc), "messages").response()

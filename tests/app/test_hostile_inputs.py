@@ -192,19 +192,25 @@ def page_event(url: str, fn: int, data: list, session_hash: str | None = "hostil
     return post(url, "gradio_api/run/predict", json.dumps(body))
 
 
+# A refused question changes nothing on the page (every output skipped); its reason goes to the page as a
+# warning toast (tests/infer_engine/test_ui.py and the browser test read it).
+REFUSED = "refused"
+OPTIONS = ["", 48]  # the page's system prompt and max new tokens, sent with a question
+
 PAGE_CASES = {
-    "add: lone surrogate": ("add_question", [[], "\ud800"], "lone surrogate"),
-    "add: injection": ("add_question", [[], INJECTION], REPLY),
-    "add: oversized message": ("add_question", [[], "x" * (MAX_MESSAGE_CHARS + 1)], "too long"),
+    "add: lone surrogate": ("add_question", [[], "\ud800", *OPTIONS], REFUSED),
+    "add: injection": ("add_question", [[], INJECTION, *OPTIONS], REPLY),
+    "add: oversized message": ("add_question", [[], "x" * (MAX_MESSAGE_CHARS + 1), *OPTIONS], REFUSED),
     "add: too many messages": (
         "add_question",
-        [parts([user("q"), assistant("a")] * (MAX_MESSAGES // 2 + 1)), "hi"],
-        "too many messages",
+        [parts([user("q"), assistant("a")] * (MAX_MESSAGES // 2 + 1)), "hi", *OPTIONS],
+        REFUSED,
     ),
     "add: history that tips over the size": (
         "add_question",
-        [parts([user("q" * BIG), assistant("a" * BIG)] * (MAX_HISTORY_CHARS // (2 * BIG))), "q" * BIG],
-        "the conversation is too long",
+        [parts([user("q" * BIG), assistant("a" * BIG)] * (MAX_HISTORY_CHARS // (2 * BIG))), "q" * BIG,
+         *OPTIONS],
+        REFUSED,
     ),
     "retry: oversized history": (
         "drop_answer",
@@ -237,6 +243,9 @@ def test_page_event_case_ends_in_a_result_or_a_clear_error(
     if expected is REPLY:
         assert response.status_code == 200, response.text
         assert "data" in response.json()
+    elif expected == REFUSED:
+        assert response.status_code == 200, response.text
+        assert all(out == {"__type__": "update"} for out in response.json()["data"]), response.text
     else:
         assert response.status_code == 500
         assert_clear(response.json()["error"], expected)
@@ -255,7 +264,7 @@ def test_a_malformed_chatbot_value_is_refused_without_internal_text(
 ) -> None:
     """Gradio itself rejects a Chatbot value of the wrong shape, before the app's code; it must say nothing
     internal (``show_error`` is off)."""
-    response = page_event(app_server.url, fn_index["add_question"], ["not a chat", "hi"])
+    response = page_event(app_server.url, fn_index["add_question"], ["not a chat", "hi", *OPTIONS])
     assert response.status_code == 500
     assert response.json()["error"] is None or not INTERNAL.search(response.json()["error"])
 

@@ -51,6 +51,23 @@ def test_a_reply_longer_than_the_session_allows_is_refused_naming_the_field_sent
     assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_without_max_tokens_the_reply_has_what_the_prompt_leaves(api) -> None:
+    # OpenAI's: a prompt longer than the default reply length leaves is answered whole, not refused, and no
+    # earlier turn is dropped only to keep that default free.
+    turns = [{"role": "user", "content": "my name is Bob, remember it"},
+             {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "请介绍一下你自己。" * 6}]
+    body = {"model": "m", "messages": turns, "temperature": 0}
+    whole = api.post(CHAT, json=body).json()["usage"]
+    alone = api.post(CHAT, json={**body, "max_tokens": 1}).json()["usage"]
+    assert whole["prompt_tokens"] == alone["prompt_tokens"] > SESSION_LEN - MOST  # nothing dropped
+    assert 1 <= whole["completion_tokens"] <= SESSION_LEN - whole["prompt_tokens"]
+    # A message that cannot fit at all: the code clients trim their history on, the field they know.
+    huge = error(api.post(CHAT, json={**HI, "messages": [{"role": "user", "content": "长" * 3000}]}), 400)
+    assert (huge["code"], huge["param"]) == ("context_length_exceeded", "messages")
+    assert "lower max_tokens" in huge["message"] and "max new tokens" not in huge["message"]
+
+
 def test_a_field_name_no_utf_8_can_carry_is_a_400_with_it_escaped(api) -> None:
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "\\ud800x": 1}'
     refused = error(api.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400)

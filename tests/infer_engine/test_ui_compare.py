@@ -83,7 +83,7 @@ def test_one_question_goes_to_both_models_and_each_chat_keeps_its_own_answers(
     after, before = RecordingEngine(tuned), RecordingEngine(base)
     page = handlers(build_ui(after, ServerSettings(), AFTER, compare=Comparison(before, BEFORE)))
     request = gr.Request(session_hash="page-compare")
-    before_chat, after_chat, textbox = page["add_question"]([], [], "你是谁？")
+    before_chat, after_chat, textbox = page["add_question"]([], [], "你是谁？", "", 48)
     question = [{"role": "user", "content": "你是谁？"}]
     assert (before_chat, after_chat, textbox) == (question, question, "")
     answer = page["answer_side_by_side"]
@@ -94,7 +94,7 @@ def test_one_question_goes_to_both_models_and_each_chat_keeps_its_own_answers(
     assert before_text != after_text
 
     # The next question: each model gets its own history back, never the other's answers.
-    before_chat, after_chat, _ = page["add_question"](before_chat, after_chat, "你可以做什么？")
+    before_chat, after_chat, _ = page["add_question"](before_chat, after_chat, "你可以做什么？", "", 48)
     last_chats(answer(before_chat, after_chat, *GREEDY.values(), request))
     sent_to_base, sent_to_tuned = before.asked[-1][0], after.asked[-1][0]
     assert sent_to_base[1] == {"role": "assistant", "content": before_text}
@@ -110,7 +110,7 @@ def test_retry_undo_and_clear_act_on_both_chats(tuned: ChatEngine, base: ChatEng
     before_chat.append({"role": "assistant", "content": "b2"})
     after_chat.append({"role": "assistant", "content": "a2"})
     assert page["drop_answer"](before_chat, after_chat) == (before_chat[:3], after_chat[:3])
-    assert page["undo_turn"](before_chat, after_chat) == (before_chat[:2], after_chat[:2], "q2")
+    assert page["undo_turn"](before_chat, after_chat) == (before_chat[:2], "", after_chat[:2], "", "q2")
     # Clear empties both chats and notices; Retry, Undo and Clear answer the buttons and both chats' icons.
     functions = list(demo.fns.values())
     (clear,) = [fn for fn in functions if fn.name == "<lambda>"]
@@ -126,6 +126,7 @@ def test_retry_undo_and_clear_act_on_both_chats(tuned: ChatEngine, base: ChatEng
     assert {block.elem_id for block in drop.inputs} == both and icon_chats(drop, "retry") == both
     (undo,) = [fn for fn in functions if fn.name == "undo_turn"]
     assert {block.elem_id for block in undo.inputs} == both
+    assert {block.elem_id for block in undo.outputs} == boxes | {"msg"}  # a stale notice goes too
     # One event answers in both chats, on the generation pool; Stop, Undo and Clear cancel it.
     answers = [fn for fn in functions if fn.name == "answer_side_by_side"]
     assert len(answers) == 2 and {fn.concurrency_id for fn in answers} == {GENERATION_POOL}
@@ -163,7 +164,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 120.0) -> None:
 
 def start_both(page: dict[str, Callable], session_hash: str) -> Iterator:
     """Start the side-by-side answer to a long reply on the page ``session_hash``; wait for a first text."""
-    chats = page["add_question"]([], [], "请介绍一下你自己")[:2]
+    chats = page["add_question"]([], [], "请介绍一下你自己", "", 48)[:2]
     updates = page["answer_side_by_side"](*chats, *LONG.values(), gr.Request(session_hash=session_hash))
     assert any(chat != gr.skip() and chat[-1]["content"] for chat in next(updates)[::2])
     return updates
