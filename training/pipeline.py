@@ -134,7 +134,7 @@ def plan_run(run: Run) -> Plan:
                 f"--from {stage.name}, or use another --work-dir")
         if stage.name == from_stage or record.get("status") != "done" or stage.always_run:
             # An interrupted stage continues from its partial outputs (nothing it depends on changed).
-            return Plan(reuse, stages[i:], stage.name != from_stage and interrupted)
+            return Plan(reuse, stages[i:], stage.name != from_stage and interrupted and same_inputs)
         result = {k: run.work / v for k, v in record["result"].items()}  # absolute paths stay absolute
         if not all(p.exists() for p in result.values()):
             cached = not any(p.is_relative_to(run.work) for p in result.values())

@@ -214,6 +214,14 @@ def test_a_cleared_cache_is_made_again_alone_and_what_was_built_on_it_stays(tmp_
         _write_record(run.record_path("base"), record)
         plan = plan_run(run)
         assert ([s.name for s in plan.todo], plan.refill) == (todo, refill)
+    # An interrupted data stage with other inputs starts afresh: its partial outputs are not resumed.
+    (tmp_path / "cache" / "base").mkdir(parents=True)
+    record = {"status": "done", "inputs": _normalised(base.inputs(run)),
+              "result": {"model_dir": str(tmp_path / "cache" / "base")}}
+    _write_record(run.record_path("base"), record)
+    _write_record(run.record_path("data"), {"status": "running", "inputs": {"name": "Someone else"}})
+    plan = plan_run(run)
+    assert (plan.todo[0].name, plan.resume, plan.refill) == ("data", False, False)
 
 
 def test_a_setting_given_at_its_default_is_the_setting_left_out() -> None:
