@@ -20,7 +20,12 @@ from training.config_render import ConfigRenderError, literal_settings, render_c
 from training.evaluate import IDENTITY_MAX_NEW_TOKENS
 from training.general_chat import replay_prompts
 from training.identity import IdentitySpec
-from training.make_identity_data import identity_pairs, identity_questions, training_replay_prompts
+from training.make_identity_data import (
+    IDENTITY_REPEAT,
+    identity_pairs,
+    identity_questions,
+    training_replay_prompts,
+)
 from training.pipeline import _normalised, _write_record, parse_args, plan_run
 from training.presets import (
     PRESETS,
@@ -558,9 +563,13 @@ def test_end_to_end_makes_a_servable_merged_model(tiny_run):
     assert words[words.index("--base") + 1] == tiny_run["base"].name and str(work) not in meta["reproduce"]
     words[words.index("--base") + 1] = str(tiny_run["base"])
     again = parse_args(words[2:])
-    assert (again.name, again.preset, again.recipe, again.max_iters, again.seed, again.identity_repeat) == (
+    # A value at the preset's default comes back as None: the same setting (RunConfig).
+    repeat = again.identity_repeat or IDENTITY_REPEAT
+    lr = template_settings(PRESETS["tiny"], "sft")["lr"] if again.lr is None else again.lr
+    assert (again.name, again.preset, again.recipe, again.max_iters, again.seed, repeat) == (
         tiny_run["name"], "tiny", "identity", SFT_ITERS, 42, data_meta["settings"]["identity_repeat"])
-    assert again.lr == meta["settings"]["lr"] and again.adapter_scale == 1.0
+    assert lr == meta["settings"]["lr"] and again.adapter_scale == 1.0
+    assert "--identity-repeat" in words and "--lr" in words  # every setting spelled out all the same
 
     # The fine-tune learned the new name, and the eval says so against the base model.
     # (The 1.5M-parameter model often garbles the rest of the sentence, which the strict identity_accuracy
