@@ -60,7 +60,33 @@ class ChatInputError(ValueError):
 
 
 class PromptTooLongError(ChatInputError):
-    """Even the last message (with the system prompt) leaves no room for the reply in the session."""
+    """Even the last message (with the system prompt) leaves no room for the reply in the session.
+
+    Args:
+        needed: prompt tokens of the shortest conversation that could be sent (system + last message).
+        session_len: most tokens of prompt + reply.
+        max_new_tokens: tokens reserved for the reply.
+        length_name: how the front end calls the reply length, for the message ("'max new tokens'" on the
+            page, "max_tokens" on /v1).
+    """
+
+    def __init__(self, needed: int, session_len: int, max_new_tokens: int,
+                 length_name: str = "'max new tokens'") -> None:
+        self.needed, self.session_len, self.max_new_tokens = needed, session_len, max_new_tokens
+        budget = session_len - max_new_tokens
+        super().__init__(
+            f"the message is too long: it needs {needed} prompt tokens, but only {budget} fit"
+            f" (session length {session_len} minus {max_new_tokens} tokens for the reply). "
+            f"Shorten the message or the system prompt, or lower {length_name}."
+        )
+
+    def named(self, length_name: str) -> PromptTooLongError:
+        """The same error, its message naming the reply length as a front end calls it.
+
+        Args:
+            length_name: e.g. "max_tokens" or "max_completion_tokens".
+        """
+        return PromptTooLongError(self.needed, self.session_len, self.max_new_tokens, length_name)
 
 
 @dataclass(frozen=True)
@@ -416,11 +442,7 @@ def trim_messages(
         if low < high:
             best = encode_without(high)  # the fewest messages: fewer messages never means more tokens
         if len(best) > budget:
-            raise PromptTooLongError(
-                f"the message is too long: it needs {len(best)} prompt tokens, but only {budget} fit "
-                f"(session length {session_len} minus {max_new_tokens} tokens for the reply). "
-                "Shorten the message or the system prompt, or lower 'max new tokens'."
-            )
+            raise PromptTooLongError(len(best), session_len, max_new_tokens)
         low += 1  # ``low`` pairs dropped is too few: search the fewest that fit in (low, high]
         while low < high:
             mid = (low + high) // 2

@@ -39,7 +39,14 @@ from starlette.types import Receive, Scope, Send
 
 from infer_engine.chat_format import PromptTooLongError, normalise_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
-from infer_engine.settings import MAX_REQUEST_BYTES, GenerationParams, ServerSettings, SettingsError
+from infer_engine.settings import (
+    MAX_REQUEST_BYTES,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    GenerationParams,
+    ServerSettings,
+    SettingsError,
+)
 
 EVENT_INTERVAL_S = 0.02  # streamed text: at most ~50 events a second after the first (a person sees no gap)
 MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
@@ -143,6 +150,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _below(value: object, low: float) -> bool:
+    return _is_number(value) and 0 <= value < low  # type: ignore[operator]
+
+
 def _stop_strings(value: object) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if value is None:
@@ -161,7 +172,7 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         body: the parsed JSON body.
         defaults: the sampling values of a field the request leaves out (the page's defaults).
         system_prompt: the operator's default (``SYSTEM_PROMPT``), put first when the request sends no system
-            message, as the page does; blank: none.
+            message (a blank one sent turns it off), as the page does; blank: none.
     """
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -195,12 +206,14 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
     limits = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
     if len(set(map(repr, limits.values()))) > 1:
         raise APIError(400, "max_tokens and max_completion_tokens differ: give one", "max_tokens")
-    temperature = body.get("temperature")
-    greedy = _is_number(temperature) and temperature == 0  # OpenAI's "as deterministic as possible"
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    # OpenAI takes temperature 0 ("as deterministic as possible") and top_p 0; values that small keep only
+    # the most likely token, which greedy decoding picks exactly.
+    greedy = _below(temperature, MIN_TEMPERATURE) or _below(top_p, MIN_TOP_P)
     values = {
         "max_new_tokens": next(iter(limits.values()), defaults.max_new_tokens),
         "temperature": defaults.temperature if temperature is None or greedy else temperature,
-        "top_p": defaults.top_p if body.get("top_p") is None else body["top_p"],
+        "top_p": defaults.top_p if top_p is None or greedy else top_p,
         "top_k": defaults.top_k if body.get("top_k") is None else body["top_k"],
         "do_sample": not greedy,
     }
@@ -213,7 +226,9 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         messages = normalise_messages(body["messages"])
     except ChatInputError as exc:
         raise APIError(400, str(exc), "messages") from None
-    if system_prompt.strip() and messages[0]["role"] != "system":
+    # A system message sent, even a blank one (which normalise_messages drops), replaces the default.
+    sent_system = isinstance(body["messages"][0], dict) and body["messages"][0].get("role") == "system"
+    if system_prompt.strip() and not sent_system:
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ChatRequest(
         messages=messages,
@@ -243,8 +258,8 @@ def reply_params(engine: ChatEngine, chat: ChatRequest) -> GenerationParams:
 
 
 def field_error(exc: SettingsError, length_field: str) -> APIError:
-    """A 400 for a refused sampling value, naming the field that was sent: "top_p must be between 0.01 and
-    1.0, got 0.0"; the engine's "max_new_tokens ..." as "max_tokens ..." (or "max_completion_tokens ...").
+    """A 400 for a refused sampling value, naming the field that was sent: "top_p must be between 0 and
+    1.0, got 1.5"; the engine's "max_new_tokens ..." as "max_tokens ..." (or "max_completion_tokens ...").
 
     Args:
         exc: the error of ``GenerationParams`` or of the engine's check of it.
@@ -252,8 +267,9 @@ def field_error(exc: SettingsError, length_field: str) -> APIError:
     """
     field, _, rest = str(exc).partition(" ")
     name = length_field if field == "max_new_tokens" else field
-    if name == "temperature":  # the API also takes 0, for greedy decoding (the page has no such value)
-        rest = rest.replace("must be ", "must be 0 (greedy) or ", 1)
+    if name in ("temperature", "top_p"):  # the API takes 0 up to the page's least value too (greedy)
+        low = MIN_TEMPERATURE if name == "temperature" else MIN_TOP_P
+        rest = rest.replace(f"between {low} ", "between 0 ", 1)
     return APIError(400, f"{name} {rest}" if name else str(exc), name)
 
 
@@ -577,7 +593,7 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
             return field_error(exc, chat.length_field).response()
         except PromptTooLongError as exc:  # clients that trim their history on this code do so
             admission.leave()
-            text = str(exc).replace("'max new tokens'", chat.length_field)
+            text = str(exc.named(chat.length_field))
             return APIError(400, text, "messages", "context_length_exceeded").response()
         except ChatInputError as exc:
             admission.leave()

@@ -24,6 +24,7 @@ BACKENDS = ("auto", "lmdeploy", "transformers")
 QUANT_POLICIES = (0, 4, 8)
 T = TypeVar("T")
 MAX_NEW_TOKENS = 2048  # the most tokens one reply may ask for
+MIN_TEMPERATURE = MIN_TOP_P = 0.01  # smaller values sample (nearly) only the most likely token: greedy
 MIN_PROMPT_TOKENS = 32  # what a session keeps for the prompt at least (a short question in the chat format)
 # Input limits of every event and API call (checked by ``chat_format.checked_text`` / ``check_history_size``
 # and ``ui.BodySizeLimit``): what one request can make the server parse and scan. A session of 4096 tokens
@@ -88,8 +89,9 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
-        object.__setattr__(self, "temperature", _check_float("temperature", self.temperature, 0.01, 2.0))
-        object.__setattr__(self, "top_p", _check_float("top_p", self.top_p, 0.01, 1.0))
+        temperature = _check_float("temperature", self.temperature, MIN_TEMPERATURE, 2.0)
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", _check_float("top_p", self.top_p, MIN_TOP_P, 1.0))
         _check_int("top_k", self.top_k, 1, 100)
         if not isinstance(self.do_sample, bool):
             raise SettingsError(f"do_sample must be true or false, got {self.do_sample!r}")

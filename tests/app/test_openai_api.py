@@ -107,8 +107,8 @@ def test_user_text_never_becomes_control_tokens(api: openai.OpenAI, served_model
 @pytest.mark.parametrize(
     ("bad", "param", "message"),
     [
-        ({"temperature": 5}, "temperature", r"temperature must be 0 \(greedy\) or between 0.01 and 2.0"),
-        ({"top_p": 0}, "top_p", "top_p must be between"),
+        ({"temperature": 5}, "temperature", r"temperature must be between 0 and 2.0, got 5"),
+        ({"top_p": -0.1}, "top_p", r"top_p must be between 0 and 1.0, got -0.1"),
         ({"max_tokens": 4096}, "max_tokens", "max_tokens must be between 1 and 2048"),
         ({"max_completion_tokens": 1.5}, "max_completion_tokens", "must be an integer"),
         ({"n": 2}, "n", "n must be 1"),

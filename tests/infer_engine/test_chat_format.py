@@ -17,6 +17,7 @@ from infer_engine.chat_format import (
     MAX_MESSAGE_CHARS,
     MAX_MESSAGES,
     ChatInputError,
+    PromptTooLongError,
     encode_chat,
     normalise_messages,
     plain_messages,
@@ -337,8 +338,14 @@ def test_trim_of_a_huge_history_costs_about_what_fits(tokenizer: Any) -> None:
 
 
 def test_trim_rejects_a_last_message_that_cannot_fit(tokenizer: Any) -> None:
-    with pytest.raises(ChatInputError, match=r"too long: it needs \d+ prompt tokens, but only 36 fit"):
-        trim_messages(tokenizer, [user("word " * 200)], max_new_tokens=28, session_len=64)
+    long = [user("word " * 200)]
+    with pytest.raises(PromptTooLongError, match=r"it needs \d+ prompt tokens, but only 36 fit") as info:
+        trim_messages(tokenizer, long, max_new_tokens=28, session_len=64)
+    err = info.value
+    # The numbers travel with the error, so each front end words the reply length its own way.
+    assert (err.needed, err.session_len, err.max_new_tokens) == (len(encode_chat(tokenizer, long)), 64, 28)
+    assert "lower 'max new tokens'" in str(err)
+    assert str(err.named("max_tokens")) == str(err).replace("'max new tokens'", "max_tokens")
 
 
 def test_trim_rejects_max_new_tokens_that_fill_the_session(tokenizer: Any) -> None:

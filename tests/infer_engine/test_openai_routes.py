@@ -140,3 +140,32 @@ def test_the_operators_system_prompt_goes_first_unless_the_request_has_one(tiny_
     assert [asked for asked, _ in engine.asked] == [
         [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "hi"}], own]
     engine.close()
+
+
+def test_a_blank_system_message_sent_turns_the_operators_default_off(tiny_model_dir: Path) -> None:
+    # The client chose "no system prompt": SYSTEM_PROMPT is only for requests that say nothing about it.
+    engine = RecordingEngine(create_engine(tiny_model_dir, EngineSettings(backend="transformers")))
+    app = FastAPI(routes=openai_routes(engine, ServerSettings(system_prompt="Answer in one line."), "tiny"))
+    blank = [{"role": "system", "content": "  "}, {"role": "user", "content": "hi"}]
+    with TestClient(app) as client:
+        body = {"model": "m", "messages": blank, "max_tokens": 2, "temperature": 0}
+        assert client.post(CHAT, json=body).status_code == 200
+    assert [asked for asked, _ in engine.asked] == [[{"role": "user", "content": "hi"}]]
+    engine.close()
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.001}, {"top_p": 0},
+                                      {"temperature": 0.7, "top_p": 0.005}])
+def test_near_zero_temperature_or_top_p_decodes_greedily(tiny_model_dir: Path, sampling: dict) -> None:
+    # OpenAI accepts 0 <= temperature <= 2 and 0 <= top_p <= 1; below the page's 0.01 only the most likely
+    # token is left, which greedy decoding picks exactly.
+    engine = RecordingEngine(create_engine(tiny_model_dir, EngineSettings(backend="transformers")))
+    app = FastAPI(routes=openai_routes(engine, ServerSettings(), "tiny"))
+    with TestClient(app) as client:
+        reply = client.post(CHAT, json={**HI, "max_tokens": 8, **sampling})
+        assert reply.status_code == 200, reply.text
+        sampled = client.post(CHAT, json={**HI, "max_tokens": 8, "temperature": 0.01, "top_p": 0.01})
+        assert sampled.status_code == 200, sampled.text
+    (_, greedy), (_, smallest) = engine.asked
+    assert greedy.do_sample is False and smallest.do_sample is True  # 0.01 is still sampling, as on the page
+    engine.close()
