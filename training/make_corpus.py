@@ -193,35 +193,63 @@ def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusRepo
     report.ignored = sorted(set(visible_files(corpus_dir)) - set(readable))
     for path in readable:
         try:
-            raw = path.read_bytes()
-        except OSError as err:
-            report.skipped.append((path, f"unreadable: {err.strerror or err}"))
-            continue
-        try:
-            text = decode_text(raw)
-        except UnicodeDecodeError as err:
-            report.skipped.append(
-                (
-                    path,
-                    f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at offset {err.start}); convert it, "
-                    f"e.g. iconv -f GB18030 -t UTF-8",
-                )
-            )
-            continue
-        controls = sum(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
-        if controls > MAX_CONTROL_SHARE * len(text):
-            report.skipped.append((path, f"not text ({controls / len(text):.0%} control characters)"))
-            continue
-        cleaned = clean_text(text, markdown=path.suffix.lower() == ".md")
-        if not cleaned:
-            report.skipped.append((path, "empty after cleaning" if raw.strip() else "empty file"))
+            cleaned = read_corpus_file(path)
+        except CorpusError as err:
+            report.skipped.append((path, str(err)))
             continue
         report.chunks.extend(chunk_text(cleaned, chunk_chars))
         report.used.append(path)
     if not report.chunks:
-        details = "; ".join(f"{p.name}: {why}" for p, why in report.skipped) or "no .txt or .md files"
-        raise CorpusError(f"no usable text in {corpus_dir} ({details})")
+        raise _no_text(corpus_dir, report.skipped)
     return report
+
+
+def read_corpus_file(path: Path) -> str:
+    """One corpus file's cleaned text (raises CorpusError saying why it cannot be used).
+
+    Args:
+        path: a .txt or .md file (Markdown is cleaned as such).
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CorpusError(f"unreadable: {err.strerror or err}") from None
+    try:
+        text = decode_text(raw)
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"not UTF-8 (bad byte 0x{raw[err.start]:02x} at offset {err.start}); convert it, e.g. "
+            "iconv -f GB18030 -t UTF-8 (Chinese) or iconv -f WINDOWS-1252 -t UTF-8 (Western European)"
+        ) from None
+    controls = sum(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
+    if controls > MAX_CONTROL_SHARE * len(text):
+        raise CorpusError(f"not text ({controls / len(text):.0%} control characters)")
+    cleaned = clean_text(text, markdown=path.suffix.lower() == ".md")
+    if not cleaned:
+        raise CorpusError("empty after cleaning" if raw.strip() else "empty file")
+    return cleaned
+
+
+def check_corpus(corpus_dir: Path) -> None:
+    """Raise CorpusError, as build_corpus would, when no file of corpus_dir has usable text; reads files
+    only up to the first usable one, so a run can check its corpus before any work.
+
+    Args:
+        corpus_dir: an existing directory.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in corpus_files(corpus_dir):
+        try:
+            read_corpus_file(path)
+            return
+        except CorpusError as err:
+            skipped.append((path, str(err)))
+    raise _no_text(corpus_dir, skipped)
+
+
+def _no_text(corpus_dir: Path, skipped: list[tuple[Path, str]]) -> CorpusError:
+    details = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "no .txt or .md files"
+    return CorpusError(f"no usable text in {corpus_dir} ({details})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ Child processes log to WORK/logs/<stage>.log; a failure ends the run with one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -291,6 +292,20 @@ def run_pipeline(cfg: RunConfig) -> Run:
         cfg: the validated run config.
     """
     run = Run(cfg, child_env(cfg))
+    made = not run.work.exists()
+    try:
+        _run_locked(run)
+    except RunConfigError:
+        if made:  # refused before any work: no empty work dir is left behind
+            with contextlib.suppress(OSError):
+                (run.work / ".lock").unlink(missing_ok=True)
+                run.work.rmdir()
+        raise
+    return run
+
+
+def _run_locked(run: Run) -> None:
+    cfg = run.cfg
     try:
         run.work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -313,7 +328,7 @@ def run_pipeline(cfg: RunConfig) -> Run:
         plan = plan_run(run)
         if cfg.dry_run:
             say("\n".join(dry_run(run, plan)))
-            return run
+            return
         check_device(cfg, plan.todo)
         say(f"[pipeline] {cfg.name} / {cfg.preset} / {cfg.recipe} in {run.work}")
         refilled: set[str] = set()
@@ -326,7 +341,6 @@ def run_pipeline(cfg: RunConfig) -> Run:
         execute(run, plan)
         if cfg.rehearse:
             say(rehearse_report(run))
-    return run
 
 
 def rehearse_report(run: Run) -> str:

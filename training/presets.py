@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
-from training.make_corpus import corpus_files
+from training.make_corpus import CorpusError, check_corpus, corpus_files
 from training.make_identity_data import IDENTITY_REPEAT, MAX_IDENTITY_REPEAT, MAX_SEED_REPEAT, SEED_REPEAT
 from training.publish import PublishError, parse_target
 
@@ -41,6 +41,11 @@ PUBLISH_MIN_IDENTITY_ACCURACY = 0.8
 PUBLISH_MAX_LEAKAGE_RATE = 0.1
 # --rehearse: SFT iterations on the random model (XTuner logs speed and memory every 10), and a few short
 # replay answers (a random model never stops).
+# Far past any real run, but a typo's extra zeros are refused before hours of work: a million CPU iterations
+# is months, a thousand epochs of the identity data is ~100 000 GPU steps.
+MAX_ITERS = 1_000_000
+MAX_EPOCHS = 1_000
+MAX_GPUS = 64  # training processes per node
 REHEARSE_ITERS = 10
 REHEARSE_REPLAY_PROMPTS = 8
 REHEARSE_REPLAY_TOKENS = 16
@@ -285,6 +290,10 @@ class RunConfig:
             if not corpus_files(corpus):
                 raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
                                      "left out) to pre-train on")
+            try:  # found now, not after the base is fetched and the data built
+                check_corpus(corpus)
+            except CorpusError as err:
+                raise RunConfigError(f"--corpus: {err}") from None
             object.__setattr__(self, "corpus", corpus)
         if self.publish is not None:
             local = Path(self.publish).expanduser()
@@ -307,8 +316,6 @@ class RunConfig:
             raise RunConfigError("--publish-dry-run needs --publish TARGET")
         if self.publish_anyway and self.publish is None:
             raise RunConfigError("--publish-anyway needs --publish TARGET")
-        if self.gpus < 1:
-            raise RunConfigError(f"--gpus must be at least 1, got {self.gpus}")
         if self.deepspeed is not None:
             if self.deepspeed not in DEEPSPEED:
                 raise RunConfigError(f"--deepspeed: choose {' or '.join(DEEPSPEED)}, not {self.deepspeed!r}")
@@ -322,13 +329,15 @@ class RunConfig:
                                               ("--max-iters", self.max_iters)) if value is not None]
             if given:
                 raise RunConfigError(f"--rehearse trains its own random model; drop {', '.join(given)}")
-        for option, value, most in (("--max-iters", self.max_iters, None), ("--epochs", self.epochs, None),
-                                    ("--save-every", self.save_every, None),
+        for option, value, most in (("--max-iters", self.max_iters, MAX_ITERS),
+                                    ("--epochs", self.epochs, MAX_EPOCHS),
+                                    ("--save-every", self.save_every, MAX_ITERS),
+                                    ("--gpus", self.gpus, MAX_GPUS),
                                     ("--identity-repeat", self.identity_repeat, MAX_IDENTITY_REPEAT),
                                     ("--seed-repeat", self.seed_repeat, MAX_SEED_REPEAT)):
             if value is not None and value < 1:
                 raise RunConfigError(f"{option} must be at least 1, got {value}")
-            if value is not None and most is not None and value > most:
+            if value is not None and value > most:
                 raise RunConfigError(f"{option} must be at most {most}, got {value}")
         if not 0 <= self.seed < 2**32:  # numpy's and torch's range: refused here, not after the download
             raise RunConfigError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
@@ -360,6 +369,8 @@ class RunConfig:
         work = Path(self.work_dir or REPO_ROOT / ".work" / f"{slug(name)}-{self.preset}-{kind}").expanduser()
         object.__setattr__(self, "work_dir", work.resolve())
         _check_work_dir(self.work_dir)
+        if self.corpus is not None:
+            _check_apart(self.work_dir, self.corpus)
 
     @property
     def spec(self) -> Preset:
@@ -397,6 +408,17 @@ def _check_work_dir(work: Path) -> None:
     if work.is_dir() and not (work / "stages").is_dir() and any(p.name != ".lock" for p in work.iterdir()):
         raise RunConfigError(f"--work-dir {work} holds files but no run (no stages/ in it): give a new or "
                              "empty directory, or the work dir of an earlier run")
+
+
+def _check_apart(work: Path, corpus: Path) -> None:
+    # The corpus is read as it is at each run: the run's own eval.md and the like must not become training
+    # text, nor may a stage's cleared outputs hold the corpus. A hidden directory (.work) is never read.
+    if work.is_relative_to(corpus) and not any(p.startswith(".") for p in work.relative_to(corpus).parts):
+        raise RunConfigError(f"--work-dir {work} is inside --corpus {corpus}: a later run would pre-train on "
+                             "this run's outputs; give a work dir outside the corpus (or a hidden one in it)")
+    if corpus.is_relative_to(work):
+        raise RunConfigError(f"--corpus {corpus} is inside --work-dir {work}, whose outputs a run clears; "
+                             "keep the corpus elsewhere")
 
 
 def reproduce_command(name: str, preset: str, recipe: str, settings: Mapping[str, object],

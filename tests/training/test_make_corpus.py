@@ -13,10 +13,12 @@ from training.make_corpus import (
     MIN_CHUNK_CHARS,
     CorpusError,
     build_corpus,
+    check_corpus,
     chunk_text,
     clean_markdown,
     clean_text,
     corpus_files,
+    read_corpus_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +155,11 @@ def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "latin1.md").write_bytes("café".encode("latin-1"))
     with pytest.raises(CorpusError, match=r"no usable text .*empty\.txt: empty file.*latin1\.md: not UTF-8"):
         build_corpus(tmp_path)
+    with pytest.raises(CorpusError, match=r"no usable text .*empty\.txt: empty file.*latin1\.md: not UTF-8"):
+        check_corpus(tmp_path)  # the run's early check says the same
+    # A Western European file gets a hint that fits it, not only the Chinese legacy encoding.
+    with pytest.raises(CorpusError, match="iconv -f WINDOWS-1252 -t UTF-8"):
+        read_corpus_file(tmp_path / "latin1.md")
     with pytest.raises(CorpusError, match="no .txt or .md files"):
         build_corpus(_empty_dir(tmp_path))
 
@@ -201,3 +208,10 @@ def test_cli_fails_clearly_on_an_empty_corpus(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no usable text" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_check_corpus_passes_a_corpus_with_one_usable_file(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes("笔记".encode("gb18030"))
+    (tmp_path / "b.txt").write_text("Some text.", encoding="utf-8")
+    check_corpus(tmp_path)  # no error: b.txt is enough to pre-train on, as build_corpus finds
+    assert [p.name for p in build_corpus(tmp_path).used] == ["b.txt"]

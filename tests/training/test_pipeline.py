@@ -121,6 +121,10 @@ def test_render_rejects_unknown_ambiguous_and_non_literal_overrides(source, over
         (dict(name="x", base=__file__), f"--base {__file__}: no such directory"),
         (dict(name="x", publish_dry_run=True), "--publish-dry-run needs --publish"),
         (dict(name="x", preset="tiny", max_iters=0), "--max-iters must be at least 1"),
+        (dict(name="x", preset="tiny", max_iters=99999999999), "--max-iters must be at most 1000000, got 9"),
+        (dict(name="x", epochs=10**4), "--epochs must be at most 1000, got 10000"),
+        (dict(name="x", preset="tiny", save_every=10**7), "--save-every must be at most 1000000"),
+        (dict(name="x", gpus=1000), "--gpus must be at most 64, got 1000"),
         (dict(name="x", identity_repeat=101), "--identity-repeat must be at most 100, got 101"),
         (dict(name="x", recipe="seed", seed_repeat=10**6), "--seed-repeat must be at most 100000, got 10"),
         (dict(name="x", max_iters=10), "trains by epochs: use --epochs"),
@@ -313,16 +317,48 @@ def test_a_corpus_without_a_text_file_is_refused_before_any_work(tmp_path):
         RunConfig(name="x", preset="tiny", corpus=corpus)
 
 
+def test_a_corpus_of_no_usable_text_is_refused_before_any_work(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_bytes("笔记".encode("gb18030"))
+    (corpus / "blank.md").write_text("\n\n")
+    refused = r"--corpus: no usable text .*blank\.md: empty.*notes\.txt: not UTF-8"
+    with pytest.raises(RunConfigError, match=refused):
+        RunConfig(name="x", preset="tiny", corpus=corpus, work_dir=tmp_path / "w")
+
+
+def test_a_work_dir_and_its_corpus_are_kept_apart(tmp_path):
+    corpus = tmp_path / "notes"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("Some text.")
+    # Its eval.md and logs would be read as corpus text by the next run.
+    with pytest.raises(RunConfigError, match=r"--work-dir .*/notes/run is inside --corpus .*/notes: a later"):
+        RunConfig(name="x", preset="tiny", corpus=corpus, work_dir=corpus / "run")
+    with pytest.raises(RunConfigError, match=r"--corpus .*/w/notes is inside --work-dir .*/w, whose outputs"):
+        (tmp_path / "w" / "stages").mkdir(parents=True)  # an earlier run's work dir
+        (tmp_path / "w" / "notes").mkdir()
+        (tmp_path / "w" / "notes" / "a.md").write_text("Some text.")
+        RunConfig(name="x", preset="tiny", corpus=tmp_path / "w" / "notes", work_dir=tmp_path / "w")
+    # A hidden directory is never read as corpus: a repo's own .work may hold the run.
+    cfg = RunConfig(name="x", preset="tiny", corpus=corpus, work_dir=corpus / ".work" / "run")
+    assert cfg.work_dir == corpus / ".work" / "run"
+
+
 def test_more_cpu_training_processes_than_cores_are_refused_before_any_stage(tmp_path):
     cores = len(os.sched_getaffinity(0))
-    proc = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(tmp_path),
+    work = tmp_path / "w"
+    proc = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(work),
                   timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --gpus {cores + 1}: preset tiny trains in {cores + 1} processes on the CPU, and this "
         f"machine gives it {cores} core(s)"]
-    assert not (tmp_path / "logs").exists()
-    dry = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(tmp_path),
+    assert not work.exists()  # the refused run made it and left nothing: no empty work dir to wonder about
+    work.mkdir()  # one the user made is theirs: it stays
+    again = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(work),
+                   timeout=120)
+    assert again.returncode == 2 and work.is_dir()
+    dry = run_sh("--name", "x", "--preset", "tiny", "--gpus", str(cores + 1), "--work-dir", str(work),
                  "--dry-run", timeout=300)  # the plan for another machine is still shown
     assert dry.returncode == 0, dry.stderr
 
