@@ -348,6 +348,7 @@ def push_git(
     card: str,
     message: str,
     credentials: tuple[str, str] | None = None,
+    scratch: Path | None = None,
 ) -> str:
     """Commit the model (LFS weights) on top of the remote's ``main`` and push it; return the commit id.
 
@@ -358,11 +359,12 @@ def push_git(
         card: README.md content.
         message: commit message.
         credentials: (user, token) given in the target URL; None: from the environment.
+        scratch: where the commit is staged (see ``publish``); None: the system's temp dir.
     """
     if not has_git_lfs():
         raise PublishError("git-lfs is not installed (weights must go through LFS): apt-get install git-lfs")
     git_credential_env(url, credentials)  # fails early on a token without a user name
-    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+    with _scratch_dir(scratch) as tmp:
         work = Path(tmp)
         run_git(["init", "--quiet", "--initial-branch=main"], cwd=work)
         run_git(["lfs", "install", "--local"], cwd=work)  # LFS filters + the pre-push hook uploading objects
@@ -401,7 +403,8 @@ def push_git(
 
 
 def push_hf(
-    model_dir: Path, repo_id: str, files: list[PlannedFile], card: str, message: str, private: bool
+    model_dir: Path, repo_id: str, files: list[PlannedFile], card: str, message: str, private: bool,
+    scratch: Path | None = None,
 ) -> str:
     """Create ``repo_id`` if needed and upload the model plus card; return the commit URL.
 
@@ -412,6 +415,7 @@ def push_hf(
         card: README.md content.
         message: commit message.
         private: create the repo private (an existing repo keeps its visibility).
+        scratch: where the upload is staged (see ``publish``); None: the system's temp dir.
     """
     token = os.environ.get("HF_TOKEN")
     if not token:
@@ -420,7 +424,7 @@ def push_hf(
         from huggingface_hub import HfApi
     except ImportError as err:
         raise PublishError(f"hf: targets need huggingface_hub ({err}): pip install huggingface_hub") from None
-    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+    with _scratch_dir(scratch) as tmp:
         _stage(model_dir, files, card, Path(tmp))
         try:
             api = HfApi(token=token)
@@ -443,6 +447,7 @@ def publish(
     base_model: str | None = None,
     private: bool = False,
     gate_missed: str | None = None,
+    scratch: Path | None = None,
 ) -> str:
     """Validate, build the card, then push (or only describe, with ``dry_run``); return a one-line result.
 
@@ -457,6 +462,9 @@ def publish(
         base_model: base model id for the card (overrides the meta file).
         private: hf: only, create the repo private.
         gate_missed: why the publish gate refused the model, when it is published anyway (said on the card).
+        scratch: directory the commit is staged in (made if missing; None: the system's temp dir). On the
+            model's filesystem the weights are hard-linked, not copied: a /tmp in memory (tmpfs) would hold
+            a copy of a multi-GB model, and git-lfs's copy besides.
     """
     dest = parse_target(target)
     try:
@@ -471,15 +479,22 @@ def publish(
     if dry_run:
         return describe_plan(dest, files, card)
     if dest.kind == "hf":
-        return f"published to {dest}: {push_hf(model, dest.location, files, card, message, private)}"
+        url = push_hf(model, dest.location, files, card, message, private, scratch)
+        return f"published to {dest}: {url}"
     if private:
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
-    commit = push_git(model, dest.location, files, card, message, dest.credentials)
+    commit = push_git(model, dest.location, files, card, message, dest.credentials, scratch)
     other = _other_default_branch(dest.location, dest.credentials)
     pin = f"serve {dest}@main, or " if "://" in dest.location else ""  # scp-like addresses take no @REVISION
     note = (f"warning: the remote's default branch is {other}, so a plain clone (and app.py) gets {other}, "
             f"not this model: {pin}make main the default branch\n") if other else ""
     return f"{note}published to {dest}: commit {commit}"
+
+
+def _scratch_dir(scratch: Path | None) -> tempfile.TemporaryDirectory[str]:
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="publish-", dir=scratch)
 
 
 def _find_beside(model_dir: Path, filename: str) -> Path | None:
@@ -583,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="hf: only, create the repo private")
     parser.add_argument("--gate-missed", default=None,
                         help="why the publish gate refused the model (the card says it was published anyway)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="directory to stage the commit in (default: the system's temp dir); on the "
+                        "model's filesystem the weights are hard-linked, not copied")
     args = parser.parse_args(argv)
     if not args.target:
         parser.error(f"give --target or set {TARGET_ENV}")
@@ -590,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     with stop_as_interrupt() as stopped:  # a stopped push stops git and git-lfs with it
         try:
             print(publish(args.model, args.target, args.message, args.dry_run, args.eval_md, args.meta,
-                          args.name, args.base_model, args.private, args.gate_missed))
+                          args.name, args.base_model, args.private, args.gate_missed, args.scratch))
         except (PublishError, ModelSourceError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

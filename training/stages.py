@@ -623,6 +623,7 @@ def publish_gate(eval_json: Path) -> str | None:
 
 
 PUBLISH_REPORT = "logs/publish.out"  # what training.publish printed: the commit, or the dry run's plan
+PUBLISH_SCRATCH = "publish.scratch"
 
 
 def stage_publish(run: Run, log: Path) -> dict[str, Path]:
@@ -645,6 +646,8 @@ def stage_publish(run: Run, log: Path) -> dict[str, Path]:
         cmd.append(f"--gate-missed={refused}")
     if run.cfg.publish_dry_run:
         cmd.append("--dry-run")
+    else:  # beside merged/, to hard-link its weights; what a killed publish leaves, the next one clears
+        cmd += ["--scratch", str(run.work / PUBLISH_SCRATCH)]
     report = run.work / PUBLISH_REPORT
     # The target through the environment: a token in its URL stays out of argv.
     run_reported(cmd, log, {**run.env, TARGET_ENV: run.cfg.publish}, report)
@@ -747,6 +750,6 @@ PIPELINE = (
           ("eval.json", "eval.md", LOSS_PNG, EVAL_PNG, "eval.partial"), _plan_output("eval.json")),
     Stage("publish", stage_publish,
           lambda r: {"target": redact(r.cfg.publish or ""), "dry_run": r.cfg.publish_dry_run,
-                     "anyway": r.cfg.publish_anyway}, (), plan_publish, always_run=True),
+                     "anyway": r.cfg.publish_anyway}, (PUBLISH_SCRATCH,), plan_publish, always_run=True),
 )
 assert tuple(s.name for s in PIPELINE) == STAGES

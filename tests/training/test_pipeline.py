@@ -865,8 +865,12 @@ def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise
     card = subprocess.run(["git", "-C", str(remote), "show", "main:README.md"], capture_output=True,
                           text=True)
     assert "> **Below the training project's publish gate** (identity_accuracy 0.500 < 0.8" in card.stdout
+    assert list((work / "publish.scratch").iterdir()) == []  # staged beside merged/, and cleaned up
+    # What a publish killed with SIGKILL leaves (a staged commit, LFS copies) goes with the next publish.
+    (work / "publish.scratch" / "publish-killed" / ".git").mkdir(parents=True)
     # The same command again checks the remote: it has exactly this model, so nothing new is pushed...
     again = run_sh(*args, "--publish", str(remote), "--publish-anyway")
+    assert not (work / "publish.scratch" / "publish-killed").exists()
     assert again.returncode == 0 and "publish: done earlier" not in again.stdout, again.stdout + again.stderr
     assert remote_main() == first and again.stdout.strip().endswith(f"commit {first}")
     # ...and once someone else's commit has replaced it, publishing puts this model back on top.

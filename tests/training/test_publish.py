@@ -140,6 +140,29 @@ def test_push_to_bare_repo_with_lfs_then_clone_back(
         ids["input_ids"].shape[1] + 2
 
 
+def test_a_scratch_dir_beside_the_model_hard_links_its_weights(
+    work_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A /tmp in memory (tmpfs) would otherwise hold a copy of a multi-GB model: the pipeline stages in WORK.
+    import training.publish as publish_module
+
+    staged: list[tuple[Path, int]] = []
+    real_git = publish_module.run_git
+
+    def watching_git(args: list[str], cwd: Path | None = None, **kwargs: object) -> object:
+        if args[0] == "commit" and cwd is not None:  # the weights as git committed them
+            staged.append((cwd, (cwd / "model.safetensors").stat().st_ino))
+        return real_git(args, cwd=cwd, **kwargs)
+
+    monkeypatch.setattr(publish_module, "run_git", watching_git)
+    bare = make_bare_repo(tmp_path / "ada.git")
+    scratch = tmp_path / "scratch"
+    publish(work_dir / "merged", bare.as_uri(), scratch=scratch)
+    ((where, inode),) = staged
+    assert where.parent == scratch and inode == (work_dir / "merged" / "model.safetensors").stat().st_ino
+    assert list(scratch.iterdir()) == []  # removed after the push
+
+
 def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_path: Path) -> None:
     # OpenXLab/HF create repos with a first commit (README, .gitattributes): publish builds on it.
     bare = make_bare_repo(tmp_path / "ada.git")
