@@ -222,12 +222,15 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         params = replace(defaults, **values)
     except SettingsError as exc:
         raise field_error(exc, length_field) from None
+    # OpenAI's newer models take "developer" where older ones took "system"; clients send either.
+    sent = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+            for m in body["messages"]]
     try:  # checked as sent, so that an error names the message by the client's own count
-        messages = normalise_messages(body["messages"])
+        messages = normalise_messages(sent)
     except ChatInputError as exc:
         raise APIError(400, str(exc), "messages") from None
     # A system message sent, even a blank one (which normalise_messages drops), replaces the default.
-    sent_system = isinstance(body["messages"][0], dict) and body["messages"][0].get("role") == "system"
+    sent_system = isinstance(sent[0], dict) and sent[0].get("role") == "system"
     if system_prompt.strip() and not sent_system:
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ChatRequest(

@@ -144,13 +144,17 @@ def test_the_operators_system_prompt_goes_first_unless_the_request_has_one(tiny_
 
 def test_a_blank_system_message_sent_turns_the_operators_default_off(tiny_model_dir: Path) -> None:
     # The client chose "no system prompt": SYSTEM_PROMPT is only for requests that say nothing about it.
+    # OpenAI's "developer" role is the system one of its newer models.
     engine = RecordingEngine(create_engine(tiny_model_dir, EngineSettings(backend="transformers")))
     app = FastAPI(routes=openai_routes(engine, ServerSettings(system_prompt="Answer in one line."), "tiny"))
-    blank = [{"role": "system", "content": "  "}, {"role": "user", "content": "hi"}]
+    hi = {"role": "user", "content": "hi"}
     with TestClient(app) as client:
-        body = {"model": "m", "messages": blank, "max_tokens": 2, "temperature": 0}
-        assert client.post(CHAT, json=body).status_code == 200
-    assert [asked for asked, _ in engine.asked] == [[{"role": "user", "content": "hi"}]]
+        for first in ({"role": "system", "content": "  "}, {"role": "developer", "content": ""},
+                      {"role": "developer", "content": "Be a pirate."}):
+            body = {"model": "m", "messages": [first, hi], "max_tokens": 2, "temperature": 0}
+            assert client.post(CHAT, json=body).status_code == 200
+    assert [asked for asked, _ in engine.asked] == [
+        [hi], [hi], [{"role": "system", "content": "Be a pirate."}, hi]]
     engine.close()
 
 
