@@ -18,10 +18,11 @@ never returned.
 Sources are data, never options: a leading ``-``, remote-helper transports (``ext::``, ``fd::``) and URL
 schemes other than https, http, ssh, git and file are refused, git gets ``--`` before every positional and
 ``GIT_ALLOW_PROTOCOL``, and a fetched or local model whose files link outside its directory is refused.
-Credentials (``HF_TOKEN``, ``OPENXLAB_GIT_TOKEN``, ``user:token@`` in URLs) never leave the process: a URL's
-credentials are split off when it is parsed and reach git only through a credential helper reading the
-environment; ``redact`` scrubs every message. A model that ships its own Python code (``auto_map``) is loaded
-only when the operator allows it (``check_remote_code``).
+Credentials (``HF_TOKEN``, ``OPENXLAB_GIT_TOKEN``, ``user:token@`` in URLs) never leave the process but to
+their own host (``OPENXLAB_GIT_TOKEN``: https://code.openxlab.org.cn only): a URL's credentials are split off
+when it is parsed and reach git only through a credential helper reading the environment; ``redact`` scrubs
+every message. A model that ships its own Python code (``auto_map``) is loaded only when the operator allows
+it (``check_remote_code``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 CACHE_DIR_ENV = "MODEL_CACHE_DIR"
 GIT_USER_ENV = "OPENXLAB_GIT_USER"
 GIT_TOKEN_ENV = "OPENXLAB_GIT_TOKEN"
+OPENXLAB_GIT_HOST = "code.openxlab.org.cn"  # the only host $OPENXLAB_GIT_TOKEN is ever sent to, over https
 # Values of these variables are scrubbed from every message we produce.
 SECRET_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", GIT_TOKEN_ENV, "OPENXLAB_AK", "OPENXLAB_SK")
 
@@ -491,7 +493,8 @@ def git_credential_env(
     The helper prints the user name and token from variables set only in git's environment, so the token
     never appears in argv, in a config file or in a credential store (other helpers are reset for the
     command). The credentials are ``credentials`` (split off the URL) or ``$OPENXLAB_GIT_USER`` /
-    ``$OPENXLAB_GIT_TOKEN``. Empty when there are none or ``remote`` is not http(s).
+    ``$OPENXLAB_GIT_TOKEN``, the latter only for https://code.openxlab.org.cn (another host, or plain http,
+    would get the user's OpenXLab token). Empty when there are none or ``remote`` is not http(s).
 
     Args:
         remote: the URL git will talk to (without credentials).
@@ -502,7 +505,10 @@ def git_credential_env(
     if not match:
         return {}
     if credentials is None:
-        if not os.environ.get(GIT_TOKEN_ENV):
+        parts = urlsplit(remote)
+        openxlab = (parts.scheme, parts.hostname, parts.port) in (("https", OPENXLAB_GIT_HOST, None),
+                                                                   ("https", OPENXLAB_GIT_HOST, 443))
+        if not os.environ.get(GIT_TOKEN_ENV) or not openxlab:
             return {}
         if not os.environ.get(GIT_USER_ENV):
             raise ModelSourceError(

@@ -148,6 +148,12 @@ def test_git_credential_helper_answers_only_for_its_host(monkeypatch: pytest.Mon
     other = fill("example.com")
     assert other.returncode != 0 and "oxl-SECRET-777" not in other.stdout + other.stderr
     assert git_credential_env("file:///srv/x.git") == {}
+    # The OpenXLab token is for OpenXLab over https: another host, plain http or another port gets no helper.
+    for elsewhere in ("https://example.com/me/ubub.git", "http://code.openxlab.org.cn/me/ubub.git",
+                      "https://code.openxlab.org.cn:8443/me/ubub.git", "https://code.openxlab.org.cn.evil.io/x.git"):
+        assert git_credential_env(elsewhere) == {}, elsewhere
+    # Credentials the user put in a URL are that URL's own.
+    assert git_credential_env("https://example.com/me/ubub.git", ("bob", "urlSECRET"))["GIT_CONFIG_COUNT"]
     monkeypatch.delenv("OPENXLAB_GIT_USER")
     with pytest.raises(ModelSourceError, match="OPENXLAB_GIT_USER"):
         git_credential_env("https://code.openxlab.org.cn/me/ubub.git")
