@@ -5,7 +5,8 @@
 #   python -m training.publish --model WORK/merged --target hf:OWNER/REPO [--private] [--message MSG]
 # Tokens only from the environment, never printed: OPENXLAB_GIT_USER + OPENXLAB_GIT_TOKEN (git, sent to
 # https://code.openxlab.org.cn only), HF_TOKEN (hf:). A target URL with a token in it can come from
-# $PUBLISH_TARGET instead of --target (no token in argv). Standard library only at import time; huggingface_hub is imported for hf: targets.
+# $PUBLISH_TARGET instead of --target (no token in argv). Standard library only at import time;
+# huggingface_hub is imported for hf: targets.
 """Publish a model dir to git (+LFS) or hf:OWNER/REPO with a generated README.md model card.
 
 Model card inputs, all optional, looked up in the model dir and then in its parent (run.sh's work dir):
