@@ -56,6 +56,8 @@ from infer_engine.smol_demo import display_name  # noqa: E402
 from infer_engine.ui import Comparison, ModelInfo, build_ui, launch_options  # noqa: E402
 from training.identity import IdentityError, IdentitySpec  # noqa: E402
 
+MAX_ERROR_CHARS = 600  # of a loader's message: enough for its reason, not a wall
+
 
 class InterceptHandler(logging.Handler):
     """Hands stdlib ``logging`` records (``infer_engine.model_source``, libraries) to loguru, which the app's
@@ -153,6 +155,17 @@ def fetch_model(
     return model_dir, info
 
 
+def load_error(exc: BaseException) -> str:
+    """A loader's exception as one line (transformers' can run to dozens), credentials scrubbed.
+
+    Args:
+        exc: what creating the engine raised.
+    """
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}…"
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python app.py", description="Serve a chat model as a Gradio app.")
     parser.add_argument("--model", help="model source (overrides MODEL_SOURCE; empty = the demo model)")
@@ -220,14 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Two engines on one GPU share the KV-cache memory that one would take (no effect on transformers).
     each = one_card_settings(engine_settings, len(models))
     with contextlib.ExitStack() as engines:
-        try:
-            engine, *compared = [
-                engines.enter_context(contextlib.closing(create_engine(model_dir, settings)))
-                for (model_dir, _), settings in zip(models, each, strict=True)
-            ]
-        except SettingsError as exc:  # known only now: BACKEND=lmdeploy or DEVICE=cuda without a GPU
-            print(f"app.py: invalid setting: {exc}", file=sys.stderr)
-            return 2
+        built = []
+        for what, (model_dir, _), settings in zip(sources, models, each, strict=True):
+            try:
+                built.append(engines.enter_context(contextlib.closing(create_engine(model_dir, settings))))
+            except SettingsError as exc:  # known only now: BACKEND=lmdeploy or DEVICE=cuda without a GPU
+                print(f"app.py: invalid setting: {exc}", file=sys.stderr)
+                return 2
+            except Exception as exc:  # the files are there but do not load: bad JSON, cut or wrong weights
+                print(f"app.py: cannot load the {what} from {model_dir}: {load_error(exc)}", file=sys.stderr)
+                return 1
+        engine, *compared = built
         info = models[0][1]
         compare = Comparison(compared[0], models[1][1]) if compared else None
         demo = build_ui(engine, server, info, compare=compare)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -318,3 +319,23 @@ def test_logged_tracebacks_show_no_local_values(tmp_path: Path) -> None:
                             cwd=root, env=env)
     assert "reply failed" in result.stderr and "return token + 1" in result.stderr, result.stderr
     assert "hf_secret_in_a_local" not in result.stderr
+
+
+@pytest.mark.parametrize(("break_it", "reason"), [
+    (lambda d: (d / "config.json").write_text("{bad json"), "is not a valid JSON file"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4096]),
+     "SafetensorError"),
+])
+def test_a_model_dir_that_does_not_load_is_one_line_not_a_traceback(
+    break_it, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # Its files are all there (the source's checks pass), but transformers cannot load them.
+    broken = tmp_path / "broken model"
+    shutil.copytree(DEMO_MODEL_DIR, broken)
+    break_it(broken)
+    monkeypatch.setenv("MODEL_SOURCE", str(broken))
+    assert app.main(["--backend", "transformers"]) == 1
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if text.startswith("app.py:")]
+    assert line.startswith(f"app.py: cannot load the model from {broken}: ") and reason in line, err
+    assert "Traceback" not in err and len(line) < 1000
