@@ -281,6 +281,8 @@ def summary(run: Run) -> str:
         lines.append(f"[pipeline] dry run: nothing pushed to {redact(run.cfg.publish)} (the plan is above)")
     elif run.cfg.publish and report.is_file():
         said = report.read_text(encoding="utf-8").strip().splitlines()
+        # The result, and what the user must act on (a default branch that is not main, files removed).
+        lines += [f"[pipeline] {line}" for line in said[:-1] if line.startswith(("warning:", "note:"))]
         lines += [f"[pipeline] {said[-1]}"] if said else []
     return "\n".join(lines)
 

@@ -308,7 +308,7 @@ class RunConfig:
             relative = target.kind == "git" and "://" not in url and ":" not in url  # a path, not there
             if relative or url.startswith("file://") and not Path(unquote(urlparse(url).path)).is_dir():
                 raise RunConfigError(f"--publish {self.publish}: no such repository (make one with "
-                                     "git init --bare PATH)")
+                                     "git init --bare --initial-branch=main PATH)")
             if target.kind == "hf" and not self.publish_dry_run and not os.environ.get("HF_TOKEN"):
                 raise RunConfigError("--publish hf:…: set HF_TOKEN to a write token first (it is never shown "
                                      "or stored)")

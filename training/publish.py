@@ -350,8 +350,9 @@ def push_git(
     message: str,
     credentials: tuple[str, str] | None = None,
     scratch: Path | None = None,
-) -> str:
-    """Commit the model (LFS weights) on top of the remote's ``main`` and push it; return the commit id.
+) -> tuple[str, list[str]]:
+    """Commit the model (LFS weights) on top of the remote's ``main`` and push it; return the commit id and
+    the remote's files the commit removed (the model's files replace the remote's, but for a licence).
 
     Args:
         model_dir: the validated model directory.
@@ -378,8 +379,7 @@ def push_git(
         attributes += [f"/{_exact_pattern(f.path)} filter=lfs diff=lfs merge=lfs -text" for f in files
                        if f.lfs and not any(fnmatch.fnmatch(Path(f.path).name, p) for p in LFS_PATTERNS)]
         (work / ".gitattributes").write_text("\n".join(attributes) + "\n")
-        if base:
-            _keep_licence_files(work, base)
+        removed = _keep_licence_files(work, base) if base else []
         run_git(["add", "--all"], cwd=work)
         if base and not run_git(["status", "--porcelain"], cwd=work).stdout.strip():
             log.info("remote main already has exactly these files; nothing to push but LFS objects it lacks")
@@ -389,7 +389,7 @@ def push_git(
             if oids:
                 run_git(["lfs", "push", "--object-id", "--", url, *oids], cwd=work, remote=url,
                         credentials=credentials)
-            return base
+            return base, []
         run_git(["commit", "--quiet", "-m", message], cwd=work, config=_identity_config())
         log.info("pushing to %s (LFS objects first; large weights take a while)", redact(url))
         try:
@@ -400,7 +400,7 @@ def push_git(
             raced = any(s in err.stderr for s in moved)
             hint = "; the remote changed meanwhile: publish again" if raced else ""
             raise PublishError(f"push to {url} failed (nothing was forced{hint}): {err}") from None
-        return run_git(["rev-parse", "HEAD"], cwd=work).stdout.strip()
+        return run_git(["rev-parse", "HEAD"], cwd=work).stdout.strip(), removed
 
 
 def push_hf(
@@ -484,11 +484,11 @@ def publish(
         return f"published to {dest}: {url}"
     if private:
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
-    commit = push_git(model, dest.location, files, card, message, dest.credentials, scratch)
-    other = _other_default_branch(dest.location, dest.credentials)
-    pin = f"serve {dest}@main, or " if "://" in dest.location else ""  # scp-like addresses take no @REVISION
-    note = (f"warning: the remote's default branch is {other}, so a plain clone (and app.py) gets {other}, "
-            f"not this model: {pin}make main the default branch\n") if other else ""
+    commit, removed = push_git(model, dest.location, files, card, message, dest.credentials, scratch)
+    note = _default_branch_note(dest, dest.credentials)
+    if removed:  # the remote's own files are gone from main: said where the user looks, not only in a log
+        note += (f"note: the model's files replace the remote's; this commit removes {', '.join(removed)} "
+                 "(still in the repo's history)\n")
     return f"{note}published to {dest}: commit {commit}"
 
 
@@ -535,7 +535,7 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
     (dest / CARD_FILE).write_text(card, encoding="utf-8")
 
 
-def _keep_licence_files(work: Path, base: str) -> None:
+def _keep_licence_files(work: Path, base: str) -> list[str]:
     # The new tree replaces the remote's, except for a licence its owner added (LICENSE, COPYING, NOTICE...):
     # the model brings none, and losing one would change the terms the repo is shared under.
     names = run_git(["ls-tree", "-z", "--name-only", base], cwd=work).stdout.split("\0")
@@ -543,9 +543,7 @@ def _keep_licence_files(work: Path, base: str) -> None:
     if kept:
         run_git(["checkout", base, "--", *kept], cwd=work)
         log.info("kept the remote's %s", ", ".join(kept))
-    dropped = [name for name in names if name and not (work / name).exists()]
-    if dropped:
-        log.info("the model's files replace the remote's: %s go", ", ".join(dropped))
+    return [name for name in names if name and not (work / name).exists()]
 
 
 def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> str | None:
@@ -559,17 +557,26 @@ def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> s
     return run_git(["rev-parse", "FETCH_HEAD"], cwd=work).stdout.strip()
 
 
-def _other_default_branch(url: str, credentials: tuple[str, str] | None) -> str | None:
-    # The branch the remote's HEAD names when it is not main and has commits (a clone checks it out). Asked
-    # after the push: a failure here is said, and the publish stands.
+def _default_branch_note(dest: Target, credentials: tuple[str, str] | None) -> str:
+    # A clone checks out the branch the remote's HEAD names: say so when that is not the main just pushed.
+    # Asked after the push: a failure here is said, and the publish stands.
+    url = dest.location
     try:
         heads = run_git(["ls-remote", "--symref", "--", url, "HEAD"], remote=url,
                         credentials=credentials).stdout
     except GitError as err:
         log.warning("pushed; could not read the remote's default branch: %s", err)
-        return None
+        return ""
     named = re.match(r"ref: refs/heads/(\S+)\tHEAD\n[0-9a-f]+\tHEAD", heads)
-    return named[1] if named and named[1] != "main" else None
+    pin = f"serve {dest}@main, or " if "://" in url else ""  # scp-like addresses take no @REVISION
+    if named and named[1] != "main":
+        return (f"warning: the remote's default branch is {named[1]}, so a plain clone (and app.py) gets "
+                f"{named[1]}, not this model: {pin}make main the default branch\n")
+    if not heads.strip():  # HEAD names a branch with no commits: `git init --bare`'s master
+        return ("note: the remote's HEAD names a branch without commits (a new bare repo's master), so a "
+                "plain git clone checks out nothing: clone with -b main, or make main the default branch (in "
+                "the bare repo: git symbolic-ref HEAD refs/heads/main); app.py finds main by itself\n")
+    return ""
 
 
 def _exact_pattern(path: str) -> str:

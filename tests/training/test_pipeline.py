@@ -827,7 +827,7 @@ def test_gpus_2_trains_in_two_processes_over_gloo_on_cpu(tiny_run, tmp_path):
 def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise(tiny_run, tmp_path):
     work, args = copy_run(tiny_run, tmp_path)
     remote = tmp_path / "remote.git"
-    subprocess.run(["git", "init", "--bare", "-q", str(remote)], check=True)
+    subprocess.run(["git", "init", "--bare", "-q", "--initial-branch=master", str(remote)], check=True)
     scores = json.loads((work / "eval.json").read_text())
     (work / "eval.json").write_text(json.dumps({**scores, "identity_accuracy": 0.5, "leakage_rate": 0.25}))
     proc = run_sh(*args, "--publish", str(remote))
@@ -860,8 +860,10 @@ def test_publish_gate_refuses_a_model_below_the_thresholds_unless_told_otherwise
     pushed = run_sh(*args, "--publish", str(remote), "--publish-anyway")
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     first = remote_main()
-    last = pushed.stdout.strip().splitlines()[-1]
+    *_, note, last = pushed.stdout.strip().splitlines()
     assert last == f"[pipeline] published to {remote.as_uri()}: commit {first}"
+    # A plain `git init --bare` remote's HEAD names master: the summary repeats what publish said about it.
+    assert note.startswith("[pipeline] note: the remote's HEAD names a branch without commits")
     card = subprocess.run(["git", "-C", str(remote), "show", "main:README.md"], capture_output=True,
                           text=True)
     assert "> **Below the training project's publish gate** (identity_accuracy 0.500 < 0.8" in card.stdout

@@ -178,13 +178,16 @@ def test_publish_on_top_of_existing_history_never_forces(work_dir: Path, tmp_pat
 
     result = publish(work_dir / "merged", bare.as_uri(), message="Ada v1")
     head = git("rev-parse", "main", cwd=bare).strip()
-    assert result.endswith(head)
+    assert result.splitlines() == [  # the owner's file that goes is said, on the terminal
+        "note: the model's files replace the remote's; this commit removes notes.txt "
+        "(still in the repo's history)",
+        f"published to {bare.as_uri()}: commit {head}"]
     assert git("rev-parse", "main~1", cwd=bare).strip() == first  # fast-forward on the website's commit
     files = git("ls-tree", "--name-only", "main", cwd=bare).split()
     assert "notes.txt" not in files and {"README.md", "model.safetensors", ".gitattributes"} <= set(files)
     assert git("show", "main:LICENSE", cwd=bare) == "Apache-2.0, chosen on the website\n"  # the owner's terms
     # Publishing the same model again changes nothing...
-    assert publish(work_dir / "merged", bare.as_uri()).endswith(head)
+    assert publish(work_dir / "merged", bare.as_uri()) == f"published to {bare.as_uri()}: commit {head}"
     assert git("rev-parse", "main", cwd=bare).strip() == head
     # ...but gives the remote back weights it lost (its commit is there, so no pre-push hook would run).
     def lfs_objects() -> list[Path]:
@@ -292,14 +295,21 @@ def test_a_remote_whose_default_branch_is_another_is_warned_about(
     git("add", "README.md", cwd=plain)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "old", cwd=plain)
     git("push", "--quiet", older.as_uri(), "HEAD:refs/heads/master", cwd=plain)
-    for bare, warned in ((unborn, False), (older, True)):
+    warning = ("warning: the remote's default branch is master, so a plain clone (and app.py) gets "
+               f"master, not this model: serve {older.as_uri()}@main, or make main the default branch")
+    # app.py copes with an unborn HEAD, but a plain `git clone` checks out nothing.
+    note = ("note: the remote's HEAD names a branch without commits (a new bare repo's master), so a plain "
+            "git clone checks out nothing: clone with -b main, or make main the default branch (in the bare "
+            "repo: git symbolic-ref HEAD refs/heads/main); app.py finds main by itself")
+    for bare, said in ((unborn, note), (older, warning), (make_bare_repo(tmp_path / "main.git"), None)):
         proc = run_publish(["--model", str(work_dir / "merged"), "--target", bare.as_uri()], secret_env)
         assert proc.returncode == 0, proc.stderr
         *notes, last = proc.stdout.strip().splitlines()
         assert last == f"published to {bare.as_uri()}: commit {git('rev-parse', 'main', cwd=bare).strip()}"
-        warning = ("warning: the remote's default branch is master, so a plain clone (and app.py) gets "
-                   f"master, not this model: serve {bare.as_uri()}@main, or make main the default branch")
-        assert notes == ([warning] if warned else [])
+        assert notes == ([said] if said else [])
+    clone = tmp_path / "clone"
+    git("clone", "--quiet", "-b", "main", unborn.as_uri(), str(clone))
+    assert (clone / "config.json").is_file()  # what the note says works
 
 
 def test_model_card_rendering() -> None:
