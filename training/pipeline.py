@@ -127,8 +127,9 @@ def plan_run(run: Run) -> Plan:
             # Refused, not redone: a finished stage's outputs, or an interrupted training's checkpoints,
             # would go.
             old = record.get("inputs", {})
-            changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(v)}" for k, v in inputs.items()
-                                if old.get(k) != v)
+            # Both sides' keys: a setting given before and left out now (the preset's again) changed too.
+            changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(inputs.get(k))}"
+                                for k in dict.fromkeys([*inputs, *old]) if old.get(k) != inputs.get(k))
             state = "was interrupted (rerun the same command to resume it)" if interrupted else "was run"
             raise RunConfigError(
                 f"stage {stage.name} in {run.work} {state} with other settings ({changes}); rerun it with "

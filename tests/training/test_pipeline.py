@@ -684,13 +684,19 @@ def test_changed_settings_are_refused_not_silently_reused(tiny_run, tmp_path):
     lr = run_sh(*args, "--lr", "0.001")  # a setting the first run left to the preset
     assert lr.returncode == 2 and "stage sft in" in lr.stderr, lr.stderr
     assert "(lr: the preset's default -> 0.001)" in lr.stderr and "--from sft" in lr.stderr
+    # And back: a stage run with --lr, rerun without it, names the setting that goes back to the preset's.
+    record = work / "stages" / "sft.json"
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({**saved, "inputs": {**saved["inputs"], "lr": 0.001}}))
+    back = run_sh(*args)
+    assert back.returncode == 2 and "(lr: 0.001 -> the preset's default)" in back.stderr, back.stderr
+    record.write_text(json.dumps(saved))
     # The preset's lr spelled out, and a checkpoint interval (no weight changes with it), are the same run.
     default_lr = template_settings(PRESETS["tiny"], "sft")["lr"]
     same = run_sh(*args, "--lr", repr(default_lr), "--save-every", "7")
     assert same.returncode == 0, same.stderr
     assert "[pipeline] sft: done earlier, skipped" in same.stdout and "sft: running" not in same.stdout
     # An interrupted stage with other settings is refused too: its checkpoints would go without a word.
-    record = work / "stages" / "sft.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
     changed = run_sh(*args, "--lr", "0.001")
     assert changed.returncode == 2 and "stage sft in" in changed.stderr, changed.stderr
