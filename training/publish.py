@@ -44,6 +44,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from infer_engine.markdown import markdown_text
 from infer_engine.model_source import (
@@ -142,6 +143,13 @@ def parse_target(target: str) -> Target:
         src = parse_source(target)
     except ModelSourceError as err:
         raise PublishError(f"bad target: {err}") from None
+    local = src.location if src.kind == "local" else None
+    if src.kind == "git" and src.location.startswith("file://"):
+        local = unquote(urlsplit(src.location).path)
+    if local is not None and (Path(local) / ".git").exists():  # git refuses to push to a checked-out branch
+        raise PublishError(
+            f"bad target {redact(target)!r}: a repository with a working tree, which cannot take a push to "
+            "its checked-out branch; publish to a bare one (git init --bare --initial-branch=main PATH.git)")
     if src.kind == "hf" and src.revision is None:
         return Target("hf", src.location)
     if src.kind == "git" and src.revision is None:

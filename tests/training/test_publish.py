@@ -329,6 +329,16 @@ def test_model_card_rendering() -> None:
     assert parse_target("https://code.openxlab.org.cn/a/b.git").kind == "git"
 
 
+def test_a_repository_with_a_working_tree_is_refused_as_a_target(tmp_path: Path) -> None:
+    # git refuses a push to its checked-out branch, after the whole run: said when the target is read.
+    checkout = tmp_path / "my models"
+    git("init", "--quiet", "--initial-branch=main", str(checkout))
+    for target in (str(checkout), checkout.as_uri()):
+        with pytest.raises(PublishError, match=r"a repository with a working tree, .* publish to a bare one"):
+            parse_target(target)
+    assert parse_target(str(make_bare_repo(tmp_path / "ok.git"))).kind == "git"
+
+
 def test_local_bare_repo_path_target_works(work_dir: Path, tmp_path: Path) -> None:
     bare = make_bare_repo(tmp_path / "ada.git")
     assert parse_target(str(bare)).location == bare.as_uri()
