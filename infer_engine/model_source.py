@@ -318,8 +318,8 @@ def parse_source(source: str) -> ModelSource:
     if _HELPER_TRANSPORT.match(text):
         raise _reject(text, "git remote-helper transports (ext::, fd::, ...) are not allowed")
     scheme = _SCHEME.match(text)
-    if scheme:
-        return _parse_url(text, scheme[1].lower())
+    if scheme:  # HTTPS:// is https:// (git itself knows only the lower-case name)
+        return _parse_url(scheme[1].lower() + text[len(scheme[1]):], scheme[1].lower())
     scp = _SCP_LIKE.fullmatch(text)
     if scp:
         if ":" in scp[1]:

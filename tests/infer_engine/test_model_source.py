@@ -93,6 +93,8 @@ def cache_entries(cache: Path) -> list[str]:
     ("https://code.openxlab.org.cn/me/ubub.git", "git", "https://code.openxlab.org.cn/me/ubub.git", None),
     ("git@github.com:me/ubub.git", "git", "git@github.com:me/ubub.git", None),
     ("file:///srv/ubub.git", "git", "file:///srv/ubub.git", None),
+    ("HTTPS://code.openxlab.org.cn/me/ubub.git", "git", "https://code.openxlab.org.cn/me/ubub.git", None),
+    ("File:///srv/ubub.git@v1", "git", "file:///srv/ubub.git", "v1"),
     ("file:///srv/ubub.git@5d0c1e2", "git", "file:///srv/ubub.git", "5d0c1e2"),
     ("https://h.openxlab.org.cn/me/ubub.git@v1.0", "git", "https://h.openxlab.org.cn/me/ubub.git", "v1.0"),
     ("/srv/models/ubub.git", "git", "/srv/models/ubub.git", None),
