@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -200,7 +201,9 @@ def load_card_info(
     recorded = base.get("source") if isinstance(base, dict) and isinstance(base.get("source"), str) else None
     if recorded and ("://" in recorded or recorded.startswith(("hf:", "openxlab:"))):
         recorded = public_source(recorded)  # a URL without its credentials
-    recorded = public_text(recorded, model_dir.resolve().parent) if recorded else None
+    folder = model_dir.resolve().parent
+    named = (heads["name"],) if heads["name"] else ()
+    recorded = public_text(recorded, folder) if recorded else None
     nested = data.pop("settings", {})
     if not isinstance(nested, dict):
         raise PublishError(f"{meta_path}: 'settings' must be a JSON object")
@@ -213,12 +216,11 @@ def load_card_info(
         name=name or heads["name"] or model_dir.resolve().name,
         base_model=recorded if given is None else given,
         identity=heads["identity"],
-        settings=public_json({**data, **nested}, model_dir.resolve().parent),
-        eval_md=public_text(eval_path.read_text(encoding="utf-8"), model_dir.resolve().parent) if eval_path
-        else None,
+        settings=public_json({**data, **nested}, folder, named),
+        eval_md=public_text(eval_path.read_text(encoding="utf-8"), folder, named) if eval_path else None,
         figures=tuple(linked_figures(eval_path)) if eval_path else (),
         remote_code=tuple(remote_code_files(model_dir)),
-        reproduce=public_text(heads["reproduce"], model_dir.resolve().parent) if heads["reproduce"] else None,
+        reproduce=public_text(heads["reproduce"], folder, named) if heads["reproduce"] else None,
         model_type=_model_type(model_dir),
         gate_missed=gate_missed,
     )
@@ -229,31 +231,38 @@ def _model_type(model_dir: Path) -> str | None:
     return value if isinstance(value, str) and re.fullmatch(r"[a-z0-9_-]{1,40}", value) else None
 
 
-def public_text(text: str, work_dir: Path) -> str:
+def public_text(text: str, work_dir: Path, keep: tuple[str, ...] = ()) -> str:
     """``text`` as it may be published: credentials redacted, and absolute paths of this machine shortened
     (inside ``work_dir``: relative to it; other paths: their last part).
 
     Args:
         text: e.g. eval.md, or a value of training_meta.json.
         work_dir: the run's work dir (run.sh's; for a model dir, its parent).
+        keep: text that is data, not a path, left whole where it appears as it is or quoted for a shell (the
+            assistant's name: "Ann /opt/x" is a name).
     """
-    text = text.replace(str(work_dir.resolve()) + "/", "")
-    return _ABS_PATH.sub(lambda m: m[1], redact(text))
+    text = redact(text.replace(str(work_dir.resolve()) + "/", ""))
+    spans = sorted({form for k in keep if k for form in (k, shlex.quote(k))}, key=len, reverse=True)
+    if not spans:
+        return _ABS_PATH.sub(lambda m: m[1], text)
+    pieces = re.split(f"({'|'.join(map(re.escape, spans))})", text)  # odd pieces are the kept ones
+    return "".join(p if i % 2 else _ABS_PATH.sub(lambda m: m[1], p) for i, p in enumerate(pieces))
 
 
-def public_json(value: object, work_dir: Path) -> object:
+def public_json(value: object, work_dir: Path, keep: tuple[str, ...] = ()) -> object:
     """A JSON value with public_text applied to every string in it.
 
     Args:
         value: parsed JSON (training_meta.json).
         work_dir: the run's work dir.
+        keep: as for public_text.
     """
     if isinstance(value, str):
-        return public_text(value, work_dir)
+        return public_text(value, work_dir, keep)
     if isinstance(value, list):
-        return [public_json(v, work_dir) for v in value]
+        return [public_json(v, work_dir, keep) for v in value]
     if isinstance(value, dict):
-        return {k: public_json(v, work_dir) for k, v in value.items()}
+        return {k: public_json(v, work_dir, keep) for k, v in value.items()}
     return value
 
 
@@ -532,7 +541,9 @@ def _stage(model_dir: Path, files: list[PlannedFile], card: str, dest: Path) -> 
         (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
         source = f.source or model_dir / f.path
         if f.path == META_FILE:  # published without this machine's paths or any credential
-            meta = public_json(json.loads(source.read_text(encoding="utf-8")), model_dir.resolve().parent)
+            meta = json.loads(source.read_text(encoding="utf-8"))
+            named = (meta["name"],) if isinstance(meta.get("name"), str) else ()
+            meta = public_json(meta, model_dir.resolve().parent, named)
             text = json.dumps(meta, ensure_ascii=False, indent=2) + "\n"
             (dest / f.path).write_text(text, encoding="utf-8")
             continue

@@ -313,7 +313,8 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
         data = json.loads((run.work / "data" / "meta.json").read_text(encoding="utf-8"))
         meta["reproduce"] = reproduce_command(cfg.name, cfg.preset, cfg.recipe, settings, data["settings"],
                                               _base_arg(cfg.base), meta["corpus"], cfg.adapter_scale)
-    return public_json(meta, run.work)  # published with the model: no token, no path of this machine
+    # Published with the model: no token, no path of this machine (the name is data, kept as it is).
+    return public_json(meta, run.work, (cfg.name,))
 
 
 def _base_arg(base: str | None) -> str | None:

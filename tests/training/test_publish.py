@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from training.publish import (
     PublishError,
     load_card_info,
     parse_target,
+    public_text,
     publish,
     render_model_card,
 )
@@ -346,3 +348,13 @@ def test_local_bare_repo_path_target_works(work_dir: Path, tmp_path: Path) -> No
     clone = tmp_path / "clone"
     git("clone", "--quiet", str(bare), str(clone))
     assert lfs_files(clone) == ["model.safetensors"]
+
+
+def test_public_text_shortens_this_machines_paths_but_not_the_name(tmp_path: Path) -> None:
+    name = "O'B $(touch /tmp/x/pwned)|<b>x"  # a name the pipeline accepts: data, though it holds a path
+    work = tmp_path / "work"
+    text = (f"trained {name} from /home/alice/models/base and {work}/merged; "
+            f"bash training/run.sh --name {shlex.quote(name)} --lr 0.001")
+    assert public_text(text, work, (name,)) == (
+        f"trained {name} from base and merged; bash training/run.sh --name {shlex.quote(name)} --lr 0.001")
+    assert "/tmp/x/pwned" not in public_text(text, work)  # without it, the name's path would be shortened too
