@@ -387,9 +387,11 @@ class RunConfig:
         if self.base is None:
             return True
         given, official = parse_source(self.base), parse_source(self.spec.default_base)
-        # Any branch, tag or commit of the official repo, but not refs/pr/N: anyone may open a pull request.
+        # A branch or tag of the official repo, not refs/pr/N nor a commit id: anyone may open a pull request,
+        # and the Hub serves its commits by id as it serves main's.
+        revision = given.revision or ""
         return ((given.kind, given.location) == (official.kind, official.location)
-                and not (given.revision or "").startswith("refs/"))
+                and not revision.startswith("refs/") and not re.fullmatch(r"[0-9a-fA-F]{7,64}", revision))
 
     def stage_enabled(self, stage: str) -> bool:
         """Whether `stage` is part of this run (pretrain needs --corpus, publish needs --publish).

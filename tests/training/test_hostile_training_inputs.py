@@ -201,16 +201,20 @@ def test_base_with_code_is_refused_unless_allowed(
     assert rc == 1 and "stage base failed: model local directory evil ships its own Python code" in err
     assert files in err and "--trust-remote-code" in err
     assert not mark.exists() and not (tmp_path / "w" / "data").exists()
-    # Who may run code: the flag, or the preset's own official base (pinned or not); never anything else.
+    # Who may run code: the flag, or the preset's own official base (a branch or tag); never anything else.
     official = "internlm2_5-1_8b"
+    sha = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
     cases = [("tiny", str(evil), False), ("tiny", str(evil), True), ("tiny", None, False),
-             (official, None, False), (official, "hf:internlm/internlm2_5-1_8b-chat@0a1b", False),
+             (official, None, False), (official, "hf:internlm/internlm2_5-1_8b-chat@v1.0", False),
              (official, "hf:someone/internlm2_5-1_8b-chat", False),
              (official, "hf:internlm/internlm2_5-1_8b-chat@refs/pr/1", False),  # anyone's pull request
+             (official, f"hf:internlm/internlm2_5-1_8b-chat@{sha}", False),  # may be a pull request's commit
+             (official, f"hf:internlm/internlm2_5-1_8b-chat@{sha[:7]}", False),
+             (official, f"hf:internlm/internlm2_5-1_8b-chat@{sha}", True),
              (official, "hf:internlm/internlm2_5-1_8b-chat@refs/pr/1", True)]
     allowed = [RunConfig("Ada", preset=p, base=b, trust_remote_code=f).remote_code_allowed
                for p, b, f in cases]
-    assert allowed == [False, True, False, True, True, False, False, True]
+    assert allowed == [False, True, False, True, True, False, False, False, False, True, True]
     assert child_env(RunConfig("Ada", preset="tiny"))["TRUST_REMOTE_CODE"] == "0"
     assert child_env(RunConfig("Ada"))["TRUST_REMOTE_CODE"] == "1"
 
