@@ -39,13 +39,13 @@ DEEPSPEED = ("zero2", "zero3")
 # accuracy and at most this leakage before --publish pushes anything (--publish-anyway overrides).
 PUBLISH_MIN_IDENTITY_ACCURACY = 0.8
 PUBLISH_MAX_LEAKAGE_RATE = 0.1
-# --rehearse: SFT iterations on the random model (XTuner logs speed and memory every 10), and a few short
-# replay answers (a random model never stops).
 # Far past any real run, but a typo's extra zeros are refused before hours of work: a million CPU iterations
 # is months, a thousand epochs of the identity data is ~100 000 GPU steps.
 MAX_ITERS = 1_000_000
 MAX_EPOCHS = 1_000
 MAX_GPUS = 64  # training processes per node
+# --rehearse: SFT iterations on the random model (XTuner logs speed and memory every 10), and a few short
+# replay answers (a random model never stops).
 REHEARSE_ITERS = 10
 REHEARSE_REPLAY_PROMPTS = 8
 REHEARSE_REPLAY_TOKENS = 16
