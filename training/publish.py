@@ -467,7 +467,8 @@ def publish(
     gate_missed: str | None = None,
     scratch: Path | None = None,
 ) -> str:
-    """Validate, build the card, then push (or only describe, with ``dry_run``); return a one-line result.
+    """Validate, build the card, then push (or only describe, with ``dry_run``); return what to tell the user:
+    the result on the last line, warnings and notes before it.
 
     Args:
         model_dir: the merged HF model directory (e.g. WORK/merged).
@@ -502,7 +503,7 @@ def publish(
     if private:
         log.warning("--private only applies to hf: targets; set an OpenXLab repo's visibility on its website")
     commit, removed = push_git(model, dest.location, files, card, message, dest.credentials, scratch)
-    note = _default_branch_note(dest, dest.credentials)
+    note = _default_branch_note(dest)
     if removed:  # the remote's own files are gone from main: said where the user looks, not only in a log
         note += (f"note: the model's files replace the remote's; this commit removes {', '.join(removed)} "
                  "(still in the repo's history)\n")
@@ -576,13 +577,13 @@ def _remote_main(work: Path, url: str, credentials: tuple[str, str] | None) -> s
     return run_git(["rev-parse", "FETCH_HEAD"], cwd=work).stdout.strip()
 
 
-def _default_branch_note(dest: Target, credentials: tuple[str, str] | None) -> str:
+def _default_branch_note(dest: Target) -> str:
     # A clone checks out the branch the remote's HEAD names: say so when that is not the main just pushed.
     # Asked after the push: a failure here is said, and the publish stands.
     url = dest.location
     try:
         heads = run_git(["ls-remote", "--symref", "--", url, "HEAD"], remote=url,
-                        credentials=credentials).stdout
+                        credentials=dest.credentials).stdout
     except GitError as err:
         log.warning("pushed; could not read the remote's default branch: %s", err)
         return ""
