@@ -19,6 +19,19 @@ import pytest
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "infer_engine" / "demo_model"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def app_port_not_7860() -> None:
+    """``app.py`` started by a test listens (or checks it could) on a port free at the session's start, not on
+    Gradio's 7860, which a demo someone runs on the same machine may hold: a test that stops before serving
+    would fail on "Address already in use" instead of what it tests. A value already set is kept."""
+    import socket
+
+    if "GRADIO_SERVER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["GRADIO_SERVER_PORT"] = str(probe.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The embedded demo model directory (``infer_engine/demo_model``)."""

@@ -37,6 +37,16 @@ LONG_STORY = "Tell me a very long story about the sea."
 REPLY_LOG = r"reply (api-\w+): prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
 
 
+def free_port() -> str:
+    """A port nothing listens on now: a run that stops before serving must not need 7860 free (the app
+    checks its address before it loads a model)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -246,7 +256,7 @@ def test_settings_that_need_a_gpu_fail_clearly_without_one(
         pytest.skip("this machine has a GPU (tests/infer_engine/test_hf_engine.py serves on it)")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert app.main(["--model", "", *argv]) == 2  # the demo model: nothing to download
+    assert app.main(["--model", "", "--port", free_port(), *argv]) == 2  # the demo model: nothing to download
     err = capsys.readouterr().err
     assert "app.py: invalid setting:" in err and message in err
     assert "Traceback" not in err
@@ -269,7 +279,7 @@ def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
                            ("MODEL_SOURCE", "the model")):
         for name in ("COMPARE_MODEL_SOURCE", "MODEL_SOURCE"):
             monkeypatch.setenv(name, source if name == variable else "")
-        assert app.main(["--backend", "transformers"]) == 1
+        assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
         err = capsys.readouterr().err
         assert f"app.py: cannot get {what}: " in err and message in err, err
         assert "Traceback" not in err
@@ -278,7 +288,7 @@ def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
 def test_a_bad_compare_source_is_said_before_the_model_is_fetched(monkeypatch, capsys) -> None:
     monkeypatch.setenv("MODEL_SOURCE", "file:///no/such/repo.git")  # would be cloned (and fail) first
     monkeypatch.setenv("COMPARE_MODEL_SOURCE", "demo:nope")
-    assert app.main(["--backend", "transformers"]) == 1
+    assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
     err = capsys.readouterr().err
     assert "app.py: cannot get the compare model (COMPARE_MODEL_SOURCE): " in err and "demo:tuned" in err, err
     assert "git clone" not in err and "/no/such/repo" not in err
@@ -334,7 +344,7 @@ def test_a_model_dir_that_does_not_load_is_one_line_not_a_traceback(
     shutil.copytree(DEMO_MODEL_DIR, broken)
     break_it(broken)
     monkeypatch.setenv("MODEL_SOURCE", str(broken))
-    assert app.main(["--backend", "transformers"]) == 1
+    assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
     err = capsys.readouterr().err
     (line,) = [text for text in err.splitlines() if text.startswith("app.py:")]
     assert line.startswith(f"app.py: cannot load the model from {broken}: ") and reason in line, err
