@@ -16,7 +16,9 @@ skip the queue, so a page stays responsive while others generate. Stop, Undo, Cl
 cancel the page's event *and* abort its engine session: cancelling alone reaches a generator only at its
 next ``yield``.
 
-Fair sharing: a page (and an API client's session) has one reply at a time, a new one replaces it; every
+Fair sharing: a page (and an API client's session) has one reply at a time, a new one replaces it (on the
+page: the server ends the old reply before the new question is added, and the new answer's event runs once
+the old one's is over); every
 input is size-capped (``settings.MAX_*``: messages and histories here, request bodies in ``BodySizeLimit``).
 Errors: bad input gets its own one-sentence message; anything else gets one sentence with a request id, and
 the traceback goes to the log under that id (``show_error`` is off: no exception text reaches a client).
@@ -458,14 +460,25 @@ def build_ui(
         with shown_to_user("retry"):
             return _one_or_all([retry(plain_messages(chat))[0] for chat in chats])
 
+    def end_replies(session: str) -> None:
+        shown.release(session)
+        for panel in panels:
+            panel.slots.release(session)
+            panel.engine.abort(session)
+
     def stop_reply(request: gr.Request) -> None:
         with shown_to_user("stop the reply"):
             session = page_session(request)
             logger.info("stop {}: its replies end now", session)  # Stop, Undo, Clear or the tab closed
-            shown.release(session)
-            for panel in panels:
-                panel.slots.release(session)
-                panel.engine.abort(session)
+            end_replies(session)
+
+    def replace_reply(request: gr.Request) -> None:
+        # A new question or a retry ends the reply still streaming, here on the server and before the new
+        # one is asked for: its Gradio event then completes at once, and the new answer (trigger mode
+        # "always_last") runs after it. Cancelling it from the browser instead raced the new answer, which
+        # the browser dropped while the old one still looked pending: the question was never answered.
+        with shown_to_user("replace the reply"):
+            end_replies(page_session(request))
 
     def undo_turn(*chats: list) -> tuple[Any, ...]:
         with shown_to_user("undo the last turn"):
@@ -628,8 +641,9 @@ def build_ui(
         # raised in an unqueued event nowhere, and these are the steps that refuse what the user typed.
         checks = {"queue": True, "concurrency_limit": None, "api_visibility": "private"}
         question = [*chatbots, textbox, system_prompt, max_new_tokens]
-        asked = gr.on(ask, add_question, question, [*chatbots, textbox], **checks)
-        retried = gr.on(redo, drop_answer, chatbots, chatbots, **checks)
+        asked = gr.on(ask, replace_reply, **ui_only).then(
+            add_question, question, [*chatbots, textbox], **checks)
+        retried = gr.on(redo, replace_reply, **ui_only).then(drop_answer, chatbots, chatbots, **checks)
         answers = [answerer(panel) for panel in panels]
 
         def answer_side_by_side(
@@ -656,14 +670,14 @@ def build_ui(
         answer = answers[0] if compare is None else answer_side_by_side
         outputs = [box for chat in chats for box in chat]
         replies = [
-            step.success(answer, [*chatbots, *options], outputs, api_visibility="private", **generation)
+            step.success(answer, [*chatbots, *options], outputs, api_visibility="private",
+                         trigger_mode="always_last", **generation)
             for step in (asked, retried)
         ]
-        # A new question or a retry cancels the reply on screen (the engine aborts it as the new one starts);
-        # Stop, Undo, Clear and closing the tab also abort it in the engine at once, freeing its batch slot.
-        # Undo and Clear change the chat only after that (``then``), reading the chat as the cancelled reply
-        # left it: run side by side, the reply's last update could land after theirs and undo the Undo.
-        gr.on(ask + redo, None, cancels=replies, **ui_only)
+        # Stop, Undo, Clear and closing the tab abort the reply in the engine at once, freeing its batch slot,
+        # and cancel its event. Undo and Clear change the chat only after that (``then``), reading the chat as
+        # the cancelled reply left it: run side by side, the reply's last update could land after theirs and
+        # undo the Undo.
         gr.on(stop.click, stop_reply, cancels=replies, **ui_only)
         remove = [undo_button.click, *(chatbot.undo for chatbot in chatbots)]
         wipe = [clear.click, *(chatbot.clear for chatbot in chatbots)]

@@ -59,6 +59,18 @@ def rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPath
 
 
 SLOW_DEPTH = 8  # the slow rambling model has this many times the served model's layers
+CRAWL_DEPTH = 64  # the crawling one: about 18 tokens a second on a 2-core machine, as SmolLM2-135M decodes
+
+
+def _deeper_rambling_copy(served_model_dir: Path, depth: int, dest: Path) -> Path:
+    from bench.bench_serving import random_weights_copy
+
+    deep = dest / "config"
+    shutil.copytree(served_model_dir, deep, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt"))
+    config = json.loads((deep / "config.json").read_text())
+    config["num_hidden_layers"] *= depth
+    (deep / "config.json").write_text(json.dumps(config, indent=2))
+    return random_weights_copy(deep, dest / "model")
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +78,11 @@ def slow_rambling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.Tem
     """The rambling model ``SLOW_DEPTH`` times as deep (so as slow): on a 2-core machine the served tiny model
     decodes its longest reply (2048 tokens) in about 4 s, less than a browser test needs to open another
     page and get an answer there; tests that must stop or outlast a reply still running use this one."""
-    from bench.bench_serving import random_weights_copy
+    return _deeper_rambling_copy(served_model_dir, SLOW_DEPTH, tmp_path_factory.mktemp("slow-rambling"))
 
-    deep = tmp_path_factory.mktemp("slow-rambling") / "config"
-    shutil.copytree(served_model_dir, deep, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt"))
-    config = json.loads((deep / "config.json").read_text())
-    config["num_hidden_layers"] *= SLOW_DEPTH
-    (deep / "config.json").write_text(json.dumps(config, indent=2))
-    return random_weights_copy(deep, deep.parent / "model")
+
+@pytest.fixture(scope="session")
+def crawling_model_dir(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rambling model ``CRAWL_DEPTH`` times as deep: each token takes as long as a real small model's on
+    a CPU, so that what the page does between two tokens of a running reply can be tested."""
+    return _deeper_rambling_copy(served_model_dir, CRAWL_DEPTH, tmp_path_factory.mktemp("crawling"))

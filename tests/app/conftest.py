@@ -78,6 +78,12 @@ def rambling_app(
 
 
 @pytest.fixture(scope="session")
+def crawling_app(crawling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    """``python app.py`` serving the crawling model, whose tokens come as slowly as a real small model's."""
+    yield from _run_app(str(crawling_model_dir), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def compare_app(
     slow_rambling_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningApp]:

@@ -340,6 +340,43 @@ def test_send_stop_retry_undo_clear(browser: Browser, rambling_app, tmp_path: Pa
     assert errors == []
 
 
+def test_a_question_sent_while_a_reply_streams_replaces_it_and_is_answered(
+    browser: Browser, crawling_app
+) -> None:
+    # With tokens as slow as a real model's, the browser's cancel of the running reply lost the race to the
+    # new question, and the browser dropped the new answer as the old one still looked pending: the question
+    # stayed unanswered (seen with `make demo`). The page's own options, as a user leaves them.
+    app_server = crawling_app
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app_server.url)
+    textbox = page.locator("#msg textarea")
+    offset = len(app_server.log())
+    textbox.fill(LONG_PROMPT)
+    textbox.press("Enter")
+    long_reply = reply_started(app_server, offset)
+    first_bot = "document.querySelector('#chatbot [data-testid=\"bot\"]')"
+    page.wait_for_function(f"() => {first_bot}?.innerText.length > 40")  # some 10 tokens in
+    # The next question, typed while the long answer streams (no Stop first), as a user does.
+    offset = len(app_server.log())
+    textbox.fill("你是谁？")
+    textbox.press("Enter")
+    next_reply = reply_started(app_server, offset)
+    assert next_reply.session == long_reply.session
+    ended = app_server.wait_for_log(REPLY_ENDED_LOG.format(session=long_reply.session, engine="main"),
+                                    after=long_reply.logged_at)
+    assert ended.group(2) == "abort"
+    wait_until_streaming(page, bots=2)  # the new answer shows on the page
+    click_until_logged(page, app_server, "#stop", next_reply.session)  # it runs long too: end it, then look
+    _, finish = wait_for_reply(app_server, page, next_reply)
+    assert finish == "abort"
+    assert messages(page, "user") == [LONG_PROMPT, "你是谁？"]
+    assert len(messages(page, "bot")) == 2 and messages(page, "bot")[-1].strip()
+    assert errors == []
+
+
 def test_other_pages_stay_responsive_and_closing_a_tab_aborts_its_reply(
     browser: Browser, rambling_app
 ) -> None:

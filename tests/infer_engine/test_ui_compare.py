@@ -123,13 +123,18 @@ def test_retry_undo_and_clear_act_on_both_chats(tuned: ChatEngine, base: ChatEng
         return {demo.blocks[target].elem_id for target, event in fn.targets if event == icon}
 
     (drop,) = [fn for fn in functions if fn.name == "drop_answer"]
-    assert {block.elem_id for block in drop.inputs} == both and icon_chats(drop, "retry") == both
+    assert {block.elem_id for block in drop.inputs} == both
+    # Retry (the button or either chat's icon) ends the reply still running on the server first, then drops
+    # the answer; the new one runs once the old event is over (trigger mode "always_last").
+    (replacing,) = [fn for fn in functions if fn.name == "replace_reply" and icon_chats(fn, "retry")]
+    assert icon_chats(replacing, "retry") == both
     (undo,) = [fn for fn in functions if fn.name == "undo_turn"]
     assert {block.elem_id for block in undo.inputs} == both
     assert {block.elem_id for block in undo.outputs} == boxes | {"msg"}  # a stale notice goes too
     # One event answers in both chats, on the generation pool; Stop, Undo and Clear cancel it.
     answers = [fn for fn in functions if fn.name == "answer_side_by_side"]
     assert len(answers) == 2 and {fn.concurrency_id for fn in answers} == {GENERATION_POOL}
+    assert {fn.trigger_mode for fn in answers} == {"always_last"}
     for fn in answers:
         assert [block.elem_id for block in fn.inputs[:2]] == ["chatbot-before", "chatbot"]
         assert [block.elem_id for block in fn.outputs] == [
