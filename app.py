@@ -25,9 +25,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 # Tracebacks in the log without local variable values (loguru reads this at import): they can hold user
 # text, keys or tokens.
 os.environ.setdefault("LOGURU_DIAGNOSE", "False")
-# Gradio reads GRADIO_SERVER_PORT when it is imported and dies with a traceback on "" or "http": the value is
-# kept away from it until main() has checked it (the app passes the port to launch() itself).
-_PORT_FROM_ENV = os.environ.pop("GRADIO_SERVER_PORT", None)
+# Gradio reads GRADIO_SERVER_PORT when it is imported and dies with a traceback on "" or "http", and checks a
+# port is free on GRADIO_SERVER_NAME as it was at import, whatever --host says: both values are kept away from
+# it until main() has checked them against the flags (the app passes host and port to launch() itself).
+_GRADIO_ENV = {name: os.environ.pop(name) for name in ("GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME")
+               if name in os.environ}
 
 from loguru import logger  # noqa: E402
 
@@ -178,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     route_std_logging()
     try:
-        port = {} if _PORT_FROM_ENV is None else {"GRADIO_SERVER_PORT": _PORT_FROM_ENV}
-        from_env = server_settings_from_env({**os.environ, **port})
+        # A flag replaces its variable, which is then not read at all: a bad value there does not matter.
+        overridden = {"MODEL_SOURCE": args.model, "GRADIO_SERVER_NAME": args.host,
+                      "GRADIO_SERVER_PORT": args.port, "BACKEND": args.backend}
+        env = {name: value for name, value in {**os.environ, **_GRADIO_ENV}.items()
+               if overridden.get(name) is None}
+        from_env = server_settings_from_env(env)
         flags = {"model_source": "--model", "host": "--host", "port": "--port"}
         server = said_as(flags, lambda: dataclasses.replace(
             from_env,
@@ -187,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host or from_env.host,
             port=from_env.port if args.port is None else args.port,
         ))
-        engine_settings = engine_settings_from_env()
+        engine_settings = engine_settings_from_env(env)
         if args.backend:
             engine_settings = dataclasses.replace(engine_settings, backend=args.backend)
     except SettingsError as exc:

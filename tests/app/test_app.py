@@ -47,6 +47,16 @@ def free_port() -> str:
         return str(probe.getsockname()[1])
 
 
+def page_answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -233,6 +243,23 @@ def test_a_bad_address_is_one_line_before_any_model_loads(env: dict, code: int, 
     assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert "loaded" not in proc.stderr  # refused before the model
+
+
+def test_flags_replace_their_variables_even_bad_ones() -> None:
+    # A Space or a shell may set these; the command line given wins, as --help says, and is what Gradio uses.
+    bad = {"GRADIO_SERVER_PORT": "99999", "GRADIO_SERVER_NAME": "no.such.host.invalid", "BACKEND": "foo",
+           "MODEL_SOURCE": "/no/such/model", "HF_HUB_OFFLINE": "1"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", port, "--host", "127.0.0.1", "--backend",
+                             "transformers", "--model", ""], cwd=Path(app.__file__).parent,
+                            env={**os.environ, **bad}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or page_answers(f"http://127.0.0.1:{port}/"), 120)
+        assert proc.poll() is None, proc.communicate()[1]  # serving, not refused
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
