@@ -206,11 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     reply_tokens = engine_settings.default_params().max_new_tokens
     if reply_tokens < GenerationParams().max_new_tokens:
         logger.warning(
-            "SESSION_LEN={} leaves at most {} tokens for a reply: 'max new tokens' defaults to {} (not {})",
+            "SESSION_LEN={} is short: 'max new tokens' defaults to {} (not {}), half of it, leaving the "
+            "other half to the conversation (the slider goes up to {})",
             engine_settings.session_len,
-            engine_settings.max_reply_tokens,
             reply_tokens,
             GenerationParams().max_new_tokens,
+            engine_settings.max_reply_tokens,
         )
 
     started = time.perf_counter()

@@ -171,10 +171,12 @@ class EngineSettings:
         return reply_token_limit(self.session_len)
 
     def default_params(self) -> GenerationParams:
-        """``GenerationParams()`` with ``max_new_tokens`` lowered to ``max_reply_tokens`` when the session is
-        too short for the default: what the UI and the ``/chat`` API start from."""
+        """``GenerationParams()`` with ``max_new_tokens`` lowered to half the session when the session is too
+        short for the default, so that the conversation keeps the other half (at ``max_reply_tokens`` a
+        1024-token session would leave a question 32 tokens): what the UI and both APIs start from."""
         defaults = GenerationParams()
-        return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, self.max_reply_tokens))
+        half = max(self.session_len // 2, 1)
+        return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, half, self.max_reply_tokens))
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,11 @@ def test_engine_settings_reject_bools_floats_and_nan(field: str, value: object) 
 
 @pytest.mark.parametrize(
     ("session_len", "most", "default"),
-    [(64, 32, 32), (512, 480, 480), (1056, 1024, 1024), (4096, 2048, 1024), (1_048_576, 2048, 1024)],
+    [(64, 32, 32), (512, 480, 256), (1056, 1024, 528), (2048, 2016, 1024), (4096, 2048, 1024),
+     (1_048_576, 2048, 1024)],
 )
 def test_a_short_session_lowers_the_reply_length(session_len: int, most: int, default: int) -> None:
+    # The slider goes up to `most`; by default a reply takes at most half the session, the rest is the chat's.
     settings = EngineSettings(session_len=session_len)
     assert settings.max_reply_tokens == most
     assert settings.default_params() == GenerationParams(max_new_tokens=default)
