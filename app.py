@@ -33,7 +33,8 @@ _GRADIO_ENV = {name: os.environ.pop(name) for name in ("GRADIO_SERVER_PORT", "GR
 
 from loguru import logger  # noqa: E402
 
-from infer_engine.engine import create_engine  # noqa: E402
+from infer_engine.chat_format import PromptTooLongError  # noqa: E402
+from infer_engine.engine import ChatEngine, create_engine  # noqa: E402
 from infer_engine.lmdeploy_engine import one_card_settings  # noqa: E402
 from infer_engine.model_source import (  # noqa: E402
     DEMO_MODEL_DIR,
@@ -168,6 +169,27 @@ def load_error(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
+def system_prompt_problem(system_prompt: str, engines: Sequence[ChatEngine]) -> str | None:
+    """Why ``SYSTEM_PROMPT`` would make every chat fail (None: a short question fits beside it and a reply
+    of the default length, in every engine's session).
+
+    Args:
+        system_prompt: the operator's default system prompt ("" = none).
+        engines: the engines that will answer with it.
+    """
+    if not system_prompt.strip():
+        return None
+    chat = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hi"}]
+    for engine in engines:
+        try:
+            engine.fit_prompt(chat, engine.settings.default_params())
+        except PromptTooLongError as exc:
+            return (f"SYSTEM_PROMPT needs about {exc.needed} tokens with a short question, and SESSION_LEN="
+                    f"{exc.session_len} leaves {exc.session_len - exc.max_new_tokens} beside the default "
+                    f"reply of {exc.max_new_tokens}: shorten it or raise SESSION_LEN")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python app.py", description="Serve a chat model as a Gradio app.")
     parser.add_argument("--model", help="model source (overrides MODEL_SOURCE; empty = the demo model)")
@@ -251,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"app.py: cannot load the {what} from {model_dir}: {load_error(exc)}", file=sys.stderr)
                 return 1
         engine, *compared = built
+        problem = system_prompt_problem(server.system_prompt, [engine, *compared])
+        if problem:
+            print(f"app.py: invalid setting: {problem}", file=sys.stderr)
+            return 2
         info = models[0][1]
         compare = Comparison(compared[0], models[1][1]) if compared else None
         demo = build_ui(engine, server, info, compare=compare)

@@ -212,7 +212,10 @@ class ServerSettings:
         _check_int("queue_size", self.queue_size, 1, 10_000)
         _check_str("model_source", self.model_source)
         _check_str("compare_model_source", self.compare_model_source)
-        _check_str("system_prompt", self.system_prompt)
+        if len(_check_str("system_prompt", self.system_prompt)) > MAX_MESSAGE_CHARS:  # refused in every chat
+            chars = len(self.system_prompt)
+            raise SettingsError(f"system_prompt is too long ({chars} characters); the limit is "
+                                f"{MAX_MESSAGE_CHARS} characters")
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             raise SettingsError(f"cache_dir must be a path, got {self.cache_dir!r}")
         if not _check_str("host", self.host).strip():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,22 @@ def test_flags_replace_their_variables_even_bad_ones() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SYSTEM_PROMPT": "x" * 25_000}, r"SYSTEM_PROMPT is too long \(25000 characters\); the limit is 20000"),
+    ({"SYSTEM_PROMPT": "You are a helpful assistant. " * 40, "SESSION_LEN": "128"},
+     r"SYSTEM_PROMPT needs about \d+ tokens with a short question, and SESSION_LEN=128 leaves 64 beside"),
+])
+def test_a_system_prompt_no_chat_could_take_is_refused_at_start(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # Else the server starts, and every question on the page and the API fails, blaming the user's message.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert app.main(["--model", "", "--backend", "transformers", "--port", free_port()]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"app.py: invalid setting: {message}", err) and "Traceback" not in err, err
 
 
 def test_bad_flag_value_is_reported_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:

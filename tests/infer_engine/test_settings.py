@@ -227,6 +227,7 @@ def test_api_keys_come_from_a_comma_separated_list_and_never_show_in_a_repr() ->
         ({"GRADIO_SERVER_PORT": "70000"}, "GRADIO_SERVER_PORT must be between 1 and 65535"),
         ({"QUEUE_SIZE": "-1"}, "QUEUE_SIZE must be between"),
         ({"QUEUE_SIZE": "many"}, "QUEUE_SIZE must be a whole number"),
+        ({"SYSTEM_PROMPT": "x" * 20_001}, r"SYSTEM_PROMPT is too long \(20001 characters\)"),
     ],
 )
 def test_server_settings_from_env_errors(env: dict[str, str], match: str) -> None:
