@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from infer_engine.chat_format import PromptTooLongError, normalise_messages
+from infer_engine.chat_format import ROLES, PromptTooLongError, normalise_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
 from infer_engine.settings import (
     MAX_REQUEST_BYTES,
@@ -223,6 +223,10 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
     except SettingsError as exc:
         raise field_error(exc, length_field) from None
     # OpenAI's newer models take "developer" where older ones took "system"; clients send either.
+    for number, message in enumerate(body["messages"], 1):
+        if isinstance(message, dict) and message.get("role") not in (*ROLES, "developer"):
+            raise APIError(400, f"message {number}: role must be one of system, developer, user, assistant",
+                           "messages")
     sent = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
             for m in body["messages"]]
     try:  # checked as sent, so that an error names the message by the client's own count
