@@ -201,7 +201,9 @@ def content_text(content: Any, where: str) -> str:
     return checked_text("\n".join(texts), where)  # joined the way LMDeploy merges text parts
 
 
-def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message]:
+def plain_messages(
+    messages: Sequence[Mapping[str, Any]] | None, aliases: Mapping[str, str] | None = None
+) -> list[Message]:
     """Check each message's shape and return them as plain ``{"role", "content": str}`` dicts, in any order.
 
     Accepts Gradio 6 Chatbot values (content as text parts, extra ``metadata``/``options`` keys) and API
@@ -210,9 +212,12 @@ def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message
 
     Args:
         messages: dicts with ``role`` (system, user or assistant) and ``content``.
+        aliases: other role names taken as one of those (OpenAI's ``developer`` -> ``system``).
     """
     if messages is None:
         return []
+    aliases = aliases or {}
+    roles = [name for own in ROLES for name in (own, *(a for a, to in aliases.items() if to == own))]
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ChatInputError(
             f"messages must be a list of {{role, content}} dicts, got {kind_of(messages)}"
@@ -225,14 +230,16 @@ def plain_messages(messages: Sequence[Mapping[str, Any]] | None) -> list[Message
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ChatInputError(f"{where} must be a dict with 'role' and 'content'")
         role = message["role"]
-        if not isinstance(role, str) or role not in ROLES:
-            raise ChatInputError(f"{where}: role must be one of {', '.join(ROLES)}")  # no echo of the value
-        out.append({"role": role, "content": content_text(message["content"], where)})
+        if not isinstance(role, str) or role not in roles:
+            raise ChatInputError(f"{where}: role must be one of {', '.join(roles)}")  # no echo of the value
+        out.append({"role": aliases.get(role, role), "content": content_text(message["content"], where)})
     check_history_size(out)
     return out
 
 
-def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+def normalise_messages(
+    messages: Sequence[Mapping[str, Any]], aliases: Mapping[str, str] | None = None
+) -> list[Message]:
     """Check a conversation to answer and return it as plain ``{"role", "content": str}`` dicts.
 
     Accepted shape: an optional leading system message (dropped when blank), then user and assistant messages
@@ -240,11 +247,12 @@ def normalise_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
 
     Args:
         messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
+        aliases: as for ``plain_messages``.
     """
     if messages is None:
         raise ChatInputError("messages must be a list of {role, content} dicts, got None")
     out: list[Message] = []
-    for i, message in enumerate(plain_messages(messages)):
+    for i, message in enumerate(plain_messages(messages, aliases)):
         where, role, text = f"message {i + 1}", message["role"], message["content"]
         if role == "system":
             if i != 0:

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from infer_engine.chat_format import ROLES, PromptTooLongError, normalise_messages
+from infer_engine.chat_format import PromptTooLongError, normalise_messages
 from infer_engine.engine import ChatEngine, ChatInputError, ChatStream, GenerationError
 from infer_engine.settings import (
     MAX_REQUEST_BYTES,
@@ -69,6 +69,7 @@ UNSUPPORTED = {
     "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
 }
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer models take "developer" where older ones "system"
 IGNORED = ("user", "metadata", "store", "service_tier")  # bookkeeping fields with no effect on the reply
 KNOWN = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop",
@@ -222,20 +223,13 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
         params = replace(defaults, **values)
     except SettingsError as exc:
         raise field_error(exc, length_field) from None
-    # OpenAI's newer models take "developer" where older ones took "system"; clients send either.
-    for number, message in enumerate(body["messages"], 1):
-        if isinstance(message, dict) and message.get("role") not in (*ROLES, "developer"):
-            raise APIError(400, f"message {number}: role must be one of system, developer, user, assistant",
-                           "messages")
-    sent = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
-            for m in body["messages"]]
     try:  # checked as sent, so that an error names the message by the client's own count
-        messages = normalise_messages(sent)
+        messages = normalise_messages(body["messages"], ROLE_ALIASES)
     except ChatInputError as exc:
         raise APIError(400, str(exc), "messages") from None
     # A system message sent, even a blank one (which normalise_messages drops), replaces the default.
-    sent_system = isinstance(sent[0], dict) and sent[0].get("role") == "system"
-    if system_prompt.strip() and not sent_system:
+    first = body["messages"][0]
+    if system_prompt.strip() and first.get("role") not in ("system", *ROLE_ALIASES):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ChatRequest(
         messages=messages,
