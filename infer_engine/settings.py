@@ -174,9 +174,8 @@ class EngineSettings:
         """``GenerationParams()`` with ``max_new_tokens`` lowered to half the session when the session is too
         short for the default, so that the conversation keeps the other half (at ``max_reply_tokens`` a
         1024-token session would leave a question 32 tokens): what the UI and both APIs start from."""
-        defaults = GenerationParams()
-        half = max(self.session_len // 2, 1)
-        return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, half, self.max_reply_tokens))
+        defaults = GenerationParams()  # half a session (>= 64) is never over max_reply_tokens
+        return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, self.session_len // 2))
 
 
 @dataclass(frozen=True)
