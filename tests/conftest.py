@@ -24,7 +24,7 @@ def app_port_not_7860() -> None:
     """``app.py`` started by a test listens (or checks it could) on a port free at the session's start, not on
     Gradio's 7860, which a demo someone runs on the same machine may hold: a test that stops before serving
     would fail on "Address already in use" instead of what it tests. A value already set is kept."""
-    import socket
+    import socket  # not bench.bench_serving.free_port: the training env shares this file, not its imports
 
     if "GRADIO_SERVER_PORT" not in os.environ:
         with socket.socket() as probe:

@@ -28,7 +28,7 @@ from gradio_client.utils import Status
 from loguru import logger
 
 import app
-from bench.bench_serving import serve_app
+from bench.bench_serving import free_port, serve_app
 from infer_engine.engine import lmdeploy_available
 from infer_engine.model_source import DEMO_MODEL_DIR
 from infer_engine.openai_api import model_id
@@ -36,16 +36,6 @@ from infer_engine.openai_api import model_id
 GREEDY = {"do_sample": False, "api_name": "/chat"}
 LONG_STORY = "Tell me a very long story about the sea."
 REPLY_LOG = r"reply (api-\w+): prompt \d+ tok, completion (\d+) tok, dropped \d+ msgs, finish (\w+)"
-
-
-def free_port() -> str:
-    """A port nothing listens on now: a run that stops before serving must not need 7860 free (the app
-    checks its address before it loads a model)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def page_answers(url: str) -> bool:
@@ -250,7 +240,7 @@ def test_flags_replace_their_variables_even_bad_ones() -> None:
     # A Space or a shell may set these; the command line given wins, as --help says, and is what Gradio uses.
     bad = {"GRADIO_SERVER_PORT": "99999", "GRADIO_SERVER_NAME": "no.such.host.invalid", "BACKEND": "foo",
            "MODEL_SOURCE": "/no/such/model", "HF_HUB_OFFLINE": "1"}
-    port = free_port()
+    port = str(free_port())
     proc = subprocess.Popen([sys.executable, "app.py", "--port", port, "--host", "127.0.0.1", "--backend",
                              "transformers", "--model", ""], cwd=Path(app.__file__).parent,
                             env={**os.environ, **bad}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -274,7 +264,7 @@ def test_a_system_prompt_no_chat_could_take_is_refused_at_start(
     # Else the server starts, and every question on the page and the API fails, blaming the user's message.
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert app.main(["--model", "", "--backend", "transformers", "--port", free_port()]) == 2
+    assert app.main(["--model", "", "--backend", "transformers", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert re.search(f"app.py: invalid setting: {message}", err) and "Traceback" not in err, err
 
@@ -300,7 +290,8 @@ def test_settings_that_need_a_gpu_fail_clearly_without_one(
         pytest.skip("this machine has a GPU (tests/infer_engine/test_hf_engine.py serves on it)")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert app.main(["--model", "", "--port", free_port(), *argv]) == 2  # the demo model: nothing to download
+    port = str(free_port())
+    assert app.main(["--model", "", "--port", port, *argv]) == 2  # the demo model: nothing to download
     err = capsys.readouterr().err
     assert "app.py: invalid setting:" in err and message in err
     assert "Traceback" not in err
@@ -323,7 +314,7 @@ def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
                            ("MODEL_SOURCE", "the model")):
         for name in ("COMPARE_MODEL_SOURCE", "MODEL_SOURCE"):
             monkeypatch.setenv(name, source if name == variable else "")
-        assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
+        assert app.main(["--backend", "transformers", "--port", str(free_port())]) == 1
         err = capsys.readouterr().err
         assert f"app.py: cannot get {what}: " in err and message in err, err
         assert "Traceback" not in err
@@ -332,7 +323,7 @@ def test_a_bad_compare_model_source_fails_clearly_like_a_bad_model_source(
 def test_a_bad_compare_source_is_said_before_the_model_is_fetched(monkeypatch, capsys) -> None:
     monkeypatch.setenv("MODEL_SOURCE", "file:///no/such/repo.git")  # would be cloned (and fail) first
     monkeypatch.setenv("COMPARE_MODEL_SOURCE", "demo:nope")
-    assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
+    assert app.main(["--backend", "transformers", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert "app.py: cannot get the compare model (COMPARE_MODEL_SOURCE): " in err and "demo:tuned" in err, err
     assert "git clone" not in err and "/no/such/repo" not in err
@@ -388,7 +379,7 @@ def test_a_model_dir_that_does_not_load_is_one_line_not_a_traceback(
     shutil.copytree(DEMO_MODEL_DIR, broken)
     break_it(broken)
     monkeypatch.setenv("MODEL_SOURCE", str(broken))
-    assert app.main(["--backend", "transformers", "--port", free_port()]) == 1
+    assert app.main(["--backend", "transformers", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     (line,) = [text for text in err.splitlines() if text.startswith("app.py:")]
     assert line.startswith(f"app.py: cannot load the model from {broken}: ") and reason in line, err
