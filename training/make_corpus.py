@@ -1,15 +1,17 @@
 # Continued-pre-training corpus: a directory of .txt/.md files -> [{"text": ...}] chunks for XTuner's
 # pretrain_map_fn. Run from the repo root:
 #   python -m training.make_corpus --corpus my_notes/ --out work/corpus.json [--chunk-chars 2000]
-# Files are walked recursively in sorted order and must be UTF-8. Text is cleaned (Unicode NFC, control
-# characters dropped, whitespace normalised; in .md files front matter, HTML, link/image syntax, emphasis and
-# heading marks are reduced to their text) and packed into chunks of whole paragraphs, splitting long
-# paragraphs at sentence ends. Empty, undecodable and unreadable files are skipped and reported (stderr and
-# the returned report), never fatal; a corpus that yields no text at all is an error.
+# Files are walked recursively (symlinked folders too) in sorted order, each file once, and must be UTF-8.
+# Text is cleaned (Unicode NFC, control characters dropped, whitespace normalised; in .md files front matter,
+# HTML, link/image syntax, emphasis and heading marks are reduced to their text) and packed into chunks of
+# whole paragraphs, splitting long paragraphs at sentence ends. Empty, undecodable and unreadable files,
+# broken symlinks and second links to one file are skipped and reported (stdout and the returned report),
+# never fatal; a corpus that yields no text at all is an error.
 from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import re
 import sys
 import unicodedata
@@ -57,7 +59,7 @@ class CorpusReport:
     Args:
         chunks: the cleaned text chunks, in file order.
         used: files that contributed text.
-        skipped: (file, reason) for every .txt/.md file that gave no text.
+        skipped: (path, reason) for every .txt/.md file that gave no text, and list_corpus's unusable paths.
         ignored: files without a .txt/.md suffix.
     """
 
@@ -145,24 +147,75 @@ def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return [c for c in [*chunks, current] if c]
 
 
-def visible_files(corpus_dir: Path) -> list[Path]:
-    """Every file under corpus_dir, sorted, leaving out hidden files and everything in hidden directories.
+@dataclass
+class CorpusListing:
+    """What list_corpus found under a corpus directory.
 
     Args:
-        corpus_dir: directory walked recursively.
+        files: the .txt/.md files to read (suffix in any case), sorted, each real file once.
+        other: visible files without a .txt/.md suffix.
+        unusable: (path, reason) for broken symlinks, unreadable directories and second names (symlinks, hard
+            links) of a file already in files.
     """
-    return [path for path in sorted(corpus_dir.rglob("*"))
-            if path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(corpus_dir).parts)]
+
+    files: list[Path] = field(default_factory=list)
+    other: list[Path] = field(default_factory=list)
+    unusable: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def list_corpus(corpus_dir: Path) -> CorpusListing:
+    """Walk corpus_dir recursively, leaving out hidden files and hidden directories, following symlinked
+    directories (a linked notes folder is read; each directory once, so a link loop ends).
+
+    Args:
+        corpus_dir: an existing directory.
+    """
+    listing = CorpusListing()
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    pending = [corpus_dir]
+    while pending:
+        directory = pending.pop()
+        stat = directory.stat()
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        try:
+            entries = list(directory.iterdir())
+        except OSError as err:
+            listing.unusable.append((directory, f"directory not readable: {err.strerror or err}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                pending.append(entry)
+            elif entry.is_file() or entry.is_symlink():
+                found.append(entry)
+    seen_files: dict[tuple[int, int], Path] = {}
+    for path in sorted(found):
+        if path.suffix.lower() not in SUFFIXES:
+            listing.other.append(path)
+        elif not path.exists():
+            listing.unusable.append((path, f"broken symlink to {os.readlink(path)}"))
+        else:
+            stat = path.stat()
+            first = seen_files.setdefault((stat.st_dev, stat.st_ino), path)
+            if first == path:
+                listing.files.append(path)
+            else:  # read once: a linked copy would double its text in training
+                listing.unusable.append((path, f"same file as {first.relative_to(corpus_dir)}"))
+    listing.unusable.sort()
+    return listing
 
 
 def corpus_files(corpus_dir: Path) -> list[Path]:
-    """The files build_corpus reads: visible_files with a .txt/.md suffix (any case).
+    """The files build_corpus reads: list_corpus's files.
 
     Args:
-        corpus_dir: directory walked recursively.
+        corpus_dir: an existing directory.
     """
-    return [path for path in visible_files(corpus_dir) if path.suffix.lower() in SUFFIXES]
+    return list_corpus(corpus_dir).files
 
 
 def decode_text(raw: bytes) -> str:
@@ -188,10 +241,9 @@ def build_corpus(corpus_dir: Path, chunk_chars: int = CHUNK_CHARS) -> CorpusRepo
         raise CorpusError(f"chunk_chars must be at least {MIN_CHUNK_CHARS}, got {chunk_chars}")
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus directory {corpus_dir} does not exist or is not a directory")
-    report = CorpusReport()
-    readable = corpus_files(corpus_dir)
-    report.ignored = sorted(set(visible_files(corpus_dir)) - set(readable))
-    for path in readable:
+    listing = list_corpus(corpus_dir)
+    report = CorpusReport(skipped=list(listing.unusable), ignored=listing.other)
+    for path in listing.files:
         try:
             cleaned = read_corpus_file(path)
         except CorpusError as err:
@@ -237,8 +289,9 @@ def check_corpus(corpus_dir: Path) -> None:
     Args:
         corpus_dir: an existing directory.
     """
-    skipped: list[tuple[Path, str]] = []
-    for path in corpus_files(corpus_dir):
+    listing = list_corpus(corpus_dir)
+    skipped = list(listing.unusable)
+    for path in listing.files:
         try:
             read_corpus_file(path)
             return

@@ -18,6 +18,7 @@ from training.make_corpus import (
     clean_markdown,
     clean_text,
     corpus_files,
+    list_corpus,
     read_corpus_file,
 )
 
@@ -148,6 +149,53 @@ def test_corpus_files_are_the_files_build_corpus_reads(corpus: Path) -> None:
     report = build_corpus(corpus, chunk_chars=500)
     assert sorted(report.used + [p for p, _ in report.skipped]) == files
     assert [p.name for p in report.ignored] == ["image.png"]
+
+
+def test_links_in_the_corpus_are_followed_and_each_file_is_read_once(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "n.md").write_text("A note kept elsewhere.", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("First text.", encoding="utf-8")
+    (corpus / "linked_notes").symlink_to(notes)  # a notes folder linked in: read
+    (corpus / "sub" / "loop").symlink_to(corpus)  # a link loop: each directory is walked once
+    (corpus / "z_same.txt").symlink_to(corpus / "a.txt")  # second names of a.txt: its text would count twice
+    (corpus / "z_hard.txt").hardlink_to(corpus / "a.txt")
+    (corpus / "gone.md").symlink_to(tmp_path / "deleted.md")  # a broken link is named, not silently passed
+    listing = list_corpus(corpus)
+    assert [p.relative_to(corpus).as_posix() for p in listing.files] == ["a.txt", "linked_notes/n.md"]
+    assert {p.name: why for p, why in listing.unusable} == {
+        "gone.md": f"broken symlink to {tmp_path / 'deleted.md'}",
+        "z_hard.txt": "same file as a.txt", "z_same.txt": "same file as a.txt"}
+    report = build_corpus(corpus)
+    assert report.chunks == ["First text.", "A note kept elsewhere."]
+    assert report.skipped == listing.unusable
+    with pytest.raises(CorpusError, match=r"no usable text .*gone\.md: broken symlink to"):
+        check_corpus(_only(corpus / "gone.md", tmp_path / "only_broken"))
+
+
+def _only(link: Path, directory: Path) -> Path:
+    directory.mkdir()
+    (directory / link.name).symlink_to(link.readlink())
+    return directory
+
+
+def test_an_unreadable_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.txt").write_text("Some text.", encoding="utf-8")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    iterdir = Path.iterdir
+
+    def denied(self: Path):  # chmod 0 does not stop root, who runs CI: the OS's refusal, made here
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    report = build_corpus(tmp_path)
+    assert report.used == [tmp_path / "a.txt"]
+    assert report.skipped == [(locked, "directory not readable: Permission denied")]
 
 
 def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
