@@ -242,8 +242,8 @@ def normalise_messages(
 ) -> list[Message]:
     """Check a conversation to answer and return it as plain ``{"role", "content": str}`` dicts.
 
-    Accepted shape: an optional leading system message (dropped when blank), then user and assistant messages
-    alternating, starting and ending with a user message whose text is not blank.
+    Accepted shape: optional leading system messages (joined by a blank line; blank ones dropped), then user
+    and assistant messages alternating, starting and ending with a user message whose text is not blank.
 
     Args:
         messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
@@ -255,9 +255,11 @@ def normalise_messages(
     for i, message in enumerate(plain_messages(messages, aliases)):
         where, role, text = f"message {i + 1}", message["role"], message["content"]
         if role == "system":
-            if i != 0:
-                raise ChatInputError(f"{where}: a system message may only come first")
-            if text.strip():
+            if any(m["role"] != "system" for m in out):
+                raise ChatInputError(f"{where}: a system message may only come before the first user message")
+            if out and text.strip():  # several leading ones (a client's and its user's) are read as one
+                out[-1] = {"role": "system", "content": f"{out[-1]['content']}\n\n{text}"}
+            elif text.strip():
                 out.append(message)
             continue
         expected = "user" if not out or out[-1]["role"] != "user" else "assistant"

@@ -75,9 +75,9 @@ CLIENT_CASES = {
         "must be a dict with 'role' and 'content'",
     ),
     "unknown role": ({"history": [{"role": "root", "content": "x"}]}, "role must be one of"),
-    "two system messages": (
-        {"history": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}]},
-        "a system message may only come first",
+    "system message after a turn": (
+        {"history": [user("q"), assistant("a"), {"role": "system", "content": "b"}]},
+        "a system message may only come before the first user message",
     ),
     "history not alternating": ({"history": [assistant("hi")]}, "expected a user message"),
     "file part in history": (

@@ -109,6 +109,11 @@ def test_normalise_keeps_a_system_message_and_drops_a_blank_one() -> None:
     assert normalise_messages([system("  \n"), user("hi")]) == [user("hi")]
 
 
+def test_normalise_joins_leading_system_messages() -> None:  # a client's own, then its user's
+    messages = [system("Be brief."), system(" "), system("Answer in French."), user("hi")]
+    assert normalise_messages(messages) == [system("Be brief.\n\nAnswer in French."), user("hi")]
+
+
 def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stopped before its first token
     assert normalise_messages([user("a"), assistant(""), user("b")])[1] == assistant("")
 
@@ -122,7 +127,8 @@ def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stoppe
         ([user("a"), assistant("b")], "must end with a user message"),
         ([assistant("b"), user("a")], "expected a user message, got assistant"),
         ([user("a"), user("b")], "expected an assistant message, got user"),
-        ([user("a"), system("s")], "a system message may only come first"),
+        ([user("a"), system("s")], "a system message may only come before the first user message"),
+        ([system("s"), user("a"), assistant("b"), system("t"), user("c")], "message 4: a system message may"),
         ([{"role": "tool", "content": "x"}], "role must be one of system, user, assistant"),
         ([{"content": "x"}], "must be a dict with 'role' and 'content'"),
         (["hi"], "must be a dict"),
