@@ -198,6 +198,8 @@ def list_corpus(corpus_dir: Path) -> CorpusListing:
             listing.other.append(path)
         elif not path.exists():
             listing.unusable.append((path, f"broken symlink to {os.readlink(path)}"))
+        elif not path.is_file():  # a link to a pipe or device: reading it could wait forever
+            listing.unusable.append((path, "not a regular file"))
         else:
             stat = path.stat()
             first = seen_files.setdefault((stat.st_dev, stat.st_ino), path)
