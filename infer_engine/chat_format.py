@@ -67,24 +67,25 @@ class PromptTooLongError(ChatInputError):
         session_len: most tokens of prompt + reply.
         max_new_tokens: tokens reserved for the reply.
         length_name: how the front end calls the reply length, for the message ("'max new tokens'" on the
-            page, "max_tokens" on /v1).
+            page, "max_tokens" on /v1); None: the user did not set it, so lowering it is no advice.
     """
 
     def __init__(self, needed: int, session_len: int, max_new_tokens: int,
-                 length_name: str = "'max new tokens'") -> None:
+                 length_name: str | None = "'max new tokens'") -> None:
         self.needed, self.session_len, self.max_new_tokens = needed, session_len, max_new_tokens
         budget = session_len - max_new_tokens
+        advice = f", or lower {length_name}" if length_name else ""
         super().__init__(
             f"the message is too long: it needs {needed} prompt tokens, but only {budget} fit"
             f" (session length {session_len} minus {max_new_tokens} tokens for the reply). "
-            f"Shorten the message or the system prompt, or lower {length_name}."
+            f"Shorten the message or the system prompt{advice}."
         )
 
-    def named(self, length_name: str) -> PromptTooLongError:
+    def named(self, length_name: str | None) -> PromptTooLongError:
         """The same error, its message naming the reply length as a front end calls it.
 
         Args:
-            length_name: e.g. "max_tokens" or "max_completion_tokens".
+            length_name: e.g. "max_tokens" or "max_completion_tokens"; None: not set by the user.
         """
         return PromptTooLongError(self.needed, self.session_len, self.max_new_tokens, length_name)
 
@@ -193,10 +194,14 @@ def content_text(content: Any, where: str) -> str:
             and isinstance(part.get("text"), str)
         ):
             texts.append(part["text"])
+        elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+            keys = ", ".join(repr(str(k)[:20]) for k in list(part)[:5])
+            raise ChatInputError(f"{where}: a text part needs a 'text' string, as in "
+                                 f"{{'type': 'text', 'text': ...}}; got the keys {keys or 'none'}")
+        elif isinstance(part, Mapping):
+            kind = str(part.get("type"))[:20]
+            raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
         else:
-            if isinstance(part, Mapping):
-                kind = str(part.get("type"))[:20]
-                raise ChatInputError(f"{where}: only text is supported, got a {kind!r} part")
             raise ChatInputError(f"{where}: only text is supported, got {kind_of(part)} as a part")
     return checked_text("\n".join(texts), where)  # joined the way LMDeploy merges text parts
 
@@ -243,7 +248,8 @@ def normalise_messages(
     """Check a conversation to answer and return it as plain ``{"role", "content": str}`` dicts.
 
     Accepted shape: optional leading system messages (joined by a blank line; blank ones dropped), then user
-    and assistant messages alternating, starting and ending with a user message whose text is not blank.
+    and assistant messages alternating (an assistant greeting may come first), ending with a user message
+    whose text is not blank.
 
     Args:
         messages: the conversation, e.g. Gradio 6 chatbot history plus the new user message.
@@ -262,7 +268,9 @@ def normalise_messages(
             elif text.strip():
                 out.append(message)
             continue
-        expected = "user" if not out or out[-1]["role"] != "user" else "assistant"
+        previous = out[-1]["role"] if out else "system"
+        # The first turn may be either: apps open with an assistant greeting.
+        expected = {"system": role, "user": "assistant", "assistant": "user"}[previous]
         if role != expected:
             wanted = "an assistant" if expected == "assistant" else "a user"
             raise ChatInputError(f"{where}: expected {wanted} message, got {role} (turns must alternate)")
@@ -434,26 +442,29 @@ def trim_messages(
         )
     head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(head) :])
-    pairs = (len(turns) - 1) // 2  # droppable (user, assistant) pairs before the last user message
+    # Where the kept turns may start: the first turn (nothing dropped) or a user message, the last one at
+    # most; a leading assistant greeting goes with the first cut, then one (user, assistant) pair per cut.
+    cuts = sorted({0} | {i for i, m in enumerate(turns) if m["role"] == "user"})
+    last = len(cuts) - 1
 
-    def encode_without(dropped_pairs: int) -> list[int]:
-        return encode_chat(tokenizer, head + turns[2 * dropped_pairs :])
+    def encode_without(cut: int) -> list[int]:
+        return encode_chat(tokenizer, head + turns[cuts[cut] :])
 
-    # Characters that surely need more tokens than the budget: drop the fewest oldest pairs to get below.
+    # Characters that surely need more tokens than the budget: drop the fewest oldest turns to get below.
     most_chars = budget * token_span(tokenizer)
     chars = sum(len(m["content"]) for m in head + turns)
     low = 0
-    while low < pairs and chars > most_chars:
-        chars -= len(turns[2 * low]["content"]) + len(turns[2 * low + 1]["content"])
+    while low < last and chars > most_chars:
+        chars -= sum(len(m["content"]) for m in turns[cuts[low] : cuts[low + 1]])
         low += 1
     best = encode_without(low)
     if len(best) > budget:
-        high = pairs
+        high = last
         if low < high:
             best = encode_without(high)  # the fewest messages: fewer messages never means more tokens
         if len(best) > budget:
             raise PromptTooLongError(len(best), session_len, max_new_tokens)
-        low += 1  # ``low`` pairs dropped is too few: search the fewest that fit in (low, high]
+        low += 1  # cutting at ``low`` drops too few: search the first cut that fits in (low, high]
         while low < high:
             mid = (low + high) // 2
             ids = encode_without(mid)
@@ -461,5 +472,5 @@ def trim_messages(
                 high, best = mid, ids
             else:
                 low = mid + 1
-    kept = head + turns[2 * low :]
-    return TrimmedPrompt(input_ids=best, messages=kept, dropped_messages=2 * low)
+    kept = head + turns[cuts[low] :]
+    return TrimmedPrompt(input_ids=best, messages=kept, dropped_messages=cuts[low])

@@ -210,11 +210,13 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
     temperature, top_p = body.get("temperature"), body.get("top_p")
     # OpenAI takes temperature 0 ("as deterministic as possible") and top_p 0; values that small keep only
     # the most likely token, which greedy decoding picks exactly.
+    # The other value is still checked when one of them asks for greedy: 99 or "hot" is a client's mistake.
     greedy = _below(temperature, MIN_TEMPERATURE) or _below(top_p, MIN_TOP_P)
     values = {
         "max_new_tokens": next(iter(limits.values()), defaults.max_new_tokens),
-        "temperature": defaults.temperature if temperature is None or greedy else temperature,
-        "top_p": defaults.top_p if top_p is None or greedy else top_p,
+        "temperature": defaults.temperature if temperature is None or _below(temperature, MIN_TEMPERATURE)
+        else temperature,
+        "top_p": defaults.top_p if top_p is None or _below(top_p, MIN_TOP_P) else top_p,
         "top_k": defaults.top_k if body.get("top_k") is None else body["top_k"],
         "do_sample": not greedy,
     }
@@ -594,7 +596,7 @@ def openai_routes(engine: ChatEngine, settings: ServerSettings, model: str) -> l
             return field_error(exc, chat.length_field).response()
         except PromptTooLongError as exc:  # clients that trim their history on this code do so
             admission.leave()
-            text = str(exc.named(chat.length_field))
+            text = str(exc.named(chat.length_field if chat.length_given else None))
             return APIError(400, text, "messages", "context_length_exceeded").response()
         except ChatInputError as exc:
             admission.leave()

@@ -79,7 +79,7 @@ CLIENT_CASES = {
         {"history": [user("q"), assistant("a"), {"role": "system", "content": "b"}]},
         "a system message may only come before the first user message",
     ),
-    "history not alternating": ({"history": [assistant("hi")]}, "expected a user message"),
+    "history not alternating": ({"history": [user("hi")]}, "expected an assistant message"),
     "file part in history": (
         {"history": [user([{"type": "file", "path": "/etc/passwd"}]), assistant("ok")]},
         "only text is supported",

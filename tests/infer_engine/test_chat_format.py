@@ -114,6 +114,12 @@ def test_normalise_joins_leading_system_messages() -> None:  # a client's own, t
     assert normalise_messages(messages) == [system("Be brief.\n\nAnswer in French."), user("hi")]
 
 
+def test_normalise_accepts_an_assistant_greeting_first() -> None:  # as chat apps open; OpenAI takes it
+    greeting = [system("Be brief."), assistant("Hi! How can I help?"), user("Who are you?")]
+    assert normalise_messages(greeting) == greeting
+    assert normalise_messages(greeting[1:]) == greeting[1:]
+
+
 def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stopped before its first token
     assert normalise_messages([user("a"), assistant(""), user("b")])[1] == assistant("")
 
@@ -125,7 +131,7 @@ def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stoppe
         ("hello", "must be a list"),
         (None, "must be a list"),
         ([user("a"), assistant("b")], "must end with a user message"),
-        ([assistant("b"), user("a")], "expected a user message, got assistant"),
+        ([assistant("b"), assistant("c"), user("a")], "message 2: expected a user message, got assistant"),
         ([user("a"), user("b")], "expected an assistant message, got user"),
         ([user("a"), system("s")], "a system message may only come before the first user message"),
         ([system("s"), user("a"), assistant("b"), system("t"), user("c")], "message 4: a system message may"),
@@ -136,7 +142,9 @@ def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stoppe
         ([user(None)], "content must be text"),
         ([user(42)], "content must be text"),
         ([user([{"type": "image", "url": "x.png"}])], "only text is supported, got a 'image' part"),
-        ([user([{"type": "text"}])], "only text is supported"),
+        ([user([{"type": "text"}])], "message 1: a text part needs a 'text' string.*got the keys 'type'"),
+        ([user({"path": "/etc/passwd"})], "a text part needs a 'text' string.*got the keys 'path'"),
+        ([user([{"type": "text", "text": 3}])], "a text part needs a 'text' string"),
         ([user("x" * (MAX_MESSAGE_CHARS + 1))], "too long"),
     ],
 )
@@ -319,6 +327,25 @@ def test_trim_can_drop_all_history_but_the_last_question(tokenizer: Any) -> None
     prompt = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=alone + 10)
     assert prompt.messages == [messages[0], messages[-1]]
     assert prompt.dropped_messages == len(messages) - 2
+
+
+def test_trim_drops_a_leading_greeting_with_the_oldest_turn(tokenizer: Any) -> None:
+    messages = long_history(5)
+    messages.insert(1, assistant("Hi! I am UbUb's assistant. " + "Ask me anything. " * 8))
+    full = len(encode_chat(tokenizer, messages))
+    keep_all = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=full + 10)
+    assert keep_all.dropped_messages == 0 and keep_all.messages == messages
+    # One token short: the greeting goes alone first, and what is kept still alternates from a user turn.
+    prompt = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=full + 9)
+    assert prompt.dropped_messages == 1
+    assert prompt.messages == [messages[0], *messages[2:]]
+    # The same cut points as a history without a greeting, one message later each.
+    prompt = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=full // 2)
+    assert prompt.dropped_messages % 2 == 1 and prompt.messages[1]["role"] == "user"
+    assert prompt.messages == [messages[0], *messages[1 + prompt.dropped_messages :]]
+    alone = len(encode_chat(tokenizer, [messages[0], messages[-1]]))
+    prompt = trim_messages(tokenizer, messages, max_new_tokens=10, session_len=alone + 10)
+    assert prompt.messages == [messages[0], messages[-1]] and prompt.dropped_messages == len(messages) - 2
 
 
 def test_token_span_bounds_the_characters_of_every_token(tokenizer: Any) -> None:

@@ -65,7 +65,12 @@ def test_without_max_tokens_the_reply_has_what_the_prompt_leaves(api) -> None:
     # A message that cannot fit at all: the code clients trim their history on, the field they know.
     huge = error(api.post(CHAT, json={**HI, "messages": [{"role": "user", "content": "长" * 3000}]}), 400)
     assert (huge["code"], huge["param"]) == ("context_length_exceeded", "messages")
-    assert "lower max_tokens" in huge["message"] and "max new tokens" not in huge["message"]
+    # Lowering max_tokens is advice only to a client that set it.
+    assert huge["message"].endswith("Shorten the message or the system prompt.")
+    assert "max new tokens" not in huge["message"]
+    long = [{"role": "user", "content": "长" * 3000}]
+    huge = error(api.post(CHAT, json={**HI, "max_tokens": 8, "messages": long}), 400)
+    assert huge["code"] == "context_length_exceeded" and "lower max_tokens" in huge["message"]
 
 
 def test_a_field_name_no_utf_8_can_carry_is_a_400_with_it_escaped(api) -> None:
@@ -173,3 +178,15 @@ def test_near_zero_temperature_or_top_p_decodes_greedily(tiny_model_dir: Path, s
     (_, greedy), (_, smallest) = engine.asked
     assert greedy.do_sample is False and smallest.do_sample is True  # 0.01 is still sampling, as on the page
     engine.close()
+
+
+@pytest.mark.parametrize(("sampling", "param", "message"), [
+    ({"temperature": 99, "top_p": 0}, "temperature", "temperature must be between 0 and 2.0, got 99"),
+    ({"temperature": "hot", "top_p": 0}, "temperature", "temperature must be a number"),
+    ({"temperature": -5, "top_p": 0}, "temperature", "temperature must be between 0 and 2.0, got -5"),
+    ({"temperature": 0, "top_p": 5}, "top_p", "top_p must be between 0 and 1.0, got 5"),
+    ({"temperature": 0, "top_p": "abc"}, "top_p", "top_p must be a number"),
+])
+def test_greedy_by_one_value_still_checks_the_other(api, sampling: dict, param: str, message: str) -> None:
+    refused = error(api.post(CHAT, json={**HI, "max_tokens": 2, **sampling}), 400)
+    assert refused["param"] == param and refused["message"].startswith(message), refused
