@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = models[0][1]
         compare = Comparison(compared[0], models[1][1]) if compared else None
         demo = build_ui(engine, server, info, compare=compare)
-        options = launch_options(engine, server)
+        options = launch_options(engine, server, demo)
         # the OpenAI-compatible /v1 API on the same app and port, served before Gradio's own routes; it (and
         # /chat) serves the main model only
         options["app_kwargs"]["routes"] = openai_routes(engine, server, model_id(info.name))

@@ -2,7 +2,7 @@
 
     demo = build_ui(engine, server_settings, ModelInfo(name="UbUb", source="hf:me/ubub"))
 
-    demo.launch(**launch_options(engine, server_settings))
+    demo.launch(**launch_options(engine, server_settings, demo))
 
 With a ``Comparison`` (``COMPARE_MODEL_SOURCE``), the page shows two chats side by side, the compare model's
 ("Before") and the served model's ("After"): one question goes to both, each chat keeps its own history and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -299,17 +300,111 @@ class BodySizeLimit:
                 await self._refuse(scope, receive, send)
                 return
             more = message.get("more_body", False)
-        replay: list[AsgiMessage] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed() -> AsgiMessage:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 
-def launch_options(engine: ChatEngine, settings: ServerSettings) -> dict[str, Any]:
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` whole first (it was read already), then what ``receive`` gives."""
+    replay: list[AsgiMessage] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> AsgiMessage:
+        return replay.pop() if replay else await receive()
+
+    return replayed
+
+
+UPLOAD_ROUTES = ("/gradio_api/upload", "/gradio_api/upload_progress")
+
+
+class NoUploads:
+    """ASGI middleware: refuse Gradio's file upload routes. The page takes no files, and on a public Space
+    they would let anyone store files on its disk and have them served back.
+
+    Args:
+        app: the ASGI app to guard.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/").endswith(UPLOAD_ROUTES):
+            message = "This app takes no file uploads."
+            await JSONResponse({"detail": message, "error": message}, status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class CallDefaults:
+    """ASGI middleware: a plain-HTTP call (``POST /gradio_api/call/NAME``) may leave out an API function's
+    trailing optional arguments, as ``gradio_client`` users do; Gradio itself runs a call only with every
+    value and answers one without them with an empty error. The missing values are the function's defaults,
+    which ``gradio_client`` would send.
+
+    Args:
+        app: the ASGI app (inside ``BodySizeLimit``, which caps the body read here).
+        defaults: per API name, each argument's ``(has a default, default)`` in order (``api_defaults``).
+    """
+
+    def __init__(self, app: ASGIApp, defaults: dict[str, list[tuple[bool, Any]]]) -> None:
+        self.app = app
+        self.defaults = defaults
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        head, _, name = scope.get("path", "").rstrip("/").rpartition("/")
+        is_call = scope["type"] == "http" and scope.get("method") == "POST"
+        if not is_call or not head.endswith("/gradio_api/call") or name not in self.defaults:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = padded_call(b"".join(chunks), self.defaults[name])
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, _replay(body, receive), send)
+
+
+def padded_call(body: bytes, params: list[tuple[bool, Any]]) -> bytes:
+    """``body`` of a ``/call/NAME`` request with the trailing arguments it leaves out filled in with their
+    defaults; unchanged when it is not such JSON, is complete, or lacks an argument without a default.
+
+    Args:
+        body: the request body, ``{"data": [...], ...}``.
+        params: each argument's ``(has a default, default)`` in order.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    data = payload.get("data") if isinstance(payload, dict) else None
+    missing = params[len(data):] if isinstance(data, list) else []
+    if not missing or not all(has for has, _ in missing):
+        return body
+    payload["data"] = [*data, *(default for _, default in missing)]
+    return json.dumps(payload).encode()
+
+
+def api_defaults(demo: gr.Blocks) -> dict[str, list[tuple[bool, Any]]]:
+    """Each named API function's arguments as ``(has a default, default)``, from the app's API info (what
+    ``gradio_client`` fills in).
+
+    Args:
+        demo: the built app.
+    """
+    endpoints = demo.get_api_info()["named_endpoints"]
+    return {name.lstrip("/"): [(p["parameter_has_default"], p["parameter_default"])
+                               for p in info["parameters"]] for name, info in endpoints.items()}
+
+
+def launch_options(engine: ChatEngine, settings: ServerSettings, demo: gr.Blocks) -> dict[str, Any]:
     """Keyword arguments for ``demo.launch``: where to listen, no SSR, enough worker threads, no exception
-    text sent to clients (``shown_to_user`` words every error), and request bodies capped (``BodySizeLimit``).
+    text sent to clients (``shown_to_user`` words every error), request bodies capped (``BodySizeLimit``), no
+    uploads (``NoUploads``) and a plain-HTTP call's optional arguments filled in (``CallDefaults``).
 
     Gradio runs at most ``max_threads`` events at once (40 by default) and every streaming reply holds a
     worker thread while it waits for text, so the limit must exceed the engine's concurrency: else a large
@@ -318,14 +413,17 @@ def launch_options(engine: ChatEngine, settings: ServerSettings) -> dict[str, An
     Args:
         engine: the engine served (its ``max_concurrency``).
         settings: the server settings (host and port).
+        demo: the app to launch (its API functions' defaults).
     """
+    middleware = [Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES), Middleware(NoUploads),
+                  Middleware(CallDefaults, defaults=api_defaults(demo))]  # outermost first
     return {
         "server_name": settings.host,
         "server_port": settings.port,
         "ssr_mode": False,
         "show_error": False,
         "max_threads": engine.max_concurrency + UI_THREADS,
-        "app_kwargs": {"middleware": [Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES)]},
+        "app_kwargs": {"middleware": middleware},
     }
 
 

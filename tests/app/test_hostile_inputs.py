@@ -77,7 +77,7 @@ CLIENT_CASES = {
     "unknown role": ({"history": [{"role": "root", "content": "x"}]}, "role must be one of"),
     "system message after a turn": (
         {"history": [user("q"), assistant("a"), {"role": "system", "content": "b"}]},
-        "a system message may only come before the first user message",
+        "a system message may only come before the other turns",
     ),
     "history not alternating": ({"history": [user("hi")]}, "expected an assistant message"),
     "file part in history": (
@@ -167,6 +167,21 @@ def test_raw_chat_case_gets_a_clear_error(app_server, still_serving: None, data:
 def test_raw_chat_without_a_session_hash_is_answered(app_server, still_serving: None) -> None:
     event, payload = raw_chat(app_server.url, json.dumps(["你是谁？", *CHAT_DEFAULTS[1:]]))
     assert event == "complete" and isinstance(payload[0], str)
+
+
+@pytest.mark.parametrize("sent", [1, 2, 4], ids=["message only", "with history", "with max_new_tokens"])
+def test_raw_chat_fills_in_the_optional_arguments_left_out(app_server, still_serving, sent: int) -> None:
+    # The README calls all but message optional; gradio_client fills them in, plain HTTP gets the same.
+    data = ["你是谁？", [user("hi"), assistant("hello")], "", 4][:sent]
+    event, payload = raw_chat(app_server.url, json.dumps(data))
+    assert event == "complete" and isinstance(payload[0], str) and payload[0], payload
+
+
+def test_file_uploads_are_refused(app_server, still_serving: None) -> None:
+    # The page takes no files: on a public Space the route would store anyone's files and serve them back.
+    files = {"files": ("x.bin", b"x" * 1024)}
+    refused = httpx.post(app_server.url + "gradio_api/upload", files=files, timeout=30)
+    assert refused.status_code == 403 and refused.json()["error"] == "This app takes no file uploads."
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["declared length", "chunked"])

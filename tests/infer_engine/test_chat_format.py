@@ -133,7 +133,7 @@ def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stoppe
         ([user("a"), assistant("b")], "must end with a user message"),
         ([assistant("b"), assistant("c"), user("a")], "message 2: expected a user message, got assistant"),
         ([user("a"), user("b")], "expected an assistant message, got user"),
-        ([user("a"), system("s")], "a system message may only come before the first user message"),
+        ([user("a"), system("s")], "a system message may only come before the other turns"),
         ([system("s"), user("a"), assistant("b"), system("t"), user("c")], "message 4: a system message may"),
         ([{"role": "tool", "content": "x"}], "role must be one of system, user, assistant"),
         ([{"content": "x"}], "must be a dict with 'role' and 'content'"),

@@ -265,9 +265,9 @@ def test_launch_options_serve_more_streams_than_gradios_default_40_threads(rambl
         rambling_model_dir, EngineSettings(backend="transformers", session_len=512, max_batch_size=streams)
     )
     settings = ServerSettings(port=free_port())
-    options = launch_options(engine, settings)
-    assert options["max_threads"] == streams + UI_THREADS
     demo = build_ui(engine, settings, INFO)
+    options = launch_options(engine, settings, demo)
+    assert options["max_threads"] == streams + UI_THREADS
     try:
         demo.launch(**options, prevent_thread_lock=True, quiet=True)
         # one client (session) per stream: a session has one reply at a time
