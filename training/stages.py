@@ -141,6 +141,18 @@ def latest_checkpoint(train_dir: Path) -> Path | None:
     return checkpoint if checkpoint.exists() else None
 
 
+def lost_checkpoint(train_dir: Path) -> str | None:
+    """The name of the checkpoint mmengine's `last_checkpoint` file names when it is not in `train_dir`.
+
+    Args:
+        train_dir: an xtuner.tools.train --work-dir.
+    """
+    marker = train_dir / "last_checkpoint"
+    if not marker.is_file() or latest_checkpoint(train_dir) is not None:
+        return None
+    return Path(marker.read_text().strip()).name
+
+
 def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
     """Train with XTuner (torchrun over --gpus processes when more than one), resuming from the last
     checkpoint in `train_dir` if any.
@@ -153,6 +165,10 @@ def xtuner_train(run: Run, config: Path, train_dir: Path, log: Path) -> Path:
     """
     env = run.env
     resume_from = latest_checkpoint(train_dir)
+    lost = lost_checkpoint(train_dir)
+    if lost is not None:  # not silently: the iterations it held are trained again
+        say(f"  the last checkpoint, {lost}, is gone (deleted, or an earlier run stopped while saving it): "
+            "training starts from iteration 0")
     if resume_from is not None:
         say(f"  resuming training from {resume_from.name}")
         # XTuner and mmengine torch.load() the checkpoint without weights_only=False, which torch >= 2.6

@@ -159,6 +159,9 @@ def test_lora_optimizer_and_schedule(key):
     assert 0 < cfg.warmup_iters < cfg.max_iters and 0 < cfg.warmup_ratio < 0.05
     assert cfg.default_hooks.checkpoint.type is CheckpointHook
     assert cfg.default_hooks.checkpoint.interval == want["save_steps"]
+    # mmengine deletes the oldest kept checkpoint before it writes the next: one kept, a run stopped while
+    # saving would have none to resume from.
+    assert cfg.default_hooks.checkpoint.max_keep_ckpts >= 2
     assert hook(cfg, EvaluateChatHook).every_n_iters == want["evaluation_freq"]
     assert cfg.randomness.seed == cfg.seed == 42
 

@@ -47,6 +47,7 @@ from training.stages import (
     identity_answers,
     identity_markers,
     latest_checkpoint,
+    lost_checkpoint,
     plan_sft,
     publish_gate,
 )
@@ -483,6 +484,14 @@ def test_publish_gate_thresholds(scores, refused, tmp_path):
     assert publish_gate(eval_json) == refused
     eval_json.write_text(json.dumps({"leakage_rate": 0.0}))
     assert publish_gate(eval_json) == f"{eval_json} has no identity_accuracy and leakage_rate numbers"
+
+
+def test_a_checkpoint_named_but_gone_is_told(tmp_path):
+    assert lost_checkpoint(tmp_path) is None  # a first run
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_50.pth"))
+    assert lost_checkpoint(tmp_path) == "iter_50.pth"  # the run then starts over, and says so
+    (tmp_path / "iter_50.pth").write_bytes(b"ckpt")
+    assert lost_checkpoint(tmp_path) is None
 
 
 def test_latest_checkpoint_is_a_file_or_a_deepspeed_directory(tmp_path):

@@ -63,7 +63,7 @@ max_norm = 1  # grad clip
 seed = 42
 
 save_steps = 500
-save_total_limit = 2  # checkpoints kept (-1: all)
+save_total_limit = 2  # checkpoints kept (-1: all); at least 2: mmengine deletes the oldest before it saves
 
 evaluation_freq = 500
 SYSTEM = ""  # the identity data carries no system prompt

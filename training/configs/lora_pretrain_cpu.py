@@ -64,7 +64,8 @@ max_norm = 1
 seed = 42
 
 save_steps = 60
-save_total_limit = 1
+save_total_limit = 2  # mmengine deletes the oldest before writing the next: with 1, a run stopped mid-save
+#                       would be left with no checkpoint to resume from
 
 evaluation_freq = 60
 SYSTEM = ""

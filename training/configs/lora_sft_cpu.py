@@ -70,7 +70,8 @@ max_norm = 1
 seed = 42
 
 save_steps = 300  # per preset
-save_total_limit = 1
+save_total_limit = 2  # mmengine deletes the oldest before writing the next: with 1, a run stopped mid-save
+#                       would be left with no checkpoint to resume from
 
 evaluation_freq = 100  # per preset
 SYSTEM = ""  # system prompts, where any, are in the data rows
