@@ -403,6 +403,11 @@ class RunConfig:
 
 
 def _check_work_dir(work: Path) -> None:
+    # mmengine cannot parse a config file whose path holds a double quote ("Cannot import <ast.alias ...>"),
+    # which the training stages would find only after the base and the data.
+    if '"' in str(work):
+        raise RunConfigError(f"--work-dir {work}: XTuner cannot read its config files from a path with a "
+                             "double quote (\"); give another directory")
     # A run clears the outputs of the stages it is about to run (data/, merged/, eval.md...): in a directory
     # that holds something else, those could be the user's own files.
     if work.exists() and not work.is_dir():

@@ -281,7 +281,8 @@ def test_a_work_dir_that_holds_other_files_or_cannot_be_one_is_refused_and_left_
     a_file.write_text("")
     for work, message in [(a_file, "is a file: give a directory"),
                           (a_file / "sub", f"--work-dir {a_file / 'sub'}: cannot create it"),
-                          ("", "argument --work-dir: must not be empty")]:
+                          ("", "argument --work-dir: must not be empty"),
+                          (tmp_path / 'w"d', "cannot read its config files from a path with a double")]:
         proc = run_sh("--name", "x", "--preset", "tiny", "--dry-run", "--work-dir", str(work), timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     # A new dir, an empty one, and one a run was interrupted in before its first record are all fine.
