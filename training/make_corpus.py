@@ -44,8 +44,9 @@ _ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")  # not 2
 _INLINE_CODE = re.compile(r"`([^`\n]+)`")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-# Sentence ends: CJK full stops need no following space; Latin ones do (so "3.14" and "e.g." stay whole).
-_SENTENCE_END = re.compile(r"(?<=[。！？；…])|(?<=[.!?;])\s+")
+# Sentence ends: CJK full stops need no following space; Latin ones do (so "3.14" and "e.g." stay whole). The
+# split keeps the space (or line end) with the next sentence, so sentences joined give the text back.
+_SENTENCE_END = re.compile(r"(?<=[。！？；…])|(?<=[.!?;])(?=\s)")
 
 
 class CorpusError(ValueError):
@@ -114,18 +115,14 @@ def _split_long(paragraph: str, chunk_chars: int) -> list[str]:
     pieces: list[str] = []
     current = ""
     for sentence in filter(None, _SENTENCE_END.split(paragraph)):
-        while len(sentence) > chunk_chars:  # one sentence longer than a chunk: cut it
-            if current:
-                pieces.append(current)
-                current = ""
-            pieces.append(sentence[:chunk_chars])
-            sentence = sentence[chunk_chars:]
-        joiner = " " if current and current[-1].isascii() and sentence[0].isascii() else ""
-        if len(current) + len(joiner) + len(sentence) <= chunk_chars:
-            current += joiner + sentence
-        else:
-            pieces.append(current)
-            current = sentence
+        if len(current) + len(sentence) <= chunk_chars:
+            current += sentence
+            continue
+        pieces.append(current)
+        current = sentence.lstrip()  # a chunk starts at a word, not at the space before it
+        while len(current) > chunk_chars:  # one sentence longer than a chunk: cut it
+            pieces.append(current[:chunk_chars])
+            current = current[chunk_chars:]
     return [p for p in [*pieces, current] if p]
 
 

@@ -104,6 +104,14 @@ def test_long_paragraphs_split_at_sentence_ends() -> None:
         assert all(c[-1] in "。." for c in chunks), chunks
 
 
+def test_a_long_paragraph_keeps_its_spaces() -> None:  # each chunk is the user's text as written
+    text = clean_text("First sentence here. Second one! 第三句。Fourth? 第五句. End\n" * 300)
+    chunks = chunk_text(text, chunk_chars=500)
+    assert len(chunks) > 1 and all(len(c) <= 500 and c in text for c in chunks)
+    assert "Second one! 第三句。Fourth? 第五句. End\nFirst" in chunks[0]
+    assert _squash("".join(chunks)) == _squash(text)
+
+
 def test_a_sentence_longer_than_a_chunk_is_cut_hard() -> None:
     text = "x" * 250
     assert chunk_text(text, chunk_chars=100) == ["x" * 100, "x" * 100, "x" * 50]
