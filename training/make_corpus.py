@@ -120,9 +120,10 @@ def _split_long(paragraph: str, chunk_chars: int) -> list[str]:
             continue
         pieces.append(current)
         current = sentence.lstrip()  # a chunk starts at a word, not at the space before it
-        while len(current) > chunk_chars:  # one sentence longer than a chunk: cut it
-            pieces.append(current[:chunk_chars])
-            current = current[chunk_chars:]
+        if len(current) > chunk_chars:  # one sentence longer than a chunk: cut it (by index: a 50 MB line)
+            cuts = range(0, len(current), chunk_chars)
+            *whole, current = (current[i : i + chunk_chars] for i in cuts)
+            pieces += whole
     return [p for p in [*pieces, current] if p]
 
 
@@ -187,7 +188,7 @@ def list_corpus(corpus_dir: Path) -> CorpusListing:
                 continue
             if entry.is_dir():
                 pending.append(entry)
-            elif entry.is_file() or entry.is_symlink():
+            else:  # files, links and the odd pipe, each listed by what it is below
                 found.append(entry)
     seen_files: dict[tuple[int, int], Path] = {}
     for path in sorted(found):
@@ -195,7 +196,7 @@ def list_corpus(corpus_dir: Path) -> CorpusListing:
             listing.other.append(path)
         elif not path.exists():
             listing.unusable.append((path, f"broken symlink to {os.readlink(path)}"))
-        elif not path.is_file():  # a link to a pipe or device: reading it could wait forever
+        elif not path.is_file():  # a pipe or device (or a link to one): reading it could wait forever
             listing.unusable.append((path, "not a regular file"))
         else:
             stat = path.stat()

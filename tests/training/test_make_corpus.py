@@ -174,11 +174,12 @@ def test_links_in_the_corpus_are_followed_and_each_file_is_read_once(tmp_path: P
     (corpus / "gone.md").symlink_to(tmp_path / "deleted.md")  # a broken link is named, not silently passed
     os.mkfifo(tmp_path / "pipe")
     (corpus / "pipe.txt").symlink_to(tmp_path / "pipe")  # never opened: reading a pipe waits for a writer
-    os.mkfifo(corpus / "fifo.txt")  # not even listed: no file
+    os.mkfifo(corpus / "fifo.txt")
     listing = list_corpus(corpus)
     assert [p.relative_to(corpus).as_posix() for p in listing.files] == ["a.txt", "linked_notes/n.md"]
     assert {p.name: why for p, why in listing.unusable} == {
         "gone.md": f"broken symlink to {tmp_path / 'deleted.md'}", "pipe.txt": "not a regular file",
+        "fifo.txt": "not a regular file",
         "z_hard.txt": "same file as a.txt", "z_same.txt": "same file as a.txt"}
     report = build_corpus(corpus)
     assert report.chunks == ["First text.", "A note kept elsewhere."]
