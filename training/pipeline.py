@@ -176,7 +176,8 @@ def check_device(cfg: RunConfig, todo: list[Stage]) -> None:
 
 def dry_run(run: Run, plan: Plan) -> list[str]:
     """The plan of every stage still to run, as printed lines; each is also recorded under "plan" in its
-    stage record (a record of an interrupted stage keeps its status, so it still resumes).
+    stage record (a record of an interrupted stage keeps its status, so it still resumes), except a finished
+    stage's (rerun by --from), whose record keeps the plan that ran.
 
     Args:
         run: the run (results of the reused stages loaded by plan_run).
@@ -188,7 +189,8 @@ def dry_run(run: Run, plan: Plan) -> list[str]:
     for stage in plan.todo:
         stage_plan = _normalised(stage.plan(run))
         record = _load_record(run.record_path(stage.name)) or {"status": "planned"}
-        _write_record(run.record_path(stage.name), {**record, "plan": stage_plan})
+        if record.get("status") != "done":
+            _write_record(run.record_path(stage.name), {**record, "plan": stage_plan})
         lines.append(f"[plan] {stage.name}: {stage_plan['summary']}")
     return lines
 

@@ -654,6 +654,16 @@ def test_rerun_skips_every_finished_stage(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_dry_run_from_a_finished_stage_leaves_its_records_as_they_ran(tiny_run, tmp_path):
+    work, args = copy_run(tiny_run, tmp_path)
+    records = {p.name: p.read_bytes() for p in (work / "stages").glob("*.json")}
+    proc = run_sh(*args, "--from", "sft", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[plan] sft: " in proc.stdout and "[plan] evaluate: " in proc.stdout
+    assert {p.name: p.read_bytes() for p in (work / "stages").glob("*.json")} == records
+
+
+@pytest.mark.slow
 def test_from_pth_to_hf_uses_the_base_where_it_is_now(tiny_run, tmp_path):
     # A finished SFT whose config names a base dir that has moved since (a rebuilt cache, a new checkout).
     work, args = copy_run(tiny_run, tmp_path)
