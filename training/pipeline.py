@@ -131,6 +131,10 @@ def plan_run(run: Run) -> Plan:
             changes = ", ".join(f"{k}: {_shown(old.get(k))} -> {_shown(inputs.get(k))}"
                                 for k in dict.fromkeys([*inputs, *old]) if old.get(k) != inputs.get(k))
             state = "was interrupted (rerun the same command to resume it)" if interrupted else "was run"
+            pretrained = _load_record(run.record_path("pretrain")) or {}
+            if not run.cfg.stage_enabled("pretrain") and pretrained.get("status") == "done":
+                corpus = pretrained.get("inputs", {}).get("corpus")  # its base was this corpus's pre-training
+                state += f" after pre-training on --corpus {corpus}, which this command leaves out"
             raise RunConfigError(
                 f"stage {stage.name} in {run.work} {state} with other settings ({changes}); rerun it with "
                 f"--from {stage.name}, or use another --work-dir")

@@ -771,6 +771,10 @@ def test_corpus_adds_continued_pretraining_whose_merge_is_the_sft_base(tiny_run,
     proc = run_sh(*args, "--corpus", str(corpus), "--max-iters", "20")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[pipeline] pretrain: done earlier, skipped" in proc.stdout
+    # The same command without --corpus: the refusal says what is left out, not only a changed base path.
+    proc = run_sh(*args, "--max-iters", "20")
+    assert proc.returncode == 2
+    assert f"after pre-training on --corpus {corpus}, which this command leaves out" in proc.stderr
 
 
 def _children(pid: int) -> list[int]:
