@@ -152,8 +152,8 @@ class CorpusListing:
     Args:
         files: the .txt/.md files to read (suffix in any case), sorted, each real file once.
         other: visible files without a .txt/.md suffix.
-        unusable: (path, reason) for broken symlinks, unreadable directories and second names (symlinks, hard
-            links) of a file already in files.
+        unusable: (path, reason) for broken symlinks, pipes and devices, unreadable directories and second
+            names (symlinks, hard links) of a file already in files.
     """
 
     files: list[Path] = field(default_factory=list)
@@ -179,17 +179,14 @@ def list_corpus(corpus_dir: Path) -> CorpusListing:
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
         try:
-            entries = list(directory.iterdir())
+            entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
         except OSError as err:
             listing.unusable.append((directory, f"directory not readable: {err.strerror or err}"))
             continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                pending.append(entry)
-            else:  # files, links and the odd pipe, each listed by what it is below
-                found.append(entry)
+        # Files, links and the odd pipe are listed by what they are below. Folders are walked in name order,
+        # so one seen twice (a link to it) is always listed under its first name.
+        found += [entry for entry in entries if not entry.is_dir()]
+        pending += reversed([entry for entry in entries if entry.is_dir()])
     seen_files: dict[tuple[int, int], Path] = {}
     for path in sorted(found):
         if path.suffix.lower() not in SUFFIXES:

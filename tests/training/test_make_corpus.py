@@ -169,6 +169,8 @@ def test_links_in_the_corpus_are_followed_and_each_file_is_read_once(tmp_path: P
     (corpus / "a.txt").write_text("First text.", encoding="utf-8")
     (corpus / "linked_notes").symlink_to(notes)  # a notes folder linked in: read
     (corpus / "sub" / "loop").symlink_to(corpus)  # a link loop: each directory is walked once
+    (corpus / "z_sub").symlink_to(corpus / "sub")  # a folder seen twice: listed under its first name
+    (corpus / "sub" / "s.txt").write_text("Sub text.", encoding="utf-8")
     (corpus / "z_same.txt").symlink_to(corpus / "a.txt")  # second names of a.txt: its text would count twice
     (corpus / "z_hard.txt").hardlink_to(corpus / "a.txt")
     (corpus / "gone.md").symlink_to(tmp_path / "deleted.md")  # a broken link is named, not silently passed
@@ -176,13 +178,14 @@ def test_links_in_the_corpus_are_followed_and_each_file_is_read_once(tmp_path: P
     (corpus / "pipe.txt").symlink_to(tmp_path / "pipe")  # never opened: reading a pipe waits for a writer
     os.mkfifo(corpus / "fifo.txt")
     listing = list_corpus(corpus)
-    assert [p.relative_to(corpus).as_posix() for p in listing.files] == ["a.txt", "linked_notes/n.md"]
+    assert [p.relative_to(corpus).as_posix() for p in listing.files] == ["a.txt", "linked_notes/n.md",
+                                                                          "sub/s.txt"]
     assert {p.name: why for p, why in listing.unusable} == {
         "gone.md": f"broken symlink to {tmp_path / 'deleted.md'}", "pipe.txt": "not a regular file",
         "fifo.txt": "not a regular file",
         "z_hard.txt": "same file as a.txt", "z_same.txt": "same file as a.txt"}
     report = build_corpus(corpus)
-    assert report.chunks == ["First text.", "A note kept elsewhere."]
+    assert report.chunks == ["First text.", "A note kept elsewhere.", "Sub text."]
     assert report.skipped == listing.unusable
     with pytest.raises(CorpusError, match=r"no usable text .*gone\.md: broken symlink to"):
         check_corpus(_only(corpus / "gone.md", tmp_path / "only_broken"))
