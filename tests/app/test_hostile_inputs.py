@@ -79,7 +79,7 @@ CLIENT_CASES = {
         {"history": [user("q"), assistant("a"), {"role": "system", "content": "b"}]},
         "a system message may only come before the other turns",
     ),
-    "history not alternating": ({"history": [user("hi")]}, "expected an assistant message"),
+    "history not alternating": ({"history": [assistant("hi"), assistant("hey")]}, "expected a user message"),
     "file part in history": (
         {"history": [user([{"type": "file", "path": "/etc/passwd"}]), assistant("ok")]},
         "only text is supported",
