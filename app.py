@@ -114,9 +114,7 @@ def model_info(source: str, model_dir: Path) -> ModelInfo:
         return ModelInfo(name=display_name(shown.removeprefix("demo:")), source=f"built-in demo {shown}")
     src = parse_source(source)
     where = Path(redact(src.location).rstrip("/")).name.removesuffix(".git") or "model"  # no @REV, no login
-    # A local directory by its name only: a path of the server tells who and where its operator is.
-    shown = f"local directory {where}" if src.kind == "local" else str(src)
-    return ModelInfo(name=assistant_name(model_dir) or where, source=shown, is_demo=False)
+    return ModelInfo(name=assistant_name(model_dir) or where, source=src.public, is_demo=False)
 
 
 def listen_problem(host: str, port: int) -> str | None:

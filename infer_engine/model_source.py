@@ -215,6 +215,18 @@ class ModelSource:
         return f"{self.kind}:{self.location}" + (f"@{self.revision}" if self.revision else "")
 
     @property
+    def public(self) -> str:
+        """How it may be shown to others (a page, a record, a model card): ``str()``, but a local directory
+        or a git repository on this machine (a path, ``file://``) by its name only: a path of the machine
+        tells who and where its owner is."""
+        name = Path(self.location.rstrip("/")).name
+        if self.kind == "local":
+            return f"local directory {name}"
+        if self.kind == "git" and self.location.startswith(("/", "file://")):
+            return f"local git repository {name}" + (f"@{self.revision}" if self.revision else "")
+        return str(self)
+
+    @property
     def cache_key(self) -> str:
         """Directory name in the cache: a readable slug plus a hash of the credential-free source."""
         bare = re.sub(r"^([a-z]+://)?[^@/]*@", r"\1", self.location)  # an ssh login name (no secret is left)
@@ -226,8 +238,8 @@ class ModelSource:
 
 
 def public_source(source: str) -> str:
-    """How a model source may be stored, logged or published: credentials removed, and a local directory
-    shown by its name only (its absolute path tells who and where the user is).
+    """How a model source may be stored, logged or published: ``ModelSource.public`` (no credentials, no path
+    of this machine).
 
     Args:
         source: a model source as the user gave it (parsed with ``parse_source``; an invalid one is redacted).
@@ -236,7 +248,7 @@ def public_source(source: str) -> str:
         src = parse_source(source)
     except ModelSourceError:
         return redact(source)
-    return f"local directory {Path(src.location).name}" if src.kind == "local" else str(src)
+    return src.public
 
 
 def _reject(text: str, why: str) -> ModelSourceError:
@@ -673,7 +685,7 @@ def resolve_model(
     if src.kind == "hf" and src.revision is None:
         log.warning("model %s follows the repo's moving main branch: pin the version you checked, "
                     "e.g. %s@<commit id from the repo's 'Files and versions' page>", src, src)
-    root = cache_dir or default_cache_dir()
+    root = (cache_dir or default_cache_dir()).expanduser()  # "~/models", as a Space's settings pass it
     if src.kind == "demo":
         from infer_engine.smol_demo import resolve_demo  # torch, transformers, peft: app env only
 
@@ -691,7 +703,7 @@ def resolve_model(
     except OSError as err:
         raise ModelSourceError(
             f"cannot fetch {src} into the model cache {root} ({err.strerror or err}): set {CACHE_DIR_ENV} "
-            "(or --cache-dir) to a writable directory"
+            "to a writable directory"
         ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two app workers must not fetch into the same partial dir

@@ -316,7 +316,7 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
     queue = env.get("QUEUE_SIZE", "").strip()
     return said_as(SERVER_ENV, lambda: ServerSettings(
         model_source=env.get("MODEL_SOURCE", "").strip(),
-        cache_dir=Path(cache) if cache else None,
+        cache_dir=Path(cache).expanduser() if cache else None,  # a Space's settings do not expand "~"
         host=env.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1",
         port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,

@@ -190,6 +190,10 @@ def test_model_info_names_the_model_and_hides_credentials(tmp_path: Path) -> Non
     (tmp_path / "my-model").mkdir()
     local = app.model_info(str(tmp_path / "my-model"), tmp_path / "my-model")
     assert (local.name, local.source) == ("my-model", "local directory my-model")
+    # A git repository on the server, too, by its name only: its path tells who and where the operator is.
+    for source in (f"file://{tmp_path}/repo.git@v2", f"{tmp_path}/repo.git"):
+        shown = app.model_info(source, tmp_path / "cached").source
+        assert shown.startswith("local git repository repo.git") and str(tmp_path) not in shown
 
 
 def test_a_model_this_project_trained_is_called_by_its_assistants_name(tmp_path: Path) -> None:

@@ -182,6 +182,10 @@ def test_engine_settings_from_env_errors_name_the_variable(env: dict[str, str], 
         engine_settings_from_env(env)
 
 
+def test_a_cache_dir_from_the_home_dir_is_expanded() -> None:  # a Space's settings do not expand "~"
+    assert server_settings_from_env({"MODEL_CACHE_DIR": "~/models"}).cache_dir == Path.home() / "models"
+
+
 def test_server_settings_from_env() -> None:
     env = {
         "MODEL_SOURCE": " hf:someone/model ",
