@@ -152,12 +152,14 @@ class CorpusListing:
     Args:
         files: the .txt/.md files to read (suffix in any case), sorted, each real file once.
         other: visible files without a .txt/.md suffix.
+        folders: the folders walked, resolved (a linked folder by where it is).
         unusable: (path, reason) for broken symlinks, pipes and devices, unreadable directories and second
             names (symlinks, hard links) of a file already in files.
     """
 
     files: list[Path] = field(default_factory=list)
     other: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
     unusable: list[tuple[Path, str]] = field(default_factory=list)
 
 
@@ -178,32 +180,42 @@ def list_corpus(corpus_dir: Path) -> CorpusListing:
         if (stat.st_dev, stat.st_ino) in seen_dirs:
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
+        listing.folders.append(directory.resolve())
         try:
             entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
+            folders = {entry for entry in entries if entry.is_dir()}  # is_dir raises EACCES of a folder above
         except OSError as err:
             listing.unusable.append((directory, f"directory not readable: {err.strerror or err}"))
             continue
         # Files, links and the odd pipe are listed by what they are below. Folders are walked in name order,
         # so one seen twice (a link to it) is always listed under its first name.
-        found += [entry for entry in entries if not entry.is_dir()]
-        pending += reversed([entry for entry in entries if entry.is_dir()])
+        found += [entry for entry in entries if entry not in folders]
+        pending += reversed([entry for entry in entries if entry in folders])
     seen_files: dict[tuple[int, int], Path] = {}
     for path in sorted(found):
-        if path.suffix.lower() not in SUFFIXES:
-            listing.other.append(path)
-        elif not path.exists():
-            listing.unusable.append((path, f"broken symlink to {os.readlink(path)}"))
-        elif not path.is_file():  # a pipe or device (or a link to one): reading it could wait forever
-            listing.unusable.append((path, "not a regular file"))
-        else:
-            stat = path.stat()
-            first = seen_files.setdefault((stat.st_dev, stat.st_ino), path)
-            if first == path:
-                listing.files.append(path)
-            else:  # read once: a linked copy would double its text in training
-                listing.unusable.append((path, f"same file as {first.relative_to(corpus_dir)}"))
+        try:
+            _list_file(listing, seen_files, path, corpus_dir)
+        except OSError as err:  # e.g. a folder that can be listed but not entered
+            listing.unusable.append((path, f"unreadable: {err.strerror or err}"))
     listing.unusable.sort()
     return listing
+
+
+def _list_file(listing: CorpusListing, seen: dict[tuple[int, int], Path], path: Path, corpus_dir: Path
+               ) -> None:
+    if path.suffix.lower() not in SUFFIXES:
+        listing.other.append(path)
+    elif not path.exists():
+        listing.unusable.append((path, f"broken symlink to {os.readlink(path)}"))
+    elif not path.is_file():  # a pipe or device (or a link to one): reading it could wait forever
+        listing.unusable.append((path, "not a regular file"))
+    else:
+        stat = path.stat()
+        first = seen.setdefault((stat.st_dev, stat.st_ino), path)
+        if first == path:
+            listing.files.append(path)
+        else:  # read once: a linked copy would double its text in training
+            listing.unusable.append((path, f"same file as {first.relative_to(corpus_dir)}"))
 
 
 def corpus_files(corpus_dir: Path) -> list[Path]:

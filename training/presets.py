@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from infer_engine.model_source import ModelSourceError, parse_source
 from training.identity import IdentityError, IdentitySpec
-from training.make_corpus import CorpusError, check_corpus, corpus_files
+from training.make_corpus import CorpusError, check_corpus, list_corpus
 from training.make_identity_data import IDENTITY_REPEAT, MAX_IDENTITY_REPEAT, MAX_SEED_REPEAT, SEED_REPEAT
 from training.publish import PublishError, parse_target
 
@@ -287,7 +287,8 @@ class RunConfig:
             if not corpus.is_dir():
                 what = "a file, not a directory of .txt/.md files" if corpus.exists() else "no such directory"
                 raise RunConfigError(f"--corpus {self.corpus}: {what}")
-            if not corpus_files(corpus):
+            listing = list_corpus(corpus)
+            if not listing.files and not listing.unusable:  # else check_corpus names why each cannot be used
                 raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
                                      "left out) to pre-train on")
             try:  # found now, not after the base is fetched and the data built
@@ -419,10 +420,14 @@ def _check_work_dir(work: Path) -> None:
 
 def _check_apart(work: Path, corpus: Path) -> None:
     # The corpus is read as it is at each run: the run's own eval.md and the like must not become training
-    # text, nor may a stage's cleared outputs hold the corpus. A hidden directory (.work) is never read.
-    if work.is_relative_to(corpus) and not any(p.startswith(".") for p in work.relative_to(corpus).parts):
-        raise RunConfigError(f"--work-dir {work} is inside --corpus {corpus}: a later run would pre-train on "
-                             "this run's outputs; give a work dir outside the corpus (or a hidden one in it)")
+    # text, nor may a stage's cleared outputs hold the corpus. A hidden directory (.work) is never read; a
+    # folder linked into the corpus is read where it is.
+    for folder in list_corpus(corpus).folders:
+        if work.is_relative_to(folder) and not any(p.startswith(".") for p in work.relative_to(folder).parts):
+            linked = "" if folder == corpus else f" (its linked folder {folder})"
+            raise RunConfigError(f"--work-dir {work} is inside --corpus {corpus}{linked}: a later run would "
+                                 "pre-train on this run's outputs; give a work dir outside the corpus (or a "
+                                 "hidden one in it)")
     if corpus.is_relative_to(work):
         raise RunConfigError(f"--corpus {corpus} is inside --work-dir {work}, whose outputs a run clears; "
                              "keep the corpus elsewhere")

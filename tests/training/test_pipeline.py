@@ -42,6 +42,7 @@ from training.runner import StageError, failure_reason
 from training.stages import (
     PIPELINE,
     Run,
+    _base_arg,
     base_model_id,
     data_command,
     identity_answers,
@@ -193,6 +194,17 @@ def test_the_reproduce_command_is_run_sh_with_every_setting_quoted_for_a_shell(p
     assert "--name=-Bob" in dash and parse_args(shlex.split(dash)[2:]).name == "-Bob"
 
 
+def test_the_reproduce_base_is_a_base_flag_without_this_machines_path(tmp_path):
+    # Recorded with the model: a source on this machine by its name (a --base that works beside it), any
+    # other without its credentials.
+    (tmp_path / "my-base").mkdir()
+    assert _base_arg(str(tmp_path / "my-base")) == "my-base"
+    assert _base_arg(f"file://{tmp_path}/bases.git@v2") == "bases.git@v2"
+    assert _base_arg(f"{tmp_path}/bases.git") == "bases.git"
+    assert _base_arg("https://me:tok@h.org/x/base.git@v1") == "https://h.org/x/base.git@v1"
+    assert _base_arg("hf:someone/base") == "hf:someone/base" and _base_arg(None) is None
+
+
 def test_publish_targets_are_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     bare = tmp_path / "mine.git"
@@ -317,6 +329,9 @@ def test_a_corpus_without_a_text_file_is_refused_before_any_work(tmp_path):
     (corpus / "paper.pdf").write_bytes(b"%PDF")
     with pytest.raises(RunConfigError, match=r"--corpus .*: no \.txt or \.md file in it"):
         RunConfig(name="x", preset="tiny", corpus=corpus)
+    (corpus / "moved.md").symlink_to(tmp_path / "gone.md")  # named, with why it cannot be used
+    with pytest.raises(RunConfigError, match=r"--corpus: no usable text .*moved\.md: broken symlink to"):
+        RunConfig(name="x", preset="tiny", corpus=corpus)
 
 
 def test_a_corpus_of_no_usable_text_is_refused_before_any_work(tmp_path):
@@ -344,6 +359,11 @@ def test_a_work_dir_and_its_corpus_are_kept_apart(tmp_path):
     # A hidden directory is never read as corpus: a repo's own .work may hold the run.
     cfg = RunConfig(name="x", preset="tiny", corpus=corpus, work_dir=corpus / ".work" / "run")
     assert cfg.work_dir == corpus / ".work" / "run"
+    # A folder linked into the corpus is read where it is: a work dir there would be read too.
+    (tmp_path / "projects" / "runs").mkdir(parents=True)
+    (corpus / "projects").symlink_to(tmp_path / "projects")
+    with pytest.raises(RunConfigError, match=r"inside --corpus .*/notes \(its linked folder .*/projects\)"):
+        RunConfig(name="x", preset="tiny", corpus=corpus, work_dir=tmp_path / "projects" / "runs" / "x")
 
 
 def test_more_cpu_training_processes_than_cores_are_refused_before_any_stage(tmp_path):
