@@ -132,7 +132,8 @@ def plan_run(run: Run) -> Plan:
                                 for k in dict.fromkeys([*inputs, *old]) if old.get(k) != inputs.get(k))
             state = "was interrupted (rerun the same command to resume it)" if interrupted else "was run"
             pretrained = _load_record(run.record_path("pretrain")) or {}
-            if not run.cfg.stage_enabled("pretrain") and pretrained.get("status") == "done":
+            left_out = not run.cfg.stage_enabled("pretrain") and pretrained.get("status") == "done"
+            if left_out and stage.name not in ("base", "data"):  # the stages before it know nothing of it
                 corpus = pretrained.get("inputs", {}).get("corpus")  # its base was this corpus's pre-training
                 state += f" after pre-training on --corpus {corpus}, which this command leaves out"
             raise RunConfigError(

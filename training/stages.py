@@ -334,11 +334,14 @@ def _merge_meta(run: Run, stage: str, config: Path, adapter: Path) -> dict[str, 
 
 
 def _base_arg(base: str | None) -> str | None:
-    # A local base by its directory's name (the path is this machine's), any other source without credentials.
+    # A base on this machine (a directory, a git repository) by its name (the path is this machine's), as a
+    # --base that works beside it; any other source without credentials.
     if base is None:
         return None
     source = parse_source(base)
-    return Path(source.location).name if source.kind == "local" else public_source(base)
+    if source.public != str(source):
+        return Path(source.location.rstrip("/")).name + (f"@{source.revision}" if source.revision else "")
+    return public_source(base)
 
 
 def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
