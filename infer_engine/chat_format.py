@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from tokenizers import Tokenizer
 
 from infer_engine.settings import MAX_HISTORY_CHARS, MAX_MESSAGE_CHARS, MAX_MESSAGES
@@ -374,7 +375,12 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
         messages: normalised messages (see ``normalise_messages``).
     """
     slotted = [{"role": m["role"], "content": _SLOT.format(i)} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=True)
+    try:
+        rendered = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError:  # the model's template is broken: not the user's doing
+        raise
+    except TemplateError as exc:  # its raise_exception: e.g. Mistral's refuses an assistant greeting first
+        raise ChatInputError(f"this model's chat template refuses the conversation: {exc}") from None
     found = [int(i) for i in _SLOT_RE.findall(rendered)]
     if found != list(range(len(messages))):
         raise RuntimeError("the model's chat template does not place every message content exactly once")

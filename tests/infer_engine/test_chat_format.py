@@ -120,6 +120,20 @@ def test_normalise_accepts_an_assistant_greeting_first() -> None:  # as chat app
     assert normalise_messages(greeting[1:]) == greeting[1:]
 
 
+def test_a_template_that_refuses_a_conversation_is_a_clear_input_error(tokenizer: Any) -> None:
+    # Mistral's and Gemma's templates raise_exception on a greeting first, which normalise_messages allows.
+    strict = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('roles must alternate') }}"
+              "{% endif %}")
+    original = tokenizer.chat_template
+    tokenizer.chat_template = strict + original
+    try:
+        with pytest.raises(ChatInputError, match="template refuses the conversation: roles must alternate"):
+            encode_chat(tokenizer, [assistant("Hi!"), user("Who are you?")])
+        assert encode_chat(tokenizer, [user("Who are you?")])
+    finally:
+        tokenizer.chat_template = original
+
+
 def test_normalise_allows_an_empty_assistant_reply() -> None:  # e.g. one stopped before its first token
     assert normalise_messages([user("a"), assistant(""), user("b")])[1] == assistant("")
 
