@@ -703,7 +703,7 @@ def resolve_model(
     except OSError as err:
         raise ModelSourceError(
             f"cannot fetch {src} into the model cache {root} ({err.strerror or err}): set {CACHE_DIR_ENV} "
-            "to a writable directory"
+            "(python -m infer_engine.model_source: --cache-dir) to a writable directory"
         ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two app workers must not fetch into the same partial dir

@@ -304,6 +304,15 @@ def _api_keys(raw: str) -> tuple[str, ...]:
     return keys
 
 
+def _home_path(value: str, name: str) -> Path:
+    # A Space's settings pass "~/models" as typed: the shell that would expand it is not there.
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        home = value.split("/")[0]
+        raise SettingsError(f"{name}: cannot expand {home!r}: no such home directory") from None
+
+
 def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSettings:
     """Read ``ServerSettings`` from ``MODEL_SOURCE``, ``MODEL_CACHE_DIR``, ``GRADIO_SERVER_NAME``/``PORT``,
     ``QUEUE_SIZE``, ``SYSTEM_PROMPT``, ``API_KEYS`` (comma-separated) and ``COMPARE_MODEL_SOURCE``.
@@ -316,7 +325,7 @@ def server_settings_from_env(env: Mapping[str, str] = os.environ) -> ServerSetti
     queue = env.get("QUEUE_SIZE", "").strip()
     return said_as(SERVER_ENV, lambda: ServerSettings(
         model_source=env.get("MODEL_SOURCE", "").strip(),
-        cache_dir=Path(cache).expanduser() if cache else None,  # a Space's settings do not expand "~"
+        cache_dir=_home_path(cache, "MODEL_CACHE_DIR") if cache else None,
         host=env.get("GRADIO_SERVER_NAME", "").strip() or "127.0.0.1",
         port=_parse(int, port, "GRADIO_SERVER_PORT") if port else 7860,
         queue_size=_parse(int, queue, "QUEUE_SIZE") if queue else 64,

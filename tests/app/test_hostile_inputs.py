@@ -177,6 +177,11 @@ def test_raw_chat_fills_in_the_optional_arguments_left_out(app_server, still_ser
     assert event == "complete" and isinstance(payload[0], str) and payload[0], payload
 
 
+def test_a_call_nested_deeper_than_python_recurses_is_refused_not_a_500(app_server, still_serving) -> None:
+    response = post(app_server.url, "gradio_api/call/chat", '{"data": ' + "[" * 200_000 + "}")
+    assert 400 <= response.status_code < 500, response.text[:200]
+
+
 def test_file_uploads_are_refused(app_server, still_serving: None) -> None:
     # The page takes no files: on a public Space the route would store anyone's files and serve them back.
     files = {"files": ("x.bin", b"x" * 1024)}

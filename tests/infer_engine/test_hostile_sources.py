@@ -255,7 +255,7 @@ def test_bad_cache_dir_is_one_clear_error(tmp_path: Path) -> None:
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot fetch hf:someone/ubub@v1 into the model cache" in proc.stderr
-    assert "set MODEL_CACHE_DIR to a writable directory" in proc.stderr
+    assert "set MODEL_CACHE_DIR (python -m infer_engine.model_source: --cache-dir) to a" in proc.stderr
 
 
 def test_complete_cache_entry_is_used_without_writing(tiny_model: Path, tmp_path: Path) -> None:

@@ -184,6 +184,8 @@ def test_engine_settings_from_env_errors_name_the_variable(env: dict[str, str], 
 
 def test_a_cache_dir_from_the_home_dir_is_expanded() -> None:  # a Space's settings do not expand "~"
     assert server_settings_from_env({"MODEL_CACHE_DIR": "~/models"}).cache_dir == Path.home() / "models"
+    with pytest.raises(SettingsError, match="MODEL_CACHE_DIR: cannot expand '~nosuchuser9': no such home"):
+        server_settings_from_env({"MODEL_CACHE_DIR": "~nosuchuser9/models"})
 
 
 def test_server_settings_from_env() -> None:
