@@ -291,14 +291,15 @@ def read_corpus_file(path: Path) -> str:
     return cleaned
 
 
-def check_corpus(corpus_dir: Path) -> None:
+def check_corpus(corpus_dir: Path, listing: CorpusListing | None = None) -> None:
     """Raise CorpusError, as build_corpus would, when no file of corpus_dir has usable text; reads files
     only up to the first usable one, so a run can check its corpus before any work.
 
     Args:
         corpus_dir: an existing directory.
+        listing: list_corpus(corpus_dir), when the caller has it already (None: walked here).
     """
-    listing = list_corpus(corpus_dir)
+    listing = listing or list_corpus(corpus_dir)
     skipped = list(listing.unusable)
     for path in listing.files:
         try:

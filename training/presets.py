@@ -282,6 +282,7 @@ class RunConfig:
             if source.kind == "local" and not Path(source.location).is_dir():
                 raise RunConfigError(f"--base {self.base}: no such directory (a local base is a model "
                                      "directory; or give a git URL, openxlab:OWNER/REPO or hf:OWNER/REPO)")
+        corpus_folders: list[Path] = []  # walked once here, checked against the work dir below
         if self.corpus is not None:
             corpus = self.corpus.expanduser().resolve()
             if not corpus.is_dir():
@@ -292,10 +293,11 @@ class RunConfig:
                 raise RunConfigError(f"--corpus {self.corpus}: no .txt or .md file in it (hidden ones are "
                                      "left out) to pre-train on")
             try:  # found now, not after the base is fetched and the data built
-                check_corpus(corpus)
+                check_corpus(corpus, listing)
             except CorpusError as err:
                 raise RunConfigError(f"--corpus: {err}") from None
             object.__setattr__(self, "corpus", corpus)
+            corpus_folders = listing.folders
         if self.publish is not None:
             local = Path(self.publish).expanduser()
             if local.exists():  # stages run from the repo root: a relative path must mean the caller's
@@ -371,7 +373,7 @@ class RunConfig:
         object.__setattr__(self, "work_dir", work.resolve())
         _check_work_dir(self.work_dir)
         if self.corpus is not None:
-            _check_apart(self.work_dir, self.corpus)
+            _check_apart(self.work_dir, self.corpus, corpus_folders)
 
     @property
     def spec(self) -> Preset:
@@ -418,11 +420,11 @@ def _check_work_dir(work: Path) -> None:
                              "empty directory, or the work dir of an earlier run")
 
 
-def _check_apart(work: Path, corpus: Path) -> None:
+def _check_apart(work: Path, corpus: Path, folders: list[Path]) -> None:
     # The corpus is read as it is at each run: the run's own eval.md and the like must not become training
     # text, nor may a stage's cleared outputs hold the corpus. A hidden directory (.work) is never read; a
-    # folder linked into the corpus is read where it is.
-    for folder in list_corpus(corpus).folders:
+    # folder linked into the corpus (one of list_corpus's folders) is read where it is.
+    for folder in folders:
         if work.is_relative_to(folder) and not any(p.startswith(".") for p in work.relative_to(folder).parts):
             linked = "" if folder == corpus else f" (its linked folder {folder})"
             raise RunConfigError(f"--work-dir {work} is inside --corpus {corpus}{linked}: a later run would "
