@@ -262,7 +262,7 @@ def normalise_messages(
     for i, message in enumerate(plain_messages(messages, aliases)):
         where, role, text = f"message {i + 1}", message["role"], message["content"]
         if role == "system":
-            if any(m["role"] != "system" for m in out):
+            if out and out[-1]["role"] != "system":
                 raise ChatInputError(f"{where}: a system message may only come before the other turns")
             if out and text.strip():  # several leading ones (a client's and its user's) are read as one
                 out[-1] = {"role": "system", "content": f"{out[-1]['content']}\n\n{text}"}

@@ -211,14 +211,13 @@ def parse_chat_request(body: object, defaults: GenerationParams, system_prompt: 
     # OpenAI takes temperature 0 ("as deterministic as possible") and top_p 0; values that small keep only
     # the most likely token, which greedy decoding picks exactly.
     # The other value is still checked when one of them asks for greedy: 99 or "hot" is a client's mistake.
-    greedy = _below(temperature, MIN_TEMPERATURE) or _below(top_p, MIN_TOP_P)
+    cold, narrow = _below(temperature, MIN_TEMPERATURE), _below(top_p, MIN_TOP_P)
     values = {
         "max_new_tokens": next(iter(limits.values()), defaults.max_new_tokens),
-        "temperature": defaults.temperature if temperature is None or _below(temperature, MIN_TEMPERATURE)
-        else temperature,
-        "top_p": defaults.top_p if top_p is None or _below(top_p, MIN_TOP_P) else top_p,
+        "temperature": defaults.temperature if temperature is None or cold else temperature,
+        "top_p": defaults.top_p if top_p is None or narrow else top_p,
         "top_k": defaults.top_k if body.get("top_k") is None else body["top_k"],
-        "do_sample": not greedy,
+        "do_sample": not (cold or narrow),
     }
     length_field = next(iter(limits), "max_tokens")
     try:
