@@ -215,16 +215,20 @@ class ModelSource:
         return f"{self.kind}:{self.location}" + (f"@{self.revision}" if self.revision else "")
 
     @property
+    def local_name(self) -> str | None:
+        """A directory's or git repository's on this machine (a path, ``file://``): its last part (and
+        ``@REVISION``); None for a source elsewhere."""
+        if self.kind != "local" and not (self.kind == "git" and self.location.startswith(("/", "file://"))):
+            return None
+        return Path(self.location.rstrip("/")).name + (f"@{self.revision}" if self.revision else "")
+
+    @property
     def public(self) -> str:
-        """How it may be shown to others (a page, a record, a model card): ``str()``, but a local directory
-        or a git repository on this machine (a path, ``file://``) by its name only: a path of the machine
-        tells who and where its owner is."""
-        name = Path(self.location.rstrip("/")).name
-        if self.kind == "local":
-            return f"local directory {name}"
-        if self.kind == "git" and self.location.startswith(("/", "file://")):
-            return f"local git repository {name}" + (f"@{self.revision}" if self.revision else "")
-        return str(self)
+        """How it may be shown to others (a page, a record, a model card): ``str()``, but a source on this
+        machine by its ``local_name`` only: a path of the machine tells who and where its owner is."""
+        if self.local_name is None:
+            return str(self)
+        return f"{'local directory' if self.kind == 'local' else 'local git repository'} {self.local_name}"
 
     @property
     def cache_key(self) -> str:

@@ -338,10 +338,7 @@ def _base_arg(base: str | None) -> str | None:
     # --base that works beside it; any other source without credentials.
     if base is None:
         return None
-    source = parse_source(base)
-    if source.public != str(source):
-        return Path(source.location.rstrip("/")).name + (f"@{source.revision}" if source.revision else "")
-    return public_source(base)
+    return parse_source(base).local_name or public_source(base)
 
 
 def stage_pretrain(run: Run, log: Path) -> dict[str, Path]:
