@@ -288,19 +288,27 @@ class BodySizeLimit:
             await self.app(scope, receive, send)  # the server stops the body at its declared length
             return
         # No declared length (chunked): read the body here, up to the limit, and hand it on.
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        body = await _read_body(receive, self.max_bytes)
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body(receive: Receive, stop_after: int | None = None) -> bytes | None:
+    """The request's body (None when the client went away), read no further than past ``stop_after`` bytes."""
+    chunks: list[bytes] = []
+    size, more = 0, True
+    while more and (stop_after is None or size <= stop_after):
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -356,14 +364,10 @@ class CallDefaults:
         if not is_call or not head.endswith("/gradio_api/call") or name not in self.defaults:
             await self.app(scope, receive, send)
             return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = padded_call(b"".join(chunks), self.defaults[name])
+        body = await _read_body(receive)
+        if body is None:  # the client went away
+            return
+        body = padded_call(body, self.defaults[name])
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         await self.app(scope, _replay(body, receive), send)
